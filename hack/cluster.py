@@ -1,0 +1,356 @@
+"""The local control plane: real etcd, kube-apiserver, controller-manager, scheduler and kwok.
+
+    python hack/cluster.py up      # idempotent: a no-op when the cluster is already healthy
+    python hack/cluster.py down    # stops every process it started and removes the state
+
+Everything lives under .cache/: binaries in .cache/bin (hack/build-tools.sh), state, PKI,
+kubeconfigs and logs in .cache/cluster. All components listen on loopback only, with
+generated certificates and RBAC on, so anonymous requests are refused.
+
+Node pools (kwok fake nodes), sized by environment variables:
+  FLYWHEEL_H200_NODES (4)  8 x nvidia.com/gpu H200 nodes, tainted nvidia.com/gpu=present
+  FLYWHEEL_CPU_NODES  (2)  CPU-only nodes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".cache" / "bin"
+STATE = ROOT / ".cache" / "cluster"
+PKI = STATE / "pki"
+LOGS = STATE / "logs"
+RUN = STATE / "run"
+KUBECONFIG = STATE / "kubeconfig"
+HACK = ROOT / "hack"
+
+APISERVER_PORT = int(os.environ.get("FLYWHEEL_APISERVER_PORT", "16443"))
+ETCD_PORT = int(os.environ.get("FLYWHEEL_ETCD_PORT", "12379"))
+SERVER = f"https://127.0.0.1:{APISERVER_PORT}"
+SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+# Start order; down stops them in reverse.
+COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+
+
+def log(msg: str) -> None:
+    print(f"cluster: {msg}", file=sys.stderr, flush=True)
+
+
+# --- PKI ---------------------------------------------------------------------------------
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def issue_cert(name: str, subject: str, sans: list[str] | None = None) -> None:
+    """An EC key and a certificate for `subject`, signed by the cluster CA."""
+    key, csr, crt = (PKI / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+    openssl("ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(key))
+    openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
+    ext = PKI / f"{name}.ext"
+    usage = "serverAuth" if sans else "clientAuth"
+    ext.write_text(
+        f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+        + (f"subjectAltName={','.join(sans)}\n" if sans else "")
+    )
+    openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(PKI / "ca.crt"), "-CAkey",
+        str(PKI / "ca.key"), "-CAcreateserial", "-days", "3650", "-extfile", str(ext),
+        "-out", str(crt),
+    )
+    csr.unlink()
+    ext.unlink()
+
+
+def make_pki() -> None:
+    if (PKI / "done").exists():
+        return
+    PKI.mkdir(parents=True, exist_ok=True)
+    openssl("ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(PKI / "ca.key"))
+    openssl(
+        "req", "-x509", "-new", "-key", str(PKI / "ca.key"), "-subj", "/CN=flywheel-local-ca",
+        "-days", "3650", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", str(PKI / "ca.crt"),
+    )
+    issue_cert(
+        "apiserver", "/CN=kube-apiserver",
+        ["IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes",
+         "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
+         "DNS:kubernetes.default.svc.cluster.local"],
+    )
+    issue_cert("admin", "/O=system:masters/CN=flywheel-admin")
+    issue_cert("controller-manager", "/CN=system:kube-controller-manager")
+    issue_cert("scheduler", "/CN=system:kube-scheduler")
+    # kwok plays every kubelet: it updates node and pod status for all fake nodes.
+    issue_cert("kwok", "/O=system:masters/CN=kwok")
+    openssl("genrsa", "-out", str(PKI / "sa.key"), "2048")
+    openssl("rsa", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
+    (PKI / "done").touch()
+
+
+def write_kubeconfig(path: Path, user: str) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "flywheel-local", "cluster": {
+            "server": SERVER, "certificate-authority": str(PKI / "ca.crt")}}],
+        "users": [{"name": user, "user": {
+            "client-certificate": str(PKI / f"{user}.crt"),
+            "client-key": str(PKI / f"{user}.key")}}],
+        "contexts": [{"name": "flywheel-local", "context": {
+            "cluster": "flywheel-local", "user": user}}],
+        "current-context": "flywheel-local",
+    }
+    path.write_text(json.dumps(config, indent=2))
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def pid_of(name: str) -> int | None:
+    """The pid recorded for `name` if that process is still alive and still ours."""
+    pidfile = RUN / f"{name}.pid"
+    if not pidfile.exists():
+        return None
+    pid = int(pidfile.read_text())
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return None
+    return pid if Path(cmdline.decode()).name == name else None
+
+
+def start(name: str, args: list[str]) -> None:
+    if pid_of(name):
+        return
+    LOGS.mkdir(parents=True, exist_ok=True)
+    RUN.mkdir(parents=True, exist_ok=True)
+    with open(LOGS / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN / name), *args], stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=STATE,
+        )
+    (RUN / f"{name}.pid").write_text(str(proc.pid))
+
+
+def wait_for(what: str, check, timeout: float = 120.0, component: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if component and not pid_of(component):
+            tail = (LOGS / f"{component}.log").read_text().splitlines()[-20:]
+            raise SystemExit(f"cluster: {component} exited; last log lines:\n" + "\n".join(tail))
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"cluster: timed out waiting for {what} (logs in {LOGS})")
+
+
+def apiserver_ready() -> bool:
+    ctx = ssl.create_default_context(cafile=str(PKI / "ca.crt"))
+    ctx.load_cert_chain(str(PKI / "admin.crt"), str(PKI / "admin.key"))
+    with urllib.request.urlopen(f"{SERVER}/readyz", context=ctx, timeout=2) as resp:
+        return resp.status == 200
+
+
+def kubectl(*args: str, input: str | None = None) -> str:
+    return subprocess.run(
+        [str(BIN / "kubectl"), "--kubeconfig", str(KUBECONFIG), *args],
+        check=True, capture_output=True, text=True, input=input,
+    ).stdout
+
+
+# --- components --------------------------------------------------------------------------
+
+
+def start_etcd() -> None:
+    peer = f"http://127.0.0.1:{ETCD_PORT + 1}"
+    start("etcd", [
+        "--name=flywheel", f"--data-dir={STATE / 'etcd'}",
+        f"--listen-client-urls=http://127.0.0.1:{ETCD_PORT}",
+        f"--advertise-client-urls=http://127.0.0.1:{ETCD_PORT}",
+        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=flywheel={peer}",
+        "--unsafe-no-fsync",  # a throwaway dev/test cluster: trade durability for speed
+        "--quota-backend-bytes=8589934592",
+    ])
+
+
+def start_apiserver() -> None:
+    start("kube-apiserver", [
+        f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        f"--secure-port={APISERVER_PORT}",
+        f"--tls-cert-file={PKI / 'apiserver.crt'}",
+        f"--tls-private-key-file={PKI / 'apiserver.key'}",
+        f"--client-ca-file={PKI / 'ca.crt'}",
+        f"--service-account-key-file={PKI / 'sa.pub'}",
+        f"--service-account-signing-key-file={PKI / 'sa.key'}",
+        f"--service-account-issuer={SA_ISSUER}",
+        "--authorization-mode=Node,RBAC",
+        "--service-cluster-ip-range=10.96.0.0/16",
+        "--allow-privileged=true",
+        "--profiling=false",
+        "--max-requests-inflight=1000", "--max-mutating-requests-inflight=500",
+    ])
+
+
+def start_controller_manager() -> None:
+    kc = STATE / "controller-manager.kubeconfig"
+    write_kubeconfig(kc, "controller-manager")
+    start("kube-controller-manager", [
+        f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}",
+        "--bind-address=127.0.0.1", "--secure-port=17257", "--leader-elect=false",
+        # The default set: job, garbage-collector, serviceaccount(-token), namespace,
+        # deployment, replicaset, cronjob, node-lifecycle, ttl-after-finished, ...
+        "--controllers=*",
+        f"--service-account-private-key-file={PKI / 'sa.key'}",
+        f"--root-ca-file={PKI / 'ca.crt'}",
+        "--use-service-account-credentials=true",
+        "--kube-api-qps=200", "--kube-api-burst=400",
+        "--concurrent-job-syncs=20",
+    ])
+
+
+def start_scheduler() -> None:
+    kc = STATE / "scheduler.kubeconfig"
+    write_kubeconfig(kc, "scheduler")
+    start("kube-scheduler", [
+        f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+        f"--authorization-kubeconfig={kc}",
+        "--bind-address=127.0.0.1", "--secure-port=17259", "--leader-elect=false",
+    ])
+
+
+def start_kwok() -> None:
+    kc = STATE / "kwok.kubeconfig"
+    write_kubeconfig(kc, "kwok")
+    start("kwok", [
+        f"--kubeconfig={kc}",
+        f"--config={HACK / 'kwok' / 'stages.yaml'}",
+        "--manage-nodes-with-label-selector=type=kwok",
+        "--server-address=127.0.0.1:17247",
+        "--node-lease-duration-seconds=40",
+        "--cidr=10.244.0.0/16",
+    ])
+
+
+# --- nodes -------------------------------------------------------------------------------
+
+
+def node(name: str, labels: dict, allocatable: dict, taints: list | None = None) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                       "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", **labels},
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+        },
+        "spec": {"taints": taints or []},
+        "status": {"allocatable": allocatable, "capacity": allocatable},
+    }
+
+
+def pool_nodes() -> list[dict]:
+    h200 = int(os.environ.get("FLYWHEEL_H200_NODES", "4"))
+    cpu = int(os.environ.get("FLYWHEEL_CPU_NODES", "2"))
+    nodes = [
+        node(
+            f"h200-{i}",
+            {"flywheel.dev/pool": "h200", "nvidia.com/gpu.product": "NVIDIA-H200",
+             "nvidia.com/gpu.count": "8", "node.kubernetes.io/instance-type": "h200x8"},
+            {"cpu": "192", "memory": "2000Gi", "nvidia.com/gpu": "8", "pods": "110",
+             "ephemeral-storage": "10Ti"},
+            [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+        )
+        for i in range(h200)
+    ]
+    nodes += [
+        node(f"cpu-{i}", {"flywheel.dev/pool": "cpu"},
+             {"cpu": "32", "memory": "128Gi", "pods": "110", "ephemeral-storage": "1Ti"})
+        for i in range(cpu)
+    ]
+    return nodes
+
+
+def ensure_nodes() -> None:
+    nodes = pool_nodes()
+    kubectl("apply", "--server-side", "--field-manager=flywheel-cluster", "-f", "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes}))
+    names = [n["metadata"]["name"] for n in nodes]
+
+    def all_ready() -> bool:
+        items = json.loads(kubectl("get", "nodes", "-l", "type=kwok", "-o", "json"))["items"]
+        ready = {
+            n["metadata"]["name"] for n in items
+            if any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in n["status"].get("conditions", []))
+        }
+        return set(names) <= ready
+
+    wait_for("nodes Ready", all_ready, timeout=60, component="kwok")
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def up() -> None:
+    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok"], check=True)
+    if not (BIN / "kubectl").exists():
+        raise SystemExit("cluster: .cache/bin/kubectl missing; run `make setup` first")
+    if all(pid_of(c) for c in COMPONENTS) and apiserver_ready():
+        ensure_nodes()
+        log(f"already up; KUBECONFIG={KUBECONFIG}")
+        return
+    STATE.mkdir(parents=True, exist_ok=True)
+    make_pki()
+    write_kubeconfig(KUBECONFIG, "admin")
+    start_etcd()
+    start_apiserver()
+    wait_for("kube-apiserver /readyz", apiserver_ready, component="kube-apiserver")
+    start_controller_manager()
+    start_scheduler()
+    start_kwok()
+    ensure_nodes()
+    wait_for("default service account", lambda: kubectl("get", "sa", "default", "-n", "default"),
+             component="kube-controller-manager")
+    log(f"up; KUBECONFIG={KUBECONFIG}")
+
+
+def down() -> None:
+    for name in reversed(COMPONENTS):
+        pid = pid_of(name)
+        if pid:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not pid_of(name):
+                    break
+                time.sleep(0.1)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+    shutil.rmtree(STATE, ignore_errors=True)
+    log("down")
+
+
+if __name__ == "__main__":
+    commands = {"up": up, "down": down}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        raise SystemExit(f"usage: {sys.argv[0]} up|down")
+    commands[sys.argv[1]]()

@@ -1,0 +1,87 @@
+"""Shared fixtures. `cluster` brings up (or reuses) the real local control plane."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBECONFIG = ROOT / ".cache" / "cluster" / "kubeconfig"
+KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
+
+
+@dataclass
+class Cluster:
+    """Handle on the local control plane: kubectl and the Python client, both as admin."""
+
+    kubeconfig: str
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(KUBECTL), "--kubeconfig", self.kubeconfig, *args],
+            input=input, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
+        return proc
+
+    def get(self, *args: str) -> dict:
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    def apply(self, obj: dict | list, namespace: str | None = None) -> None:
+        doc = obj if isinstance(obj, dict) else {"apiVersion": "v1", "kind": "List", "items": obj}
+        ns = ["-n", namespace] if namespace else []
+        self.kubectl("apply", "--server-side", "-f", "-", *ns, input=json.dumps(doc))
+
+    def api_client(self):
+        import kubernetes
+
+        return kubernetes.config.new_client_from_config(config_file=self.kubeconfig)
+
+
+def wait_until(predicate, timeout: float = 60, interval: float = 0.25, message: str = ""):
+    """Poll `predicate` until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {message or predicate} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True)
+    return Cluster(kubeconfig=str(KUBECONFIG))
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Cluster:
+    """The Flywheel CRDs, installed and Established."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "-f", str(ROOT / "crds")
+    )
+    return cluster
+
+
+@pytest.fixture
+def namespace(cluster: Cluster):
+    """A fresh namespace per test, deleted afterwards (without waiting)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    # Pods are refused until the controller-manager has created the default ServiceAccount.
+    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
