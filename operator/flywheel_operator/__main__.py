@@ -1,0 +1,46 @@
+"""`python -m flywheel_operator` (or `flywheel-operator`): run the Flywheel operator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="flywheel-operator", description=__doc__)
+    parser.add_argument("--config", help="operator config YAML (node pools, default image)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-A", "--all-namespaces", action="store_true",
+                       help="watch every namespace (needs a ClusterRole)")
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="watch this namespace (repeatable; needs Roles only)")
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument("--standalone", action="store_true",
+                         help="no peering: only for development, never run two of these")
+    peering.add_argument("--peering", default="flywheel",
+                         help="kopf peering object for HA (default: flywheel)")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                        help="kopf health endpoint")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if not (args.all_namespaces or args.namespace):
+        parser.error("choose --all-namespaces or --namespace NS")
+    if args.config:
+        os.environ["FLYWHEEL_OPERATOR_CONFIG"] = args.config
+
+    import kopf
+
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        liveness_endpoint=args.liveness or None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""All of the operator's Kubernetes API calls, in one place.
+
+Objects travel as plain dicts over the kubernetes client's authenticated REST transport (no
+typed models: they cost CPU and drop fields they don't know). Everything is idempotent:
+creates tolerate AlreadyExists, deletes tolerate NotFound, status writes are JSON merge
+patches of the status subresource (no resourceVersion, so no 409), and transient errors are
+retried with backoff.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import time
+from collections import Counter
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+GROUP, VERSION = "flywheel.dev", "v1alpha1"
+RETRYABLE = {409, 429, 500, 502, 503, 504}
+MERGE_PATCH = "application/merge-patch+json"
+
+# API requests by verb, for the benchmark's requests-per-run figure.
+requests_made: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+class NotFound(Exception):
+    pass
+
+
+@functools.cache
+def _client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = 32
+    return kubernetes.client.ApiClient(configuration)
+
+
+def request(method: str, path: str, body: dict | list | None = None,
+            content_type: str = "application/json", query: dict | None = None) -> dict:
+    """One API call with retries; returns the decoded response body."""
+    client = _client()
+    for attempt in range(5):
+        _, url, headers, payload, _ = client.param_serialize(
+            method, path, query_params=list((query or {}).items()),
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body, auth_settings=["BearerToken"],
+        )
+        with _lock:
+            requests_made[method] += 1
+        try:
+            response = client.call_api(method, url, header_params=headers, body=payload)
+            response.read()
+            if response.status >= 400:
+                raise ApiException(http_resp=response)
+            return json.loads(response.data) if response.data else {}
+        except ApiException as err:
+            if err.status == 404:
+                raise NotFound(path) from None
+            if err.status not in RETRYABLE or attempt == 4 or (
+                err.status == 409 and method == "POST"
+            ):
+                raise
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+    raise AssertionError("unreachable")
+
+
+def collection_path(api_version: str, plural: str, namespace: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}"
+
+
+PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",
+           "Deployment": "deployments", "FineTuneRun": "finetuneruns",
+           "ModelVersion": "modelversions", "Model": "models",
+           "FineTuneSchedule": "finetuneschedules"}
+
+
+def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
+    return f"{collection_path(api_version, PLURALS[kind], namespace)}/{name}"
+
+
+def create(obj: dict, namespace: str) -> bool:
+    """Create `obj`; False when it already exists (a re-run of the same step)."""
+    try:
+        request("POST", collection_path(obj["apiVersion"], PLURALS[obj["kind"]], namespace), obj)
+        return True
+    except ApiException as err:
+        if err.status == 409:
+            return False
+        raise
+
+
+def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+    try:
+        return request("GET", object_path(api_version, kind, namespace, name))
+    except NotFound:
+        return None
+
+
+def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
+    """Delete in the background (the garbage collector takes dependents); absent is fine."""
+    try:
+        request("DELETE", object_path(api_version, kind, namespace, name),
+                {"propagationPolicy": "Background"})
+    except NotFound:
+        pass
+
+
+def patch(api_version: str, kind: str, namespace: str, name: str, body: dict,
+          subresource: str = "") -> dict | None:
+    """JSON merge patch; None when the object is gone."""
+    path = object_path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource
+                                                              else "")
+    try:
+        return request("PATCH", path, body, content_type=MERGE_PATCH)
+    except NotFound:
+        return None
+
+
+def patch_status(kind: str, namespace: str, name: str, status: dict) -> dict | None:
+    """Merge-patch the status subresource of one of our custom objects."""
+    return patch(f"{GROUP}/{VERSION}", kind, namespace, name, {"status": status}, "status")

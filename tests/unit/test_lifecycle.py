@@ -1,0 +1,154 @@
+"""The FineTuneRun lifecycle decisions, without a cluster."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flywheel_operator.lifecycle import decide, job_summary, pod_summary
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def run(status: dict | None = None, nodes: int = 2, suspend: bool = False, restarts: int = 3):
+    return {
+        "apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
+        "metadata": {"name": "r", "namespace": "ns", "uid": "u1", "generation": 1,
+                     "resourceVersion": "1"},
+        "spec": {"resources": {"nodes": nodes, "gpusPerNode": 8}, "suspend": suspend,
+                 "maxRestarts": restarts},
+        "status": status or {},
+    }
+
+
+def job(attempt: int, complete=False, failed=None, suspend=False) -> dict:
+    conditions = []
+    if complete:
+        conditions.append({"type": "Complete", "status": "True"})
+    if failed:
+        conditions.append({"type": "Failed", "status": "True", "message": failed})
+    return job_summary({
+        "metadata": {"name": f"r-a{attempt}", "labels": {"flywheel.dev/attempt": str(attempt)}},
+        "spec": {"suspend": suspend}, "status": {"conditions": conditions},
+    })
+
+
+def pod(attempt: int, index: int, phase="Running", exit_code=None, message=None,
+        unschedulable=None) -> dict:
+    status: dict = {"phase": phase, "conditions": []}
+    if unschedulable:
+        status["conditions"].append({"type": "PodScheduled", "status": "False",
+                                     "reason": "Unschedulable", "message": unschedulable})
+    if phase == "Running":
+        status["containerStatuses"] = [{"state": {"running": {"startedAt": "t0"}}}]
+    if phase in ("Succeeded", "Failed"):
+        status["containerStatuses"] = [{"state": {"terminated": {
+            "exitCode": exit_code or 0, "reason": "Error", "message": message,
+            "startedAt": "t0", "finishedAt": "t1"}}}]
+    return pod_summary({
+        "metadata": {"name": f"r-a{attempt}-{index}",
+                     "labels": {"flywheel.dev/attempt": str(attempt)}},
+        "spec": {"nodeName": None if unschedulable else f"h200-{index}"},
+        "status": status,
+    })
+
+
+def cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_new_run_creates_attempt_one_and_is_pending():
+    plan = decide(run(), [], [], NOW)
+    assert plan.create_attempt == 1
+    assert plan.status["phase"] == "Pending" and plan.status["attempt"] == 1
+    assert plan.status["startTime"] == "2026-11-26T12:00:00Z"
+    assert plan.status["observedGeneration"] == 1
+
+
+def test_all_pods_running_means_running():
+    plan = decide(run({"phase": "Pending", "attempt": 1}), [job(1)], [pod(1, 0), pod(1, 1)], NOW)
+    assert plan.create_attempt is None
+    assert plan.status["phase"] == "Running"
+    assert cond(plan.status, "Running")["status"] == "True"
+    assert cond(plan.status, "Scheduled")["status"] == "True"
+
+
+def test_deciding_twice_on_the_same_state_is_a_no_op():
+    first = decide(run({"phase": "Pending", "attempt": 1}), [job(1)], [pod(1, 0), pod(1, 1)], NOW)
+    later = datetime(2026, 11, 26, 13, 0, tzinfo=UTC)
+    second = decide(run(first.status), [job(1)], [pod(1, 0), pod(1, 1)], later)
+    assert second.status == first.status
+    assert not second.events and second.create_attempt is None
+
+
+def test_complete_job_means_succeeded_with_condition():
+    plan = decide(run({"phase": "Running", "attempt": 1}), [job(1, complete=True)],
+                  [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], NOW)
+    assert plan.status["phase"] == "Succeeded"
+    assert cond(plan.status, "Succeeded")["status"] == "True"
+    assert plan.status["completionTime"] == "2026-11-26T12:00:00Z"
+
+
+def test_failed_pod_starts_next_attempt_before_tearing_down():
+    plan = decide(run({"phase": "Running", "attempt": 1}), [job(1)],
+                  [pod(1, 0, "Failed", 137, "NCCL timeout"), pod(1, 1)], NOW)
+    assert plan.status["attempt"] == 2
+    assert plan.create_attempt == 2
+    assert plan.delete_attempts == [1]
+    assert "NCCL timeout" in plan.status["message"]
+    assert plan.events[0][1] == "AttemptFailed"
+
+
+def test_crash_after_status_write_resumes_the_recorded_attempt():
+    # Status says attempt 2 but only attempt 1's (failed) Job exists: create 2, drop 1.
+    plan = decide(run({"phase": "Pending", "attempt": 2}), [job(1, failed="BackoffLimit")],
+                  [pod(1, 0, "Failed", 1)], NOW)
+    assert plan.create_attempt == 2 and plan.delete_attempts == [1]
+    assert plan.status["attempt"] == 2
+
+
+def test_newest_job_wins_over_stale_status():
+    plan = decide(run({"phase": "Pending", "attempt": 1}), [job(1, failed="x"), job(2)],
+                  [pod(2, 0), pod(2, 1)], NOW)
+    assert plan.status["attempt"] == 2
+    assert plan.create_attempt is None
+    assert plan.delete_attempts == [1]
+    assert plan.status["phase"] == "Running"
+
+
+def test_restart_budget_exhausted_fails_with_pod_message():
+    plan = decide(run({"phase": "Running", "attempt": 2}, restarts=1), [job(2)],
+                  [pod(2, 0, "Failed", 3, '{"error": "CUDA OOM"}')], NOW)
+    assert plan.status["phase"] == "Failed"
+    assert plan.create_attempt is None
+    assert plan.delete_attempts == [2]
+    failed = cond(plan.status, "Failed")
+    assert failed["reason"] == "RestartBudgetExhausted" and "CUDA OOM" in failed["message"]
+
+
+def test_terminal_runs_stay_terminal():
+    plan = decide(run({"phase": "Failed", "attempt": 4}), [], [], NOW)
+    assert plan.create_attempt is None and plan.status["phase"] == "Failed"
+
+
+def test_suspend_and_resume_toggle_the_job():
+    suspended = decide(run({"phase": "Running", "attempt": 1}, suspend=True), [job(1)],
+                       [pod(1, 0), pod(1, 1)], NOW)
+    assert suspended.suspend_job == ("r-a1", True)
+    assert suspended.status["phase"] == "Suspended"
+    assert cond(suspended.status, "Suspended")["status"] == "True"
+
+    resumed = decide(run(suspended.status), [job(1, suspend=True)], [], NOW)
+    assert resumed.suspend_job == ("r-a1", False)
+    assert resumed.status["phase"] == "Pending"
+    assert cond(resumed.status, "Suspended")["status"] == "False"
+
+
+def test_unschedulable_pods_surface_the_scheduler_message():
+    msg = "0/6 nodes are available: 4 Insufficient nvidia.com/gpu."
+    plan = decide(run({"phase": "Pending", "attempt": 1}), [job(1)],
+                  [pod(1, 0, "Pending", unschedulable=msg), pod(1, 1)], NOW)
+    scheduled = cond(plan.status, "Scheduled")
+    assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in scheduled["message"]
+    assert plan.status["phase"] == "Pending"
+    assert ("Warning", "Unschedulable") == plan.events[0][:2]
