@@ -1,0 +1,99 @@
+"""Operator configuration: default image and node pool presets.
+
+Loaded from a YAML file (`--config` or env FLYWHEEL_OPERATOR_CONFIG); built-in defaults when
+neither is given. Pools in the file are added to (or replace, by name) the built-in presets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flywheel_operator.api import Toleration
+
+ENV_VAR = "FLYWHEEL_OPERATOR_CONFIG"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_IMAGE = "ghcr.io/flywheel-dev/flywheel-trainer:0.1.0"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PodResources(_Model):
+    """CPU and memory requested per pod (also the memory limit). Empty: not set."""
+
+    cpu: str | None = None
+    memory: str | None = None
+
+
+class Pool(_Model):
+    """A node pool preset that runs can name in `spec.resources.nodePool`."""
+
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    gpusPerNode: int = Field(default=0, ge=0, description="GPUs per node; 0 for CPU pools.")
+    gpuHourPrice: float = Field(default=0.0, ge=0, description="Price of one GPU-hour.")
+    tokensPerSecondPerGpu: float | None = Field(
+        default=None, gt=0, description="Throughput figure for preflight estimates."
+    )
+    resources: PodResources = Field(default_factory=PodResources)
+
+
+_GPU_TOLERATION = Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+
+PRESETS: dict[str, Pool] = {
+    "h200": Pool(
+        nodeSelector={"flywheel.dev/pool": "h200"},
+        tolerations=[_GPU_TOLERATION],
+        gpusPerNode=8,
+        gpuHourPrice=3.5,
+        tokensPerSecondPerGpu=2000.0,
+    ),
+    "cpu": Pool(nodeSelector={"flywheel.dev/pool": "cpu"}),
+    "local": Pool(
+        nodeSelector={"flywheel.dev/executor": "local"},
+        tolerations=[_GPU_TOLERATION],
+        gpusPerNode=2,
+        tokensPerSecondPerGpu=500.0,
+    ),
+}
+
+
+class OperatorConfig(_Model):
+    """Everything the operator needs that is not in a FineTuneRun."""
+
+    defaultImage: str = DEFAULT_IMAGE
+    defaultPool: str = "h200"
+    preflightPool: str = "cpu"
+    pools: dict[str, Pool] = Field(default_factory=lambda: dict(PRESETS))
+
+    @model_validator(mode="after")
+    def _known_pools(self) -> OperatorConfig:
+        self.pools = {**PRESETS, **self.pools}
+        for field in ("defaultPool", "preflightPool"):
+            if getattr(self, field) not in self.pools:
+                raise ValueError(f"{field}: unknown pool {getattr(self, field)!r}")
+        return self
+
+    def pool(self, name: str | None) -> Pool:
+        """The named pool (the default pool for None); KeyError names the known pools."""
+        name = name or self.defaultPool
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown node pool {name!r}; known pools: {', '.join(sorted(self.pools))}"
+            ) from None
+
+
+def load_config(path: str | Path | None = None) -> OperatorConfig:
+    """Load from `path`, else $FLYWHEEL_OPERATOR_CONFIG, else the built-in defaults."""
+    path = path or os.environ.get(ENV_VAR)
+    if not path:
+        return OperatorConfig()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return OperatorConfig.model_validate(data)

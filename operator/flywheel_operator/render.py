@@ -1,0 +1,427 @@
+"""Pure rendering: a FineTuneRun (as kopf gives it) -> the Kubernetes objects of an attempt.
+
+No I/O. Names are deterministic, so re-running a handler can never create a second Job:
+`<run>-a<attempt>` (Job and headless Service), `<run>-a<attempt>-config` (ConfigMap),
+`<run>-preflight` (Job) and `<run>-preflight-config` (ConfigMap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, NamedTuple
+
+from flywheel_trainer.config import TrainerConfig
+
+from flywheel_operator.api import API_VERSION, FineTuneRunSpec
+from flywheel_operator.config import GPU_RESOURCE, OperatorConfig, Pool
+
+RUN_LABEL = "flywheel.dev/run"
+ATTEMPT_LABEL = "flywheel.dev/attempt"
+COMPONENT_LABEL = "flywheel.dev/component"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel-operator"}
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+CONFIG_DIR = "/etc/flywheel"
+CONFIG_PATH = f"{CONFIG_DIR}/config.json"
+CONFIG_KEY = "config.json"
+TERMINATION_LOG = "/dev/termination-log"
+MASTER_PORT = 29500
+RUN_AS = 1000
+#: Longest base name: "<base>-a<attempt>-<index>" must stay a 63-char DNS label (pod hostname).
+MAX_BASE = 50
+
+
+# ---------------------------------------------------------------------------- names and labels
+
+
+def base_name(run_name: str) -> str:
+    """A DNS-1035 label of at most MAX_BASE chars for the run (the name itself when it fits)."""
+    name = run_name.lower().replace(".", "-")
+    if len(name) <= MAX_BASE and name[:1].isalpha() and name == run_name:
+        return name
+    digest = hashlib.sha256(run_name.encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
+    if not stem[:1].isalpha():
+        stem = "r" + stem
+    return f"{stem[: MAX_BASE - 9].rstrip('-')}-{digest}"
+
+
+def attempt_name(run_name: str, attempt: int) -> str:
+    """Name of the attempt's Job and headless Service: `<run>-a<attempt>`."""
+    return f"{base_name(run_name)}-a{attempt}"
+
+
+def config_map_name(run_name: str, attempt: int) -> str:
+    """Name of the attempt's ConfigMap: `<run>-a<attempt>-config`."""
+    return f"{attempt_name(run_name, attempt)}-config"
+
+
+class ChildNames(NamedTuple):
+    """Names of an attempt's children."""
+
+    job: str
+    service: str
+    configmap: str
+
+
+def child_names(run_name: str, attempt: int) -> ChildNames:
+    """Job, Service and ConfigMap names of an attempt."""
+    name = attempt_name(run_name, attempt)
+    return ChildNames(job=name, service=name, configmap=config_map_name(run_name, attempt))
+
+
+def preflight_name(run_name: str) -> str:
+    """Name of the preflight Job: `<run>-preflight` (its ConfigMap adds `-config`)."""
+    return f"{base_name(run_name)}-preflight"
+
+
+def _label_value(run_name: str) -> str:
+    return run_name if len(run_name) <= 63 else base_name(run_name)
+
+
+def attempt_labels(run_name: str, attempt: int) -> dict[str, str]:
+    """Labels on every child of an attempt and on its pod template."""
+    return {
+        RUN_LABEL: _label_value(run_name),
+        ATTEMPT_LABEL: str(attempt),
+        COMPONENT_LABEL: "trainer",
+        **MANAGED_BY,
+    }
+
+
+def preflight_labels(run_name: str) -> dict[str, str]:
+    """Labels of the preflight children (no attempt label: preflight precedes attempts)."""
+    return {RUN_LABEL: _label_value(run_name), COMPONENT_LABEL: "preflight", **MANAGED_BY}
+
+
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+    """Controller ownerReference to the run (GC deletes children with it)."""
+    meta = run["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneRun",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def master_addr(run: dict[str, Any], attempt: int) -> str:
+    """Rank 0's stable DNS name: `<job>-0.<service>.<namespace>.svc`."""
+    name = attempt_name(run["metadata"]["name"], attempt)
+    return f"{name}-0.{name}.{run['metadata']['namespace']}.svc"
+
+
+# ---------------------------------------------------------------------------- tracking and cost
+
+
+def experiment_key(uid: str) -> str:
+    """Comet experiment key: 32 hex chars derived from the run uid, the same for every attempt."""
+    return hashlib.sha256(f"flywheel:{uid}".encode()).hexdigest()[:32]
+
+
+def comet_experiment_url(workspace: str, project: str, key: str) -> str:
+    """URL of a Comet experiment."""
+    return f"https://www.comet.com/{workspace}/{project}/{key}"
+
+
+def estimate_gpu_hours(tokens: int, pool: Pool, epochs: int = 1) -> float | None:
+    """GPU-hours to train `tokens` per epoch at the pool's throughput figure (None: unknown)."""
+    if not pool.tokensPerSecondPerGpu:
+        return None
+    return tokens * epochs / pool.tokensPerSecondPerGpu / 3600.0
+
+
+def estimate_cost(gpu_hours: float | None, pool: Pool) -> float | None:
+    """Cost of `gpu_hours` at the pool's gpuHourPrice."""
+    return None if gpu_hours is None else round(gpu_hours * pool.gpuHourPrice, 4)
+
+
+# ---------------------------------------------------------------------------- trainer config
+
+
+def run_spec(run: dict[str, Any]) -> FineTuneRunSpec:
+    """The run's spec as a model (API-server defaults are re-applied by pydantic)."""
+    return FineTuneRunSpec.model_validate(run.get("spec") or {})
+
+
+def _fit(model: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the keys `model` declares (the trainer config forbids unknown fields)."""
+    return {k: v for k, v in data.items() if k in model.model_fields}
+
+
+def trainer_config(run: dict[str, Any], attempt: int | None) -> TrainerConfig:
+    """The trainer's config for an attempt: the spec's training part plus runtime fields.
+
+    `checkpoint.uri` is always resolved, so every attempt resumes from the same place.
+    """
+    spec = run_spec(run)
+    dataset_model = TrainerConfig.model_fields["dataset"].annotation
+    data: dict[str, Any] = {
+        "baseModel": spec.baseModel,
+        "dataset": _fit(dataset_model, spec.dataset.model_dump(exclude_none=True)),
+        "hyperparameters": spec.hyperparameters.model_dump(),
+        "fsdp": spec.fsdp.model_dump(),
+        "checkpoint": spec.checkpoint.model_dump(exclude_none=True),
+        "output": spec.output.model_dump(exclude_none=True),
+        "tracking": spec.tracking.model_dump(exclude_none=True),
+        "runName": run["metadata"]["name"],
+        "attempt": attempt,
+        "experimentKey": experiment_key(run["metadata"]["uid"]),
+    }
+    data["checkpoint"]["uri"] = spec.checkpoint.uri or spec.output.uri.rstrip("/") + "/checkpoints/"
+    data = {k: v for k, v in _fit(TrainerConfig, data).items() if v is not None}
+    return TrainerConfig.model_validate(data)
+
+
+def _config_map(run: dict[str, Any], name: str, labels: dict, cfg: TrainerConfig) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, name, labels),
+        "data": {
+            CONFIG_KEY: json.dumps(
+                cfg.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True
+            )
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- pod pieces
+
+
+def _meta(run: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run["metadata"]["namespace"],
+        "labels": dict(labels),
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def _scheduling(pool: Pool, spec: FineTuneRunSpec | None) -> dict[str, Any]:
+    selector = dict(pool.nodeSelector)
+    tolerations = [t.model_dump(exclude_none=True) for t in pool.tolerations]
+    if spec is not None:
+        selector.update(spec.resources.nodeSelector)
+        for t in spec.resources.tolerations:
+            extra = t.model_dump(exclude_none=True)
+            if extra not in tolerations:
+                tolerations.append(extra)
+    out: dict[str, Any] = {"nodeSelector": selector} if selector else {}
+    if tolerations:
+        out["tolerations"] = tolerations
+    return out
+
+
+def _resources(pool: Pool, gpus: int) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if pool.resources.cpu:
+        requests["cpu"] = pool.resources.cpu
+    if pool.resources.memory:
+        requests["memory"] = limits["memory"] = pool.resources.memory
+    if gpus and pool.gpusPerNode:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _env(name: str, value: Any) -> dict[str, Any]:
+    return {"name": name, "value": str(value)}
+
+
+def _comet_env(spec: FineTuneRunSpec) -> list[dict[str, Any]]:
+    comet = spec.tracking.comet
+    if comet is None:
+        return []
+    env = [_env("COMET_WORKSPACE", comet.workspace), _env("COMET_PROJECT_NAME", comet.project)]
+    if comet.apiKeySecretRef is not None:
+        ref = comet.apiKeySecretRef
+        env.append(
+            {
+                "name": "COMET_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return env
+
+
+def _volumes(config_map: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "config", "configMap": {"name": config_map}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+_MOUNTS = [
+    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+    {"name": "dshm", "mountPath": "/dev/shm"},
+]
+
+
+def _job(
+    run: dict[str, Any],
+    name: str,
+    labels: dict[str, str],
+    pod_spec: dict[str, Any],
+    completions: int,
+    indexed: bool,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "completions": completions,
+        "parallelism": completions,
+        "backoffLimit": 0,
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+    }
+    if indexed:
+        spec["completionMode"] = "Indexed"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(run, name, labels),
+        "spec": spec,
+    }
+
+
+def _pod_spec(
+    container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None
+) -> dict[str, Any]:
+    return {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(),
+        **_scheduling(pool, spec),
+        "containers": [container],
+        "volumes": _volumes(config_map),
+    }
+
+
+# ---------------------------------------------------------------------------- public renderers
+
+
+def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -> list[dict]:
+    """ConfigMap, headless Service and Indexed Job of `attempt` (1-based), in creation order."""
+    if attempt < 1:
+        raise ValueError("attempt is 1-based")
+    meta = run["metadata"]
+    spec = run_spec(run)
+    pool = config.pool(spec.resources.nodePool)
+    name = attempt_name(meta["name"], attempt)
+    cm_name = config_map_name(meta["name"], attempt)
+    labels = attempt_labels(meta["name"], attempt)
+    selector = {RUN_LABEL: labels[RUN_LABEL], ATTEMPT_LABEL: labels[ATTEMPT_LABEL]}
+    nodes, gpus = spec.resources.nodes, spec.resources.gpusPerNode
+
+    config_map = _config_map(run, cm_name, labels, trainer_config(run, attempt))
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, name, labels),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector,
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+        },
+    }
+    env = [
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+            },
+        },
+        _env("FLYWHEEL_RUN_NAME", meta["name"]),
+        _env("FLYWHEEL_ATTEMPT", attempt),
+        _env("FLYWHEEL_EXPERIMENT_KEY", experiment_key(meta["uid"])),
+        _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
+        *_comet_env(spec),
+    ]
+    container = {
+        "name": "trainer",
+        "image": spec.image or config.defaultImage,
+        "command": ["torchrun"],
+        "args": [
+            f"--nnodes={nodes}",
+            f"--nproc-per-node={gpus}",
+            "--node-rank=$(JOB_COMPLETION_INDEX)",
+            f"--master-addr={master_addr(run, attempt)}",
+            f"--master-port={MASTER_PORT}",
+            "-m",
+            "flywheel_trainer",
+            "--config",
+            CONFIG_PATH,
+        ],
+        "env": env,
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+        "resources": _resources(pool, gpus),
+        "volumeMounts": list(_MOUNTS),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+        "securityContext": _container_security(),
+    }
+    pod_spec = {"subdomain": name, **_pod_spec(container, cm_name, pool, spec)}
+    job = _job(run, name, labels, pod_spec, nodes, indexed=True)
+    return [config_map, service, job]
+
+
+def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]:
+    """ConfigMap and single-pod CPU Job that run the trainer's preflight mode."""
+    meta = run["metadata"]
+    spec = run_spec(run)
+    pool = config.pool(config.preflightPool)
+    train_pool = config.pool(spec.resources.nodePool)
+    name = preflight_name(meta["name"])
+    cm_name = f"{name}-config"
+    labels = preflight_labels(meta["name"])
+    config_map = _config_map(run, cm_name, labels, trainer_config(run, None))
+    env = [
+        _env("FLYWHEEL_RUN_NAME", meta["name"]),
+        _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
+        _env("FLYWHEEL_WORLD_SIZE", spec.resources.nodes * spec.resources.gpusPerNode),
+        _env("FLYWHEEL_TOKENS_PER_SECOND_PER_GPU", train_pool.tokensPerSecondPerGpu or ""),
+        _env("FLYWHEEL_GPU_HOUR_PRICE", train_pool.gpuHourPrice),
+    ]
+    container = {
+        "name": "preflight",
+        "image": spec.image or config.defaultImage,
+        "command": ["python"],
+        "args": ["-m", "flywheel_trainer", "--preflight", "--config", CONFIG_PATH],
+        "env": env,
+        "resources": _resources(pool, 0),
+        "volumeMounts": list(_MOUNTS),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+        "securityContext": _container_security(),
+    }
+    # Preflight runs on the CPU pool: only the pool's own scheduling, not the run's GPU extras.
+    job = _job(run, name, labels, _pod_spec(container, cm_name, pool, None), 1, indexed=False)
+    return [config_map, job]
