@@ -1,0 +1,40 @@
+"""`torchrun ... -m flywheel_trainer --config CONFIG.json [--preflight [--output PATH]]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel_trainer")
+    parser.add_argument("--config", required=True, help="TrainerConfig JSON")
+    parser.add_argument("--preflight", action="store_true",
+                        help="validate data and plan the run (CPU only, no weights), then exit")
+    parser.add_argument("--output", default=None,
+                        help="preflight: also write the JSON result here (default: "
+                             "$FLYWHEEL_SUMMARY_PATH when set)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from .config import TrainerConfig
+
+    cfg = TrainerConfig.load(args.config)
+    if args.preflight:
+        from .preflight import preflight
+
+        return preflight(cfg, args.output)
+    from .train import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Distributed setup, model loading (meta device -> FSDP2 -> weights streamed from safetensors)
+and parallelism, applied in one function (`parallelize`), torchtitan style."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .config import Fsdp
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def init_distributed() -> Dist:
+    """NCCL + the local GPU when CUDA is available, gloo + CPU otherwise."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cuda:nccl,cpu:gloo"  # gloo for the few CPU-side object collectives
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    return Dist(rank, local_rank, world, device, mesh)
+
+
+def resolve_model_path(uri: str, d: Dist | None = None) -> str:
+    """A local directory holding the base model: `file://`/plain paths as they are, `hf://org/name`
+    through the hub cache (HF_TOKEN from env), other fsspec URIs copied to a local cache once
+    per node (local rank 0 downloads, the rest wait)."""
+    from .data import local_path
+
+    uri = local_path(uri)
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if "://" not in uri:
+        return uri
+    main_local = d is None or d.local_rank == 0
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        repo = uri[len("hf://"):]
+        path = None
+        if main_local:
+            path = snapshot_download(repo, token=os.environ.get("HF_TOKEN"))
+        if d is not None:
+            dist.barrier()
+        return path or snapshot_download(repo, token=os.environ.get("HF_TOKEN"))
+    import fsspec
+
+    cache = Path(os.environ.get("FLYWHEEL_MODEL_CACHE", "/tmp/flywheel-model"))
+    target = cache / uri.replace("://", "/").strip("/")
+    if main_local and not (target / ".complete").exists():
+        fs, root = fsspec.core.url_to_fs(uri)
+        fs.get(root.rstrip("/") + "/", str(target) + "/", recursive=True)
+        (target / ".complete").touch()
+    if d is not None:
+        dist.barrier()
+    return str(target)
+
+
+def build_model(path: str, d: Dist, attn_implementation: str | None = None):
+    """Create the model on the meta device (no memory, no init cost)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    config.use_cache = False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation or "sdpa", dtype=torch.float32,
+        )
+    return model
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    return list(model.model.layers)
+
+
+def parallelize(model, d: Dist, fsdp: Fsdp):
+    """Activation checkpointing, torch.compile, then fully_shard per decoder layer and the root.
+
+    Parameters are kept in fp32; on GPU compute runs in bf16 with fp32 gradient reduction.
+    """
+    if fsdp.activationCheckpointing != "none":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            # selective: every other block (torchtitan's layer-wise selective AC)
+            if fsdp.activationCheckpointing == "full" or i % 2 == 0:
+                layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    if fsdp.compile and d.on_gpu:
+        for i, layer in enumerate(model.model.layers):
+            model.model.layers[i] = torch.compile(layer)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if d.on_gpu else torch.float32, reduce_dtype=torch.float32
+    )
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # the last block's parameters are needed again right away by backward
+        reshard = fsdp.reshardAfterForward and i < len(layers) - 1
+        fully_shard(layer, mesh=d.mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=fsdp.reshardAfterForward)
+    return model
+
+
+def _fqn(name: str) -> str:
+    """Strip wrapper prefixes (checkpoint wrapper, torch.compile) from a parameter name."""
+    for junk in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(junk, "")
+    return name
+
+
+def _safetensors_index(path: str) -> dict[str, str]:
+    p = Path(path)
+    idx = p / "model.safetensors.index.json"
+    if idx.exists():
+        return {k: str(p / v) for k, v in json.loads(idx.read_text())["weight_map"].items()}
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: str(f) for k in sf.keys()})  # noqa: SIM118
+    return out
+
+
+@torch.no_grad()
+def materialize_and_load(model, path: str, d: Dist) -> None:
+    """Allocate the sharded parameters on the device and fill them from safetensors, one tensor
+    at a time (each rank keeps only its shard; memory is bounded by the largest tensor)."""
+    from safetensors import safe_open
+
+    model.to_empty(device=d.device)
+    index = _safetensors_index(path)
+    handles: dict[str, object] = {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, param in model.state_dict().items():
+        key = _fqn(name)
+        if key not in index:
+            if tied and key == "lm_head.weight":
+                continue  # shared with the input embedding
+            raise KeyError(f"{key} missing from the checkpoint in {path}")
+        f = index[key]
+        if f not in handles:
+            handles[f] = safe_open(f, "pt", device="cpu")
+        full = handles[f].get_tensor(key).to(device=d.device, dtype=param.dtype)
+        if isinstance(param, DTensor):
+            param.to_local().copy_(distribute_tensor(full, param.device_mesh,
+                                                     param.placements).to_local())
+        else:
+            param.copy_(full)
+    # non-persistent buffers (rotary inv_freq) were on meta: rebuild them from the config
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf.to(d.device))
+            module.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
+
+
+def load_model(uri: str, d: Dist, fsdp: Fsdp, attn_implementation: str | None = None):
+    path = resolve_model_path(uri, d)
+    model = build_model(path, d, attn_implementation)
+    parallelize(model, d, fsdp)
+    materialize_and_load(model, path, d)
+    model.train()
+    return model, path
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """torchtitan's estimate: 6 * (params - embedding params) + 12 * layers * heads * head_dim *
+    seq_len (the attention term)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for p in model.get_input_embeddings().parameters())
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 6 * (params - embedding) + 12 * cfg.num_hidden_layers * heads * head_dim * seq_len
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None

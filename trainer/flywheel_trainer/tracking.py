@@ -1,0 +1,187 @@
+"""Comet tracking (rank 0 only) and the run summary (the pod's termination message).
+
+Comet: the experiment key comes from `FLYWHEEL_EXPERIMENT_KEY` (stable across attempts, so a
+restart appends to the same experiment) and the API key only from `COMET_API_KEY`. Without a
+key, or when the Comet host does not answer a TCP connect within a few seconds, the trainer logs
+to an offline archive instead of letting an online experiment hang for ~30 s and then drop
+everything. The archive goes to `COMET_OFFLINE_DIRECTORY`, else `<output.uri>/comet-offline/`
+for local outputs (for remote outputs it is written locally and copied there at the end).
+Upload it with `comet upload <archive.zip>`; archives use mode get_or_create, so uploading the
+archives of several attempts appends them to the one experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+from urllib.parse import urlparse
+
+log = logging.getLogger("flywheel.tracking")
+SUMMARY_LIMIT = 4096
+DEFAULT_COMET_URL = "https://www.comet.com/clientlib/"
+
+
+def experiment_key(configured: str | None) -> str | None:
+    return os.environ.get("FLYWHEEL_EXPERIMENT_KEY") or configured
+
+
+def comet_reachable(timeout: float = 3.0) -> bool:
+    url = os.environ.get("COMET_URL_OVERRIDE") or DEFAULT_COMET_URL
+    u = urlparse(url)
+    try:
+        with socket.create_connection(
+            (u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_dir(output_uri: str) -> tuple[str, str | None]:
+    """(local archive directory, remote directory to copy it to at the end or None)."""
+    from .data import local_path
+
+    if os.environ.get("COMET_OFFLINE_DIRECTORY"):
+        return os.environ["COMET_OFFLINE_DIRECTORY"], None
+    out = local_path(output_uri).rstrip("/")
+    if out.startswith("file://"):
+        out = out[len("file://"):]
+    if "://" not in out:
+        return os.path.join(out, "comet-offline"), None
+    return tempfile.mkdtemp(prefix="comet-offline-"), out + "/comet-offline"
+
+
+class Tracker:
+    """Comet on rank 0; a no-op elsewhere and when tracking.comet is not configured."""
+
+    def __init__(self, cfg, is_main: bool):
+        self.exp = None
+        self.online = False
+        self.url: str | None = None
+        self.key = experiment_key(cfg.experimentKey)
+        self.remote_offline: str | None = None
+        self.offline_dir: str | None = None
+        comet = cfg.tracking.comet
+        if not is_main or comet is None:
+            return
+        # comet's own error reporting (sentry) would try the network from inside the run
+        os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
+        import comet_ml
+        from comet_ml import ExperimentConfig
+
+        api_key = os.environ.get("COMET_API_KEY")
+        workspace = os.environ.get("COMET_WORKSPACE") or comet.workspace
+        project = os.environ.get("COMET_PROJECT_NAME") or comet.project
+        name = os.environ.get("FLYWHEEL_RUN_NAME") or cfg.runName
+        quiet = dict(
+            auto_metric_logging=False, auto_param_logging=False, auto_output_logging=False,
+            log_code=False, log_graph=False, log_git_metadata=False, log_git_patch=False,
+            log_env_details=False, log_env_gpu=False, log_env_host=False, log_env_cpu=False,
+            log_env_network=False, log_env_disk=False, parse_args=False,
+            display_summary_level=0, name=name,
+        )
+        if api_key and comet_reachable():
+            try:
+                self.exp = comet_ml.start(
+                    api_key=api_key, workspace=workspace, project_name=project,
+                    experiment_key=self.key, mode="get_or_create", online=True,
+                    experiment_config=ExperimentConfig(**quiet),
+                )
+                self.online = True
+                self.url = self.exp.url
+            except Exception as e:  # noqa: BLE001 - any failure means: go offline
+                log.warning("Comet online start failed (%s); logging offline", e)
+        elif api_key:
+            log.warning("Comet is unreachable; logging to an offline archive")
+        if self.exp is None:
+            self.offline_dir, self.remote_offline = _offline_dir(cfg.output.uri)
+            os.makedirs(self.offline_dir, exist_ok=True)
+            self.exp = comet_ml.start(
+                workspace=workspace, project_name=project, experiment_key=self.key,
+                mode="get_or_create", online=False,
+                experiment_config=ExperimentConfig(offline_directory=self.offline_dir, **quiet),
+            )
+        tags = [t for t in (f"attempt-{os.environ.get('FLYWHEEL_ATTEMPT', '0')}",) if t]
+        self.exp.add_tags(tags)
+
+    def log_params(self, params: dict) -> None:
+        if self.exp:
+            self.exp.log_parameters(params)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.exp:
+            self.exp.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def log_data_report(self, report: dict) -> None:
+        if self.exp:
+            self.exp.log_asset_data(report, name="data_report.json")
+            self.exp.log_others({f"data/{k}": v for k, v in _flatten(report).items()})
+
+    def end(self) -> str | None:
+        """Finish; returns the offline archive path when there is one."""
+        if not self.exp:
+            return None
+        self.exp.end()
+        if self.online:
+            return None
+        archives = sorted(
+            (os.path.join(self.offline_dir, f) for f in os.listdir(self.offline_dir)
+             if f.endswith(".zip")), key=os.path.getmtime)
+        archive = archives[-1] if archives else None
+        if archive and self.remote_offline:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(self.remote_offline)
+            fs.put(archive, f"{root}/{os.path.basename(archive)}")
+            archive = f"{self.remote_offline}/{os.path.basename(archive)}"
+        if archive:
+            log.warning("Comet offline archive: %s - upload it with: comet upload %s",
+                        archive, archive)
+        return archive
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, int | float | str | bool) or v is None:
+            out[key] = v
+    return out
+
+
+def summary_json(summary: dict, limit: int = SUMMARY_LIMIT) -> str:
+    """Compact JSON no longer than `limit` bytes; per-category metrics go first if it is not."""
+    summary = json.loads(json.dumps(summary))
+    text = json.dumps(summary, separators=(",", ":"))
+    metrics = summary.get("metrics", {})
+    while len(text.encode()) > limit:
+        slices = [k for k in metrics if "/" in k]
+        if slices:
+            metrics.pop(slices[-1])
+            summary["truncated"] = True
+        elif summary.get("error"):
+            summary["error"] = summary["error"][: max(0, len(summary["error"]) - 256)]
+        else:
+            for k in ("data", "tracking"):
+                summary.pop(k, None)
+            summary["truncated"] = True
+            text = json.dumps(summary, separators=(",", ":"))
+            break
+        text = json.dumps(summary, separators=(",", ":"))
+    return text
+
+
+def write_summary(summary: dict) -> str:
+    path = os.environ.get("FLYWHEEL_SUMMARY_PATH", "/dev/termination-log")
+    text = summary_json(summary)
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        log.warning("could not write the summary to %s: %s", path, e)
+    return text

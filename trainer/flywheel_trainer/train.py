@@ -1,0 +1,235 @@
+"""The training loop.
+
+One optimizer step consumes `globalBatchSize` packed sequences: each rank takes every
+world-th sequence of the step's batch and runs them as `accum` micro-batches. The loss of a
+step is the sum of token losses divided by the number of assistant tokens in the whole step
+(all ranks, all micro-batches), so it does not depend on world size or accumulation. FSDP
+averages gradients over ranks, hence the `* world_size` in the micro-batch loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from .checkpoint import CheckpointManager
+from .config import TrainerConfig
+from .data import IGNORE_INDEX, Pack, collate, load_split, pack
+from .evaluate import eval_loss, tool_call_accuracy
+from .export import export_hf
+from .model import flops_per_token, init_distributed, load_model, peak_flops, resolve_model_path
+from .tracking import Tracker, write_summary
+
+log = logging.getLogger("flywheel.train")
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup to the peak, then cosine decay to zero."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class Schedule:
+    """Which packs each rank trains on at each step: a pure function of (seed, step)."""
+
+    def __init__(self, packs: list[Pack], global_batch: int, epochs: int, seed: int):
+        self.packs, self.global_batch, self.seed = packs, global_batch, seed
+        self.steps_per_epoch = max(1, math.ceil(len(packs) / global_batch))
+        self.total_steps = epochs * self.steps_per_epoch
+
+    def batch(self, step: int, rank: int, world: int) -> list[Pack]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.packs)))
+        random.Random(self.seed + epoch).shuffle(order)
+        chosen = order[i * self.global_batch:(i + 1) * self.global_batch]
+        chosen += [-1] * (self.global_batch - len(chosen))  # last batch: empty fillers
+        return [self.packs[j] if j >= 0 else Pack([]) for j in chosen[rank::world]]
+
+
+def _scalar(t) -> float:
+    return float(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+def run(cfg: TrainerConfig) -> dict:
+    d = init_distributed()
+    hp = cfg.hyperparameters
+    torch.manual_seed(hp.seed)
+    tracker = Tracker(cfg, d.is_main)
+    try:
+        return _run(cfg, d, tracker)
+    except Exception as e:
+        if d.is_main:
+            write_summary({"error": f"{type(e).__name__}: {e}",
+                           "tracking": {"url": tracker.url, "experimentKey": tracker.key}})
+            tracker.end()
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
+    from transformers import AutoTokenizer
+
+    hp = cfg.hyperparameters
+    model_path = resolve_model_path(cfg.baseModel, d)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ---- data (fails here, before any training, on invalid lines)
+    train = load_split(cfg.dataset.train, tokenizer, hp.maxSeqLength, cfg.dataset.skipInvalid)
+    evals = (load_split(cfg.dataset.eval, tokenizer, hp.maxSeqLength, cfg.dataset.skipInvalid)
+             if cfg.dataset.eval else None)
+    if not train.examples:
+        raise ValueError(f"no usable training examples in {cfg.dataset.train}")
+    packs = pack(train.examples, hp.maxSeqLength, hp.seed)
+    per_step = hp.microBatchSize * d.world_size
+    accum = max(1, math.ceil(hp.globalBatchSize / per_step))
+    global_batch = accum * per_step
+    sched_data = Schedule(packs, global_batch, hp.epochs, hp.seed)
+    total_steps = sched_data.total_steps
+    if cfg.maxSteps:
+        total_steps = min(total_steps, cfg.maxSteps)
+    report = {"train": train.report, "eval": evals.report if evals else None,
+              "packs": len(packs), "globalBatchSize": global_batch, "gradAccum": accum,
+              "totalSteps": total_steps}
+    if d.is_main:
+        log.info("data: %s", report)
+
+    # ---- model, optimizer, schedule, checkpoints
+    model, _ = load_model(cfg.baseModel, d, cfg.fsdp, cfg.attnImplementation)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=hp.learningRate, weight_decay=hp.weightDecay,
+        betas=(0.9, 0.95), fused=d.on_gpu, foreach=None if d.on_gpu else True,
+    )
+    warmup = int(hp.warmupRatio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
+    ckpt = CheckpointManager(cfg.checkpoint_uri(), cfg.checkpoint.everySteps, cfg.checkpoint.keep,
+                             model, optimizer, scheduler)
+    step = ckpt.load_latest()
+    start_step = step
+    tracker.log_params({**hp.model_dump(), **cfg.fsdp.model_dump(), "worldSize": d.world_size,
+                        "gradAccum": accum, "effectiveGlobalBatchSize": global_batch,
+                        "totalSteps": total_steps, "baseModel": cfg.baseModel})
+    if start_step == 0:
+        tracker.log_data_report(report)
+
+    fpt = flops_per_token(model, hp.maxSeqLength)
+    peak = peak_flops(d.device)
+    tokens_total = ckpt.extra.get("tokens", 0)
+    train_loss = ckpt.extra.get("loss")
+    tps = mfu = None
+    window_tokens, window_t0 = 0, time.perf_counter()
+    measured_tokens, measured_time = 0, 0.0
+
+    # ---- train
+    model.train()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        micro = sched_data.batch(step, d.rank, d.world_size)
+        batches = [collate(micro[i:i + hp.microBatchSize], pad_id)
+                   for i in range(0, len(micro), hp.microBatchSize)]
+        counts = torch.tensor(
+            [sum(x != IGNORE_INDEX for row in b["labels"] for x in row) for b in batches],
+            dtype=torch.float64).sum()
+        stats = torch.tensor([counts, sum(b["tokens"] for b in batches), 0.0],
+                             dtype=torch.float64, device=d.device)
+        dist.all_reduce(stats[:2])
+        n_loss_tokens = max(float(stats[0]), 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+        for b in batches:
+            ids = torch.tensor(b["input_ids"], device=d.device)
+            labels = torch.tensor(b["labels"], device=d.device)
+            pos = torch.tensor(b["position_ids"], device=d.device)
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            (ce * (d.world_size / n_loss_tokens)).backward()
+            loss_sum += ce.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.maxGradNorm,
+                                                   foreach=True)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        step += 1
+        train_loss = float(loss_sum) / n_loss_tokens
+        tokens_total += int(stats[1])
+        window_tokens += int(stats[1])
+        if d.on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if step > start_step + 1:  # the first step includes warm-up costs
+            measured_tokens += int(stats[1])
+            measured_time += dt
+        if step % cfg.logEverySteps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_t0
+            tps = window_tokens / elapsed if elapsed > 0 else None
+            mfu = (tps / d.world_size * fpt / peak) if (peak and tps) else None
+            metrics = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": _scalar(grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                       "tokens": tokens_total}
+            tracker.log_metrics(metrics, step)
+            if d.is_main:
+                log.info("step %d/%d %s", step, total_steps,
+                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+            window_tokens, window_t0 = 0, time.perf_counter()
+        if ckpt.should_save(step, total_steps):
+            ckpt.extra = {"tokens": tokens_total, "loss": train_loss}
+            ckpt.save(step)
+            window_t0 = time.perf_counter()
+        _debug_delay()
+    if measured_time > 0:
+        tps = measured_tokens / measured_time
+        mfu = (tps / d.world_size * fpt / peak) if peak else None
+
+    # ---- evaluate, export, summarise
+    metrics = {"train_loss": train_loss}
+    if evals is not None and evals.examples:
+        loss, per_cat = eval_loss(model, evals, d, hp.maxSeqLength, hp.microBatchSize, pad_id)
+        acc, acc_cat = tool_call_accuracy(model, tokenizer, evals.conversations, d,
+                                          cfg.evalMaxNewTokens, cfg.evalMaxToolCallPrompts)
+        metrics["eval_loss"] = loss
+        metrics.update({f"eval_loss/{c}": v for c, v in per_cat.items()})
+        metrics["tool_call_accuracy"] = acc
+        metrics.update({f"tool_call_accuracy/{c}": v for c, v in acc_cat.items()})
+        metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                   for k, v in metrics.items()}
+        tracker.log_metrics(metrics, step)
+    artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d)
+    summary = {}
+    if d.is_main:
+        archive = tracker.end()
+        summary = {
+            "artifact": artifact,
+            "metrics": metrics,
+            "steps": step,
+            "tokens": tokens_total,
+            "throughput": {"tokensPerSecond": tps, "mfu": mfu},
+            "tracking": {"url": tracker.url, "experimentKey": tracker.key,
+                         **({"offlineArchive": archive} if archive else {})},
+        }
+        text = write_summary(summary)
+        log.info("summary: %s", text)
+    return summary
+
+
+def _debug_delay() -> None:
+    """Test hook: FLYWHEEL_DEBUG_STEP_DELAY_S slows each step so a test can kill mid-run."""
+    delay = float(os.environ.get("FLYWHEEL_DEBUG_STEP_DELAY_S", "0") or 0)
+    if delay:
+        time.sleep(delay)
