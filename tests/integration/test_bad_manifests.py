@@ -28,7 +28,6 @@ def dry_run(cluster, text: str, namespace: str = "default"):
         "apply",
         "--server-side",
         "--dry-run=server",
-        "--field-manager=flywheel-tests",
         "-n",
         namespace,
         "-f",
