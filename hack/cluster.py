@@ -8,8 +8,11 @@ kubeconfigs and logs in .cache/cluster. All components listen on loopback only, 
 generated certificates and RBAC on, so anonymous requests are refused.
 
 Node pools (kwok fake nodes), sized by environment variables:
-  FLYWHEEL_H200_NODES (4)  8 x nvidia.com/gpu H200 nodes, tainted nvidia.com/gpu=present
-  FLYWHEEL_CPU_NODES  (2)  CPU-only nodes
+  FLYWHEEL_H200_NODES  (4)  8 x nvidia.com/gpu H200 nodes, tainted nvidia.com/gpu=present
+  FLYWHEEL_CPU_NODES   (2)  CPU-only nodes
+  FLYWHEEL_LOCAL_NODES (2)  the `local` pool: 2 x nvidia.com/gpu each, same taint, and
+                            labelled flywheel.dev/executor=local: their pods really run on
+                            this machine (hack/local_executor.py), everything else is kwok's
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ SERVER = f"https://127.0.0.1:{APISERVER_PORT}"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # Start order; down stops them in reverse.
-COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
+              "kwok-local", "local-executor"]
 
 
 def log(msg: str) -> None:
@@ -124,25 +128,27 @@ def pid_of(name: str) -> int | None:
     pidfile = RUN / f"{name}.pid"
     if not pidfile.exists():
         return None
-    pid = int(pidfile.read_text())
+    pid_text, _, argv0 = pidfile.read_text().partition(" ")
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        cmdline = Path(f"/proc/{pid_text}/cmdline").read_bytes().split(b"\0")[0]
     except OSError:
         return None
-    return pid if Path(cmdline.decode()).name == name else None
+    return int(pid_text) if cmdline.decode() == argv0 else None
 
 
-def start(name: str, args: list[str]) -> None:
+def start(name: str, args: list[str], argv0: str | None = None) -> None:
+    """Start a component in its own session (it outlives this script), logging to LOGS."""
     if pid_of(name):
         return
     LOGS.mkdir(parents=True, exist_ok=True)
     RUN.mkdir(parents=True, exist_ok=True)
+    argv0 = argv0 or str(BIN / name)
     with open(LOGS / f"{name}.log", "ab") as out:
         proc = subprocess.Popen(
-            [str(BIN / name), *args], stdout=out, stderr=subprocess.STDOUT,
+            [argv0, *args], stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=STATE,
         )
-    (RUN / f"{name}.pid").write_text(str(proc.pid))
+    (RUN / f"{name}.pid").write_text(f"{proc.pid} {argv0}")
 
 
 def wait_for(what: str, check, timeout: float = 120.0, component: str | None = None) -> None:
@@ -240,14 +246,24 @@ def start_scheduler() -> None:
 def start_kwok() -> None:
     kc = STATE / "kwok.kubeconfig"
     write_kubeconfig(kc, "kwok")
+    common = [f"--kubeconfig={kc}", "--node-lease-duration-seconds=40",
+              f"--config={HACK / 'kwok' / 'node-stages.yaml'}"]
+    # Fake pools: kwok plays the kubelet for nodes and pods.
     start("kwok", [
-        f"--kubeconfig={kc}",
-        f"--config={HACK / 'kwok' / 'stages.yaml'}",
+        *common, f"--config={HACK / 'kwok' / 'pod-stages.yaml'}",
         "--manage-nodes-with-label-selector=type=kwok",
-        "--server-address=127.0.0.1:17247",
-        "--node-lease-duration-seconds=40",
-        "--cidr=10.244.0.0/16",
+        "--server-address=127.0.0.1:17247", "--cidr=10.244.0.0/16",
     ])
+    # The local pool: kwok keeps the nodes alive; their pods belong to the local executor.
+    start("kwok-local", [
+        *common, "--manage-nodes-with-label-selector=flywheel.dev/executor=local",
+        "--server-address=127.0.0.1:17248",
+    ], argv0=str(BIN / "kwok"))
+
+
+def start_local_executor() -> None:
+    start("local-executor", [str(HACK / "local_executor.py"), str(KUBECONFIG)],
+          argv0=sys.executable)
 
 
 # --- nodes -------------------------------------------------------------------------------
@@ -287,6 +303,14 @@ def pool_nodes() -> list[dict]:
              {"cpu": "32", "memory": "128Gi", "pods": "110", "ephemeral-storage": "1Ti"})
         for i in range(cpu)
     ]
+    local = int(os.environ.get("FLYWHEEL_LOCAL_NODES", "2"))
+    for i in range(local):
+        n = node(f"local-{i}", {"flywheel.dev/pool": "local", "flywheel.dev/executor": "local"},
+                 {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2", "pods": "110",
+                  "ephemeral-storage": "1Ti"},
+                 [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}])
+        n["metadata"]["labels"]["type"] = "local"  # not kwok's fake pods: see kwok-local
+        nodes.append(n)
     return nodes
 
 
@@ -297,7 +321,7 @@ def ensure_nodes() -> None:
     names = [n["metadata"]["name"] for n in nodes]
 
     def all_ready() -> bool:
-        items = json.loads(kubectl("get", "nodes", "-l", "type=kwok", "-o", "json"))["items"]
+        items = json.loads(kubectl("get", "nodes", "-o", "json"))["items"]
         ready = {
             n["metadata"]["name"] for n in items
             if any(c["type"] == "Ready" and c["status"] == "True"
@@ -329,6 +353,7 @@ def up() -> None:
     start_scheduler()
     start_kwok()
     ensure_nodes()
+    start_local_executor()
     wait_for("default service account", lambda: kubectl("get", "sa", "default", "-n", "default"),
              component="kube-controller-manager")
     log(f"up; KUBECONFIG={KUBECONFIG}")

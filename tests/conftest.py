@@ -85,3 +85,57 @@ def namespace(cluster: Cluster):
     cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=30s")
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+class Operator:
+    """The real operator as a subprocess against the local cluster; killable at will."""
+
+    def __init__(self, kubeconfig: str, log_path: Path, config: Path | None = None):
+        self.kubeconfig, self.log_path, self.config = kubeconfig, log_path, config
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import os
+
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig}
+        args = [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
+                "--metrics-port", "0", "--liveness", ""]
+        if self.config:
+            args += ["--config", str(self.config)]
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: b"flywheel operator: started" in self.log_path.read_bytes()
+                   or self.proc.poll() is not None, timeout=60, message="operator started")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited:\n{self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        import os
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def operator(crds: Cluster, tmp_path_factory) -> Operator:
+    """One operator for the whole session, watching all namespaces (standalone)."""
+    log_path = ROOT / ".cache" / "test-operator.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")
+    op = Operator(crds.kubeconfig, log_path, ROOT / "hack" / "operator-local.yaml")
+    op.start()
+    yield op
+    op.stop()

@@ -21,12 +21,15 @@ def main(argv: list[str] | None = None) -> None:
                          help="kopf peering object for HA (default: flywheel)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="kopf health endpoint")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="Prometheus metrics port (0 disables)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not (args.all_namespaces or args.namespace):
         parser.error("choose --all-namespaces or --namespace NS")
     if args.config:
         os.environ["FLYWHEEL_OPERATOR_CONFIG"] = args.config
+    os.environ["FLYWHEEL_METRICS_PORT"] = str(args.metrics_port)
 
     import kopf
 

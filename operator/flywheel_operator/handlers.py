@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -37,7 +38,8 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 16
-    metrics.serve(CONFIG.metricsPort)
+    metrics.serve(int(os.environ.get("FLYWHEEL_METRICS_PORT", "0")))
+    log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(CONFIG.pools)))
 
 
 # --- indexes ------------------------------------------------------------------------------

@@ -9,22 +9,19 @@ retried with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import threading
 import time
-from collections import Counter
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from .metrics import API_REQUESTS
+
 GROUP, VERSION = "flywheel.dev", "v1alpha1"
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 MERGE_PATCH = "application/merge-patch+json"
-
-# API requests by verb, for the benchmark's requests-per-run figure.
-requests_made: Counter[str] = Counter()
-_lock = threading.Lock()
 
 
 class NotFound(Exception):
@@ -52,8 +49,7 @@ def request(method: str, path: str, body: dict | list | None = None,
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body, auth_settings=["BearerToken"],
         )
-        with _lock:
-            requests_made[method] += 1
+        API_REQUESTS.labels(method).inc()
         try:
             response = client.call_api(method, url, header_params=headers, body=payload)
             response.read()
@@ -106,11 +102,9 @@ def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:
 
 def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
     """Delete in the background (the garbage collector takes dependents); absent is fine."""
-    try:
+    with contextlib.suppress(NotFound):
         request("DELETE", object_path(api_version, kind, namespace, name),
                 {"propagationPolicy": "Background"})
-    except NotFound:
-        pass
 
 
 def patch(api_version: str, kind: str, namespace: str, name: str, body: dict,

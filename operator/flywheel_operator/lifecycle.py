@@ -189,7 +189,8 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
 
     unschedulable = [p for p in current if p["unschedulable"]]
     if unschedulable:
-        msg = f"{len(unschedulable)} pod(s) cannot be scheduled: {unschedulable[0]['unschedulable']}"
+        why = unschedulable[0]["unschedulable"]
+        msg = f"{len(unschedulable)} pod(s) cannot be scheduled: {why}"
         set_condition(status, "Scheduled", False, "Unschedulable", msg, ts, generation)
         if not any(c.get("reason") == "Unschedulable" and c["status"] == "False"
                    for c in old.get("conditions", []) if c["type"] == "Scheduled"):

@@ -20,6 +20,8 @@ GPU_HOURS = Counter("flywheel_gpu_hours", "GPU-hours consumed by finished attemp
                     ["namespace", "model"])
 PROMOTIONS = Counter("flywheel_promotions", "Aliases moved by a promotion decision.",
                      ["namespace", "model", "alias"])
+API_REQUESTS = Counter("flywheel_api_requests", "Kubernetes API requests made by the operator "
+                       "(kopf's own watch streams and event posts excluded).", ["verb"])
 GATE_FAILURES = Counter("flywheel_gate_failures", "Promotion gates that blocked a candidate.",
                         ["namespace", "model", "gate"])
 

@@ -151,4 +151,4 @@ def test_unschedulable_pods_surface_the_scheduler_message():
     assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in scheduled["message"]
     assert plan.status["phase"] == "Pending"
-    assert ("Warning", "Unschedulable") == plan.events[0][:2]
+    assert plan.events[0][:2] == ("Warning", "Unschedulable")

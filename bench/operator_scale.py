@@ -1,0 +1,231 @@
+"""Operator scale benchmark on the local control plane.
+
+    .venv/bin/python bench/operator_scale.py --runs 500
+
+Applies N FineTuneRuns at once (1 node x 1 GPU each, enough fake H200 nodes added) and
+measures apply -> Job created latency (p50/p99), runs reconciled per second, the operator's
+peak RSS and its API requests per run. In the same run it creates N plain Jobs and measures
+the native Job controller's Job -> Pod created latency on the same control plane as the
+yardstick. Prints one JSON line last and appends the figures to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import kubernetes
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+KUBECONFIG = ROOT / ".cache" / "cluster" / "kubeconfig"
+KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
+METRICS_PORT = 19090
+
+
+def kubectl(*args: str, input: str | None = None) -> str:
+    return subprocess.run([str(KUBECTL), "--kubeconfig", str(KUBECONFIG), *args], check=True,
+                          capture_output=True, text=True, input=input).stdout
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class Watcher(threading.Thread):
+    """Records when each object of a kind first appears (local clock)."""
+
+    def __init__(self, api, list_fn, namespace: str, key):
+        super().__init__(daemon=True)
+        self.api, self.list_fn, self.namespace, self.key = api, list_fn, namespace, key
+        self.seen: dict[str, float] = {}
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        watch = kubernetes.watch.Watch()
+        self.ready.set()
+        for event in watch.stream(self.list_fn, self.namespace, timeout_seconds=900,
+                                  _preload_content=False):
+            if event["type"] == "ADDED":
+                key = self.key(event["raw_object"])
+                if key:
+                    self.seen.setdefault(key, time.monotonic())
+
+
+def post_all(api: kubernetes.client.ApiClient, path: str, bodies: list[dict]) -> dict[str, float]:
+    """POST every body concurrently; returns name -> local time the create returned."""
+    created: dict[str, float] = {}
+
+    def post(body: dict) -> None:
+        _, url, headers, payload, _ = api.param_serialize(
+            "POST", path, header_params={"Content-Type": "application/json"}, body=body,
+            auth_settings=["BearerToken"])
+        resp = api.call_api("POST", url, header_params=headers, body=payload)
+        resp.read()
+        assert resp.status < 300, resp.data
+        created[body["metadata"]["name"]] = time.monotonic()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(post, bodies))
+    return created
+
+
+def run_manifest(name: str) -> dict:
+    return {
+        "apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": "hf://Qwen/Qwen3-0.6B", "modelName": "bench",
+            "dataset": {"train": "s3://data/bench/train.jsonl"},
+            "resources": {"nodes": 1, "gpusPerNode": 1, "nodePool": "h200"},
+            "output": {"uri": "s3://models/bench/"},
+            "preflight": {"enabled": False},
+        },
+    }
+
+
+def job_manifest(name: str) -> dict:
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        "spec": {"completions": 1, "parallelism": 1, "backoffLimit": 0,
+                 "completionMode": "Indexed",
+                 "template": {"spec": {
+                     "restartPolicy": "Never",
+                     "nodeSelector": {"flywheel.dev/pool": "h200"},
+                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                      "effect": "NoSchedule"}],
+                     "containers": [{"name": "main", "image": "trainer",
+                                     "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}},
+    }
+
+
+def scrape_requests() -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
+    return sum(float(m) for m in re.findall(r'^flywheel_api_requests_total\{[^}]*\} (\S+)',
+                                            text, re.M))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--no-record", action="store_true", help="don't append to RESULTS.md")
+    args = parser.parse_args()
+    n = args.runs
+
+    extra_nodes = (n + 7) // 8 + 1
+    env = {**os.environ, "FLYWHEEL_H200_NODES": str(4 + extra_nodes)}
+    subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
+    stamp = datetime.now(UTC).strftime("%H%M%S")
+    ns_ops, ns_native = f"bench-ops-{stamp}", f"bench-native-{stamp}"
+    for ns in (ns_ops, ns_native):
+        kubectl("create", "namespace", ns)
+        kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
+
+    api = kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG))
+    api.configuration.connection_pool_maxsize = 32
+    core, batch = kubernetes.client.CoreV1Api(api), kubernetes.client.BatchV1Api(api)
+
+    log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
+         "--metrics-port", str(METRICS_PORT), "--liveness", ""],
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
+    proc = psutil.Process(operator.pid)
+    peak_rss = 0
+    stop = threading.Event()
+
+    def sample_rss() -> None:
+        nonlocal peak_rss
+        while not stop.is_set():
+            try:
+                peak_rss = max(peak_rss, proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=sample_rss, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            scrape_requests()
+            break
+        except OSError:
+            time.sleep(0.5)
+    time.sleep(2)  # let the initial listing settle
+    requests_before = scrape_requests()
+
+    try:
+        # --- the operator: FineTuneRun created -> Job created ---
+        jobs = Watcher(api, batch.list_namespaced_job, ns_ops,
+                       lambda o: o["metadata"]["labels"].get("flywheel.dev/run"))
+        jobs.start()
+        jobs.ready.wait()
+        time.sleep(0.5)
+        started = time.monotonic()
+        applied = post_all(api, f"/apis/flywheel.dev/v1alpha1/namespaces/{ns_ops}/finetuneruns",
+                           [run_manifest(f"run-{i}") for i in range(n)])
+        deadline = time.monotonic() + 600
+        while len(jobs.seen) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        finished = max(jobs.seen.values())
+        ops = [jobs.seen[name] - applied[name] for name in applied if name in jobs.seen]
+        runs_per_s = len(ops) / (finished - started)
+        time.sleep(3)  # let pod/status events for these runs drain before counting requests
+        requests_per_run = (scrape_requests() - requests_before) / n
+
+        # --- the native Job controller: Job created -> Pod created ---
+        pods = Watcher(api, core.list_namespaced_pod, ns_native,
+                       lambda o: o["metadata"]["labels"].get("job-name"))
+        pods.start()
+        pods.ready.wait()
+        time.sleep(0.5)
+        created = post_all(api, f"/apis/batch/v1/namespaces/{ns_native}/jobs",
+                           [job_manifest(f"job-{i}") for i in range(n)])
+        deadline = time.monotonic() + 600
+        while len(pods.seen) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        native = [pods.seen[name] - created[name] for name in created if name in pods.seen]
+    finally:
+        stop.set()
+        operator.terminate()
+        operator.wait(timeout=30)
+        for ns in (ns_ops, ns_native):
+            kubectl("delete", "namespace", ns, "--wait=false")
+
+    result = {
+        "runs": n,
+        "operator_p50_s": round(percentile(ops, 0.5), 4),
+        "operator_p99_s": round(percentile(ops, 0.99), 4),
+        "native_p50_s": round(percentile(native, 0.5), 4),
+        "native_p99_s": round(percentile(native, 0.99), 4),
+        "runs_per_s": round(runs_per_s, 1),
+        "operator_peak_rss_mb": round(peak_rss / 2**20, 1),
+        "api_requests_per_run": round(requests_per_run, 2),
+    }
+    if len(ops) < n or len(native) < n:
+        result["incomplete"] = {"operator": len(ops), "native": len(native)}
+    if not args.no_record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as out:
+            out.write(f"\n### operator_scale, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+                      f"`bench/operator_scale.py --runs {n}` (2-core dev machine, local "
+                      f"control plane)\n\n```json\n{json.dumps(result)}\n```\n")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The operator against the real control plane: FineTuneRun -> Indexed Job on the H200 pool.
+
+Pods on the fake pools stay Running until annotated `flywheel.dev/simulate-exit`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import Cluster, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def manifest(name: str, nodes: int = 2, gpus: int = 8, restarts: int = 3, **spec) -> dict:
+    return {
+        "apiVersion": "flywheel.dev/v1alpha1",
+        "kind": "FineTuneRun",
+        "metadata": {"name": name, "labels": {"team": "flow"},
+                     "annotations": {"owner": "flow-team"}},
+        "spec": {
+            "baseModel": "hf://Qwen/Qwen3-32B",
+            "modelName": "flow-agent",
+            "dataset": {"train": "s3://data/flow/train.jsonl",
+                        "eval": "s3://data/flow/eval.jsonl"},
+            "resources": {"nodes": nodes, "gpusPerNode": gpus, "nodePool": "h200"},
+            "output": {"uri": "s3://models/flow-agent/"},
+            "tracking": {"comet": {"workspace": "acme", "project": "flow-agent",
+                                   "apiKeySecretRef": {"name": "comet", "key": "api-key"}}},
+            "maxRestarts": restarts,
+            "preflight": {"enabled": False},
+            **spec,
+        },
+    }
+
+
+def run_status(cluster: Cluster, ns: str, name: str) -> dict:
+    return cluster.get("ftr", name, "-n", ns).get("status") or {}
+
+
+def wait_phase(cluster: Cluster, ns: str, name: str, phase: str, timeout: float = 60) -> dict:
+    return wait_until(
+        lambda: (s := run_status(cluster, ns, name)).get("phase") == phase and s,
+        timeout=timeout, message=f"{name} reaches {phase}",
+    )
+
+
+def attempt_pods(cluster: Cluster, ns: str, name: str, attempt: int) -> list[dict]:
+    selector = f"flywheel.dev/run={name},flywheel.dev/attempt={attempt}"
+    return cluster.get("pods", "-n", ns, "-l", selector)["items"]
+
+
+def finish_pods(cluster: Cluster, ns: str, pods: list[dict], code: int, message: str = ""):
+    for pod in pods:
+        args = ["annotate", "pod", pod["metadata"]["name"], "-n", ns, "--overwrite",
+                f"flywheel.dev/simulate-exit={code}"]
+        if message:
+            args.append(f"flywheel.dev/simulate-message={message}")
+        cluster.kubectl(*args)
+
+
+def running_pods(cluster: Cluster, ns: str, name: str, attempt: int, count: int) -> list[dict]:
+    return wait_until(
+        lambda: (pods := attempt_pods(cluster, ns, name, attempt))
+        and len([p for p in pods if p["status"].get("phase") == "Running"]) == count and pods,
+        message=f"{count} running pods of {name} attempt {attempt}",
+    )
+
+
+def jobs_of(cluster: Cluster, ns: str, name: str) -> list[dict]:
+    return cluster.get("jobs", "-n", ns, "-l", f"flywheel.dev/run={name}")["items"]
+
+
+def test_happy_path_runs_on_h200_and_succeeds(cluster, operator, namespace):
+    cluster.apply(manifest("happy", nodes=2, gpus=8), namespace)
+    pods = running_pods(cluster, namespace, "happy", 1, 2)
+
+    (job,) = jobs_of(cluster, namespace, "happy")
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["backoffLimit"] == 0
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneRun"
+    service = cluster.get("service", job["spec"]["template"]["spec"]["subdomain"],
+                          "-n", namespace)
+    assert service["spec"]["clusterIP"] == "None"
+
+    nodes = {n["metadata"]["name"]: n for n in cluster.get("nodes")["items"]}
+    for pod in pods:
+        node = nodes[pod["spec"]["nodeName"]]
+        assert node["metadata"]["labels"]["flywheel.dev/pool"] == "h200"
+        (container,) = pod["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert pod["metadata"]["labels"]["flywheel.dev/attempt"] == "1"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["COMET_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "comet", "key": "api-key"}
+        assert "value" not in env["COMET_API_KEY"]
+        assert env["COMET_WORKSPACE"]["value"] == "acme"
+        assert len(env["FLYWHEEL_EXPERIMENT_KEY"]["value"]) == 32
+        command = " ".join(container.get("command", []) + container.get("args", []))
+        assert "torchrun" in command and "--nnodes=2" in command
+        assert "--nproc-per-node=8" in command
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    status = wait_phase(cluster, namespace, "happy", "Running")
+    assert status["attempt"] == 1
+
+    finish_pods(cluster, namespace, pods, 0)
+    cluster.kubectl("wait", "--for=condition=Succeeded", "ftr/happy", "-n", namespace,
+                    "--timeout=60s")
+    status = run_status(cluster, namespace, "happy")
+    assert status["phase"] == "Succeeded" and status["completionTime"]
+
+    # The operator never wrote spec, labels or annotations: GitOps sees no drift.
+    run = cluster.get("ftr", "happy", "-n", namespace)
+    assert run["metadata"]["generation"] == 1
+    assert run["metadata"]["labels"] == {"team": "flow"}
+    assert run["metadata"]["annotations"] == {"owner": "flow-team"}
+    assert "finalizers" not in run["metadata"]
+
+
+def test_failed_pod_restarts_as_attempt_two_then_succeeds(cluster, operator, namespace):
+    cluster.apply(manifest("flaky", nodes=2, gpus=4), namespace)
+    pods = running_pods(cluster, namespace, "flaky", 1, 2)
+    finish_pods(cluster, namespace, pods[:1], 137, "NCCL watchdog timeout")
+
+    pods2 = running_pods(cluster, namespace, "flaky", 2, 2)
+    status = run_status(cluster, namespace, "flaky")
+    assert status["attempt"] == 2
+    wait_until(lambda: [j["metadata"]["name"] for j in jobs_of(cluster, namespace, "flaky")]
+               == ["flaky-a2"], message="attempt 1 torn down")
+    config = json.loads(cluster.get("configmap", "flaky-a2-config", "-n", namespace)
+                        ["data"]["config.json"])
+    assert config["baseModel"] == "hf://Qwen/Qwen3-32B"
+
+    finish_pods(cluster, namespace, pods2, 0)
+    status = wait_phase(cluster, namespace, "flaky", "Succeeded")
+    assert status["attempt"] == 2
+    events = cluster.get("events", "-n", namespace,
+                         "--field-selector", "involvedObject.name=flaky")["items"]
+    assert any(e["reason"] == "AttemptFailed" and "NCCL watchdog timeout" in e["message"]
+               for e in events)
+
+
+def test_exhausting_the_restart_budget_fails_the_run(cluster, operator, namespace):
+    cluster.apply(manifest("doomed", nodes=1, gpus=1, restarts=1), namespace)
+    for attempt in (1, 2):
+        pods = running_pods(cluster, namespace, "doomed", attempt, 1)
+        finish_pods(cluster, namespace, pods, 1, "CUDA out of memory")
+    status = wait_phase(cluster, namespace, "doomed", "Failed")
+    assert status["attempt"] == 2
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "RestartBudgetExhausted"
+    assert "CUDA out of memory" in failed["message"]
+    wait_until(lambda: not jobs_of(cluster, namespace, "doomed"), message="jobs torn down")
+    # A failed run never blocks deletion.
+    cluster.kubectl("delete", "ftr", "doomed", "-n", namespace, "--timeout=30s")
+
+
+def test_suspend_stops_pods_and_resume_restarts_them(cluster, operator, namespace):
+    cluster.apply(manifest("pausable", nodes=2, gpus=2), namespace)
+    running_pods(cluster, namespace, "pausable", 1, 2)
+    cluster.kubectl("patch", "ftr", "pausable", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"suspend": true}}')
+    wait_phase(cluster, namespace, "pausable", "Suspended")
+    wait_until(lambda: not attempt_pods(cluster, namespace, "pausable", 1),
+               message="pods stopped")
+    assert run_status(cluster, namespace, "pausable")["attempt"] == 1
+
+    cluster.kubectl("patch", "ftr", "pausable", "-n", namespace, "--type=merge",
+                    "-p", '{"spec": {"suspend": false}}')
+    running_pods(cluster, namespace, "pausable", 1, 2)
+    wait_phase(cluster, namespace, "pausable", "Running")
+
+
+def test_unschedulable_run_says_why(cluster, operator, namespace):
+    # 5 nodes x 8 GPUs, but the H200 pool has 4 nodes.
+    cluster.apply(manifest("toobig", nodes=5, gpus=8), namespace)
+
+    def scheduled_false():
+        conditions = run_status(cluster, namespace, "toobig").get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Scheduled"
+                     and c["status"] == "False"), None)
+
+    cond = wait_until(scheduled_false, message="Scheduled=False")
+    assert cond["reason"] == "Unschedulable"
+    assert "nvidia.com/gpu" in cond["message"]
+    assert run_status(cluster, namespace, "toobig")["phase"] == "Pending"
+
+
+def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, operator, namespace):
+    names = [f"burst-{i}" for i in range(6)]
+    cluster.apply([manifest(n, nodes=1, gpus=1) for n in names], namespace)
+    # Kill the operator repeatedly while it creates attempts and reacts to failures.
+    for round_ in range(3):
+        time.sleep(0.3 * round_)
+        operator.kill()
+        operator.start()
+    for name in names:
+        running_pods(cluster, namespace, name, 1, 1)
+    for name in names[:3]:
+        finish_pods(cluster, namespace, attempt_pods(cluster, namespace, name, 1), 1, "boom")
+    operator.kill()
+    operator.start()
+    for name in names[:3]:
+        running_pods(cluster, namespace, name, 2, 1)
+    operator.kill()
+    operator.start()
+    time.sleep(2)
+
+    for name in names:
+        jobs = jobs_of(cluster, namespace, name)
+        attempts = [j["metadata"]["labels"]["flywheel.dev/attempt"] for j in jobs
+                    if not j["metadata"].get("deletionTimestamp")]
+        assert len(attempts) == len(set(attempts)) == 1, (name, attempts)
+        services = cluster.get("services", "-n", namespace, "-l",
+                               f"flywheel.dev/run={name}")["items"]
+        assert len(services) == 1
+        expected = 2 if name in names[:3] else 1
+        assert run_status(cluster, namespace, name)["attempt"] == expected
