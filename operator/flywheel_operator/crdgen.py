@@ -260,6 +260,11 @@ def crd(kind: Kind) -> dict[str, Any]:
         "metadata": {"type": "object"},
         "spec": spec_schema(kind),
     }
+    if kind.root_rules:  # bound metadata.name so CEL cost estimation accepts the name rule
+        props["metadata"]["properties"] = {
+            key: {"type": "string", "maxLength": 253, "description": f"metadata.{key}"}
+            for key in ("name", "generateName")
+        }
     if kind.status is not None:
         props["status"] = schema_of(kind.status)
     root: dict[str, Any] = {
