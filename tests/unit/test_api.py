@@ -9,7 +9,7 @@ import yaml
 from flywheel_operator import api
 from pydantic import ValidationError
 
-from .conftest_data import EXAMPLES, minimal_spec
+from .conftest_data import EXAMPLES, make_run, minimal_spec
 
 
 def _error_locs(exc: ValidationError) -> list[str]:
@@ -273,3 +273,13 @@ def test_secret_values_detected(value):
 )
 def test_ordinary_values_pass(value):
     assert not _looks_secret(value)
+
+
+def test_status_written_by_lifecycle_fits_the_schema():
+    """Unknown status keys would be pruned silently by the API server: keep them in the model."""
+    from flywheel_operator import lifecycle
+
+    run = make_run(resources={"nodes": 2, "gpusPerNode": 8})
+    run["spec"] = api.FineTuneRunSpec.model_validate(run["spec"]).model_dump(exclude_none=True)
+    plan = lifecycle.decide(run, [], [])
+    api.FineTuneRunStatus.model_validate(plan.status)
