@@ -69,6 +69,7 @@ class OperatorConfig(_Model):
     defaultImage: str = DEFAULT_IMAGE
     defaultPool: str = "h200"
     preflightPool: str = "cpu"
+    preflightTimeoutSeconds: int = Field(default=1800, ge=60, description="Preflight deadline.")
     pools: dict[str, Pool] = Field(default_factory=lambda: dict(PRESETS))
 
     @model_validator(mode="after")

@@ -424,4 +424,5 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
     }
     # Preflight runs on the CPU pool: only the pool's own scheduling, not the run's GPU extras.
     job = _job(run, name, labels, _pod_spec(container, cm_name, pool, None), 1, indexed=False)
+    job["spec"]["activeDeadlineSeconds"] = config.preflightTimeoutSeconds
     return [config_map, job]

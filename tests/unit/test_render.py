@@ -271,6 +271,7 @@ def test_preflight_job():
     assert cm["metadata"]["name"] == "qwen-w48-preflight-config"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
     assert job["spec"]["backoffLimit"] == 0 and "completionMode" not in job["spec"]
+    assert job["spec"]["activeDeadlineSeconds"] == CONFIG.preflightTimeoutSeconds
     c = _container(job)
     assert c["command"] == ["python"]
     assert c["args"] == [
