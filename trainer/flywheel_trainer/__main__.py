@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None,
                         help="preflight: also write the JSON result here (default: "
                              "$FLYWHEEL_SUMMARY_PATH when set)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="preflight: ranks to plan optimizer steps for (default $WORLD_SIZE)")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.preflight:
         from .preflight import preflight
 
-        return preflight(cfg, args.output)
+        return preflight(cfg, args.output, args.world_size)
     from .train import run
 
     run(cfg)

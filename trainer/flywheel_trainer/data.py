@@ -172,7 +172,7 @@ def read_conversations(uri: str, skip_invalid: bool) -> tuple[list[Conversation]
         "lines": lines,
         "invalid": len(errors),
         "skippedInvalid": len(errors) if skip_invalid else 0,
-        "errors": errors[:5],
+        "errors": errors[:20],
         "filtered": {k: filtered.get(k, 0) for k in FILTERS},
     }
     return convs, report

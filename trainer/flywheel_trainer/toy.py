@@ -78,11 +78,11 @@ def conversation(rng: random.Random, category: str) -> dict:
             "workflow_id": wid, "name": name}
         done = f"Workflow {wid} is now called {name}."
     elif category == "email":
-        to, subj = f"{rng.choice(WORDS)}@example.com", rng.choice(WORDS)
+        to, subj = f"{rng.choice(WORDS)}{rng.randint(1, 99)}@example.com", rng.choice(WORDS)
         ask, fn, args = f"Email {to} about {subj}.", "send_email", {"to": to, "subject": subj}
         done = f"Sent the {subj} e-mail to {to}."
     else:
-        app = rng.choice(APPS)
+        app = f"{rng.choice(APPS)}-{rng.randint(1, 99)}"
         ask, fn, args = f"Connect {app} please.", "connect_app", {"app": app}
         done = f"{app} is connected."
     return {
