@@ -70,7 +70,8 @@ def torchrun_cmd(config_path: Path) -> list[str]:
 
 def run_env(work: Path, **extra) -> dict:
     env = dict(os.environ)
-    env.pop("COMET_API_KEY", None)
+    for var in ("COMET_API_KEY", "COMET_OFFLINE_DIRECTORY", "COMET_URL_OVERRIDE"):
+        env.pop(var, None)
     env.update({"FLYWHEEL_SUMMARY_PATH": str(work / "summary.json"),
                 "FLYWHEEL_EXPERIMENT_KEY": EXPERIMENT_KEY, "FLYWHEEL_RUN_NAME": "toy-run",
                 "FLYWHEEL_ATTEMPT": "0", "OMP_NUM_THREADS": "1"})

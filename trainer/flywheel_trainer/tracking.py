@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from urllib.parse import urlparse
 
 log = logging.getLogger("flywheel.tracking")
@@ -64,6 +65,7 @@ class Tracker:
         self.key = experiment_key(cfg.experimentKey)
         self.remote_offline: str | None = None
         self.offline_dir: str | None = None
+        self._t0 = time.time() - 1
         comet = cfg.tracking.comet
         if not is_main or comet is None:
             return
@@ -83,12 +85,18 @@ class Tracker:
             log_env_network=False, log_env_disk=False, parse_args=False,
             display_summary_level=0, name=name,
         )
+        # offline archives (ours, or the SDK's own fallback when an online run loses the
+        # connection) go beside the outputs
+        self.offline_dir, self.remote_offline = _offline_dir(cfg.output.uri)
+        os.makedirs(self.offline_dir, exist_ok=True)
+        os.environ["COMET_OFFLINE_DIRECTORY"] = self.offline_dir
         if api_key and comet_reachable():
             try:
                 self.exp = comet_ml.start(
                     api_key=api_key, workspace=workspace, project_name=project,
                     experiment_key=self.key, mode="get_or_create", online=True,
-                    experiment_config=ExperimentConfig(**quiet),
+                    experiment_config=ExperimentConfig(offline_directory=self.offline_dir,
+                                                       **quiet),
                 )
                 self.online = True
                 self.url = self.exp.url
@@ -97,13 +105,12 @@ class Tracker:
         elif api_key:
             log.warning("Comet is unreachable; logging to an offline archive")
         if self.exp is None:
-            self.offline_dir, self.remote_offline = _offline_dir(cfg.output.uri)
-            os.makedirs(self.offline_dir, exist_ok=True)
             self.exp = comet_ml.start(
                 workspace=workspace, project_name=project, experiment_key=self.key,
                 mode="get_or_create", online=False,
                 experiment_config=ExperimentConfig(offline_directory=self.offline_dir, **quiet),
             )
+        self.key = self.key or self.exp.get_key()
         tags = [t for t in (f"attempt-{os.environ.get('FLYWHEEL_ATTEMPT', '0')}",) if t]
         self.exp.add_tags(tags)
 
@@ -121,26 +128,31 @@ class Tracker:
             self.exp.log_others({f"data/{k}": v for k, v in _flatten(report).items()})
 
     def end(self) -> str | None:
-        """Finish; returns the offline archive path when there is one."""
+        """Finish; returns the offline archive path when this attempt wrote one."""
         if not self.exp:
             return None
+        started = self._t0
         self.exp.end()
-        if self.online:
-            return None
+        self.exp = None
         archives = sorted(
             (os.path.join(self.offline_dir, f) for f in os.listdir(self.offline_dir)
-             if f.endswith(".zip")), key=os.path.getmtime)
-        archive = archives[-1] if archives else None
-        if archive and self.remote_offline:
-            import fsspec
+             if f.startswith(str(self.key)) and f.endswith(".zip")
+             and os.path.getmtime(os.path.join(self.offline_dir, f)) >= started),
+            key=os.path.getmtime)
+        if not archives:
+            return None
+        out = []
+        for archive in archives:
+            if self.remote_offline:
+                import fsspec
 
-            fs, root = fsspec.core.url_to_fs(self.remote_offline)
-            fs.put(archive, f"{root}/{os.path.basename(archive)}")
-            archive = f"{self.remote_offline}/{os.path.basename(archive)}"
-        if archive:
+                fs, root = fsspec.core.url_to_fs(self.remote_offline)
+                fs.put(archive, f"{root}/{os.path.basename(archive)}")
+                archive = f"{self.remote_offline}/{os.path.basename(archive)}"
             log.warning("Comet offline archive: %s - upload it with: comet upload %s",
                         archive, archive)
-        return archive
+            out.append(archive)
+        return out[-1]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
