@@ -212,6 +212,9 @@ def start_apiserver() -> None:
         "--allow-privileged=true",
         "--profiling=false",
         "--max-requests-inflight=1000", "--max-mutating-requests-inflight=500",
+        # Loopback cannot be advertised as the kubernetes Service endpoint; nothing in this
+        # cluster reaches the apiserver through that Service.
+        "--endpoint-reconciler-type=none",
     ])
 
 

@@ -34,6 +34,17 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
         return proc
 
+    def kubectl_as(self, token: str, *args: str, check: bool = False):
+        """kubectl with only a bearer token (no client certificate), e.g. a ServiceAccount's."""
+        server = self.kubectl("config", "view", "--minify",
+                              "-o", "jsonpath={.clusters[0].cluster.server}").stdout
+        ca = ROOT / ".cache" / "cluster" / "pki" / "ca.crt"
+        return subprocess.run(
+            [str(KUBECTL), "--kubeconfig", "/dev/null", f"--server={server}",
+             f"--certificate-authority={ca}", f"--token={token}", *args],
+            capture_output=True, text=True, timeout=60, check=check,
+        )
+
     def get(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
 
