@@ -61,6 +61,7 @@ def _name_rule(max_len: int, what: str) -> dict[str, str]:
     return {
         "rule": f"size(self.metadata.name) <= {max_len} && "
         "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "fieldPath": ".metadata.name",
         "message": f"metadata.name must be a DNS-1035 label of at most {max_len} characters "
         f"({what})",
     }

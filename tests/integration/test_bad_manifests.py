@@ -6,6 +6,7 @@ Manifests are applied with server-side dry-run, so nothing is created.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ IMMUTABLE_CHANGES = [
     ("baseModel", lambda s: s.update(baseModel="hf://Qwen/Qwen3-8B")),
     ("modelName", lambda s: s.update(modelName="other-agent")),
     ("dataset", lambda s: s["dataset"].update(train="s3://data/flow/2026-w49/train.jsonl")),
-    ("resources", lambda s: s["resources"].update(nodes=2)),
+    ("resources", lambda s: s["resources"].update(nodeSelector={"zone": "a"})),
     ("output", lambda s: s["output"].update(uri="s3://models/elsewhere/")),
 ]
 
@@ -125,7 +126,7 @@ def test_defaults_are_applied(cluster, crds):
         "default",
         "-f",
         "-",
-        input=EXAMPLES[0].read_text().replace("  maxRestarts: 3\n", ""),
+        input=re.sub(r"(?m)^  maxRestarts: .*\n", "", EXAMPLES[0].read_text()),
     )
     spec = yaml.safe_load(proc.stdout)["spec"]
     assert spec["maxRestarts"] == 3 and spec["preflight"] == {"enabled": True}
