@@ -27,6 +27,7 @@ def manifest(name: str, nodes: int = 2, gpus: int = 8, restarts: int = 3, **spec
             "dataset": {"train": "s3://data/flow/train.jsonl",
                         "eval": "s3://data/flow/eval.jsonl"},
             "resources": {"nodes": nodes, "gpusPerNode": gpus, "nodePool": "h200"},
+            "hyperparameters": {"globalBatchSize": nodes * gpus * 2},
             "output": {"uri": "s3://models/flow-agent/"},
             "tracking": {"comet": {"workspace": "acme", "project": "flow-agent",
                                    "apiKeySecretRef": {"name": "comet", "key": "api-key"}}},
