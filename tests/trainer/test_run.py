@@ -163,3 +163,43 @@ def test_run_writes_error_summary_on_bad_data(toy, tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert f"{bad}:2: invalid JSON" in s["error"]
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def _single_rank_step(toy, work: Path, monkeypatch, micro: int) -> dict:
+    """One optimizer step in this process (world size 1, gloo), returns its summary."""
+    import socket
+
+    from flywheel_trainer.config import TrainerConfig
+    from flywheel_trainer.train import run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port), "FLYWHEEL_SUMMARY_PATH": str(work / "summary.json")
+                 }.items():
+        monkeypatch.setenv(k, v)
+    cfg = make_config(toy, work / "out", maxSteps=1,
+                      dataset={"train": str(toy.train), "eval": None},
+                      hyperparameters={"microBatchSize": micro})
+    return run(TrainerConfig.model_validate(cfg))
+
+
+def _step1(archive: str) -> dict[str, float]:
+    with zipfile.ZipFile(archive) as z:
+        msgs = [json.loads(line) for line in z.read("messages.json").splitlines()]
+    return {m["payload"]["metric"]["metricName"]: m["payload"]["metric"]["metricValue"]
+            for m in msgs if m["type"] == "metric_msg" and m["payload"]["metric"]["step"] == 1}
+
+
+def test_loss_is_normalised_by_global_assistant_tokens(trained, toy, tmp_path, monkeypatch):
+    # the same first step as 2 ranks x 2 micro-batches (the shared run), 1 rank x 4
+    # micro-batches and 1 rank x 2 micro-batches of 2: same loss and the same gradient norm
+    # (taken before clipping, so it would show any error in the gradient's scale)
+    ref = _step1(trained["summary"]["tracking"]["offlineArchive"])
+    for micro in (1, 2):
+        summary = _single_rank_step(toy, tmp_path / f"m{micro}", monkeypatch, micro=micro)
+        got = _step1(summary["tracking"]["offlineArchive"])
+        assert abs(got["train_loss"] - ref["train_loss"]) < 1e-5, (micro, got, ref)
+        assert abs(got["grad_norm"] / ref["grad_norm"] - 1) < 1e-5, (micro, got, ref)
+        assert got["tokens"] == ref["tokens"]
