@@ -1,0 +1,49 @@
+{{- /*
+Least privilege: exactly the verbs the operator uses (operator/flywheel_operator/kube.py and
+handlers.py, plus what kopf itself needs). No Secrets at all: runs reference the Comet API key
+by secretKeyRef, which the kubelet resolves, never the operator.
+*/}}
+{{- define "flywheel.namespacedRules" -}}
+# The Flywheel API: watched (kopf indexes), status written through the status subresource.
+# Schedules create and delete runs; registration creates ModelVersions and updates Models.
+- apiGroups: ["flywheel.dev"]
+  resources: ["finetuneruns"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+- apiGroups: ["flywheel.dev"]
+  resources: ["finetuneschedules"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["flywheel.dev"]
+  resources: ["modelversions"]
+  verbs: ["get", "list", "watch", "create"]
+- apiGroups: ["flywheel.dev"]
+  resources: ["models"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["flywheel.dev"]
+  resources: ["finetuneruns/status", "finetuneschedules/status", "models/status"]
+  verbs: ["patch"]
+# One Indexed Job per attempt (and the preflight Job); patched only to (un)suspend.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "delete", "patch"]
+# Per attempt: the trainer ConfigMap and the headless rendezvous Service.
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "create", "delete"]
+# Pods are read only: phases, exit codes and rank 0's termination message (the summary).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Events on runs (kopf posts core/v1 Events; events.k8s.io for newer clients).
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# Serving targets: the promoted alias's URI goes into the named Deployment's container.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "patch"]
+{{- end }}
+{{- define "flywheel.peeringRule" -}}
+- apiGroups: ["kopf.dev"]
+  resources: [{{ . | quote }}]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
