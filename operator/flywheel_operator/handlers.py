@@ -17,12 +17,13 @@ from collections import defaultdict
 
 import kopf
 
-from . import kube, lifecycle, metrics, render
+from . import kube, lifecycle, metrics, registry, render
 from .config import OperatorConfig, load_config
-from .lifecycle import RUN_LABEL
+from .lifecycle import RUN_LABEL, now_iso, set_condition
 
 log = logging.getLogger("flywheel")
 GROUP, VERSION = kube.GROUP, kube.VERSION
+API = f"{GROUP}/{VERSION}"
 Key = tuple[str, str]
 
 CONFIG: OperatorConfig = load_config()
@@ -109,6 +110,8 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
 
 def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
     namespace, name = key
+    if plan.succeeded_pods and not plan.status.get("modelVersion"):
+        finish_success(run, plan)
     if plan.status != (run.get("status") or {}):
         # Status first: a crash after this line resumes at the recorded attempt.
         kube.patch_status("FineTuneRun", namespace, name, plan.status)
@@ -131,3 +134,163 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
     for event_type, reason, message in plan.events:
         kopf.event(run, type=event_type, reason=reason, message=message)
         log.info("%s/%s: %s: %s", namespace, name, reason, message)
+
+
+# --- registration -------------------------------------------------------------------------
+
+
+def finish_success(run: dict, plan: lifecycle.Plan) -> None:
+    """Register rank 0's model before the run is marked Succeeded (idempotent)."""
+    rank0 = next((p for p in plan.succeeded_pods if p["index"] == 0), None)
+    ts, generation = now_iso(), run["metadata"].get("generation", 1)
+    try:
+        summary = registry.parse_summary(rank0 and rank0["message"])
+    except registry.SummaryError as err:
+        plan.status.update(phase="Failed", message=str(err))
+        set_condition(plan.status, "Succeeded", False, "InvalidSummary", str(err), ts, generation)
+        set_condition(plan.status, "Failed", True, "InvalidSummary", str(err), ts, generation)
+        plan.events = [("Warning", "InvalidSummary", str(err))]
+        return
+    mv = register(run, summary)
+    plan.status["modelVersion"] = mv["metadata"]["name"]
+    if summary.tracking.url:
+        plan.status["trackingUrl"] = summary.tracking.url
+    plan.events.append(("Normal", "Registered",
+                        f"ModelVersion {mv['metadata']['name']} (digest "
+                        f"{mv['spec']['artifact']['digest'][:19]}...)"))
+
+
+def register(run: dict, summary: registry.Summary) -> dict:
+    namespace, uid = run["metadata"]["namespace"], run["metadata"]["uid"]
+    model_name = run["spec"]["modelName"]
+    with _locks[("model", namespace, model_name)]:
+        model = kube.get(API, "Model", namespace, model_name)
+        if model is None:
+            kube.create({"apiVersion": API, "kind": "Model",
+                         "metadata": {"name": model_name}, "spec": {}}, namespace)
+            model = kube.get(API, "Model", namespace, model_name)
+        versions = kube.list_objects(API, "ModelVersion", namespace,
+                                     f"{registry.MODEL_LABEL}={model_name}")
+        mine = [v for v in versions
+                if v["metadata"]["labels"].get(registry.RUN_UID_LABEL) == uid]
+        promotion = (model.get("spec") or {}).get("promotion") or {}
+        alias = promotion.get("alias", "production")
+        if mine:
+            mv = mine[0]
+        else:
+            by_name = {v["metadata"]["name"]: v for v in versions}
+            current = ((model.get("status") or {}).get("aliases") or {}).get(alias)
+            baseline = by_name.get(current["modelVersion"]) if current else None
+            version = max((v["spec"]["version"] for v in versions), default=0) + 1
+            while True:  # a concurrent registration may take a number: take the next one
+                mv = registry.model_version(run, summary, version, baseline, alias)
+                if kube.create(mv, namespace):
+                    break
+                version += 1
+            versions.append(mv)
+        update_model_status(model, mv, versions)
+        return mv
+
+
+def update_model_status(model: dict, mv: dict, versions: list[dict]) -> None:
+    """Record the version, move `latest`, and decide the promoted alias (once per version)."""
+    namespace, name = model["metadata"]["namespace"], model["metadata"]["name"]
+    spec, status = model.get("spec") or {}, copy.deepcopy(model.get("status") or {})
+    ts, version = now_iso(), mv["spec"]["version"]
+    refs = {r["version"]: r for r in status.get("versions", [])}
+    refs.setdefault(version, {"version": version, "name": mv["metadata"]["name"],
+                              "digest": mv["spec"]["artifact"]["digest"], "created": ts})
+    status["versions"] = [refs[v] for v in sorted(refs)]
+    aliases = status.setdefault("aliases", {})
+    if aliases.get("latest", {}).get("version", 0) < version:
+        aliases["latest"] = registry.alias_target(mv, ts)
+
+    promotion = spec.get("promotion")
+    newest = version == max(refs)
+    decided = any(c["type"] == "Promoted" and c.get("message", "").startswith(
+        f"version {version}:") for c in status.get("conditions", []))
+    if promotion and newest and not decided:
+        alias = promotion.get("alias", "production")
+        current = aliases.get(alias)
+        baseline = next((v for v in versions if current
+                         and v["metadata"]["name"] == current.get("modelVersion")), None)
+        failures = registry.failed_gates(
+            promotion, mv["spec"].get("metrics") or {},
+            (baseline or {}).get("spec", {}).get("metrics") if baseline else None)
+        generation = model["metadata"].get("generation", 1)
+        if alias in (spec.get("pinnedAliases") or {}):
+            set_condition(status, "Promoted", False, "AliasPinned",
+                          f"version {version}: {alias} is pinned by spec.pinnedAliases",
+                          ts, generation)
+        elif failures:
+            set_condition(status, "Promoted", False, "GatesFailed",
+                          f"version {version}: not promoted to {alias}: " + "; ".join(failures),
+                          ts, generation)
+            for failure in failures:
+                metrics.GATE_FAILURES.labels(namespace, name, failure.split("=")[0]
+                                             .split(" ")[0]).inc()
+            kopf.event(model, type="Warning", reason="PromotionBlocked",
+                       message=f"version {version} not promoted to {alias}: "
+                       + "; ".join(failures))
+        else:
+            aliases[alias] = registry.alias_target(mv, ts)
+            set_condition(status, "Promoted", True, "GatesPassed",
+                          f"version {version}: promoted to {alias}", ts, generation)
+            metrics.PROMOTIONS.labels(namespace, name, alias).inc()
+            kopf.event(model, type="Normal", reason="Promoted",
+                       message=f"version {version} promoted to {alias}")
+    kube.patch_status("Model", namespace, name, status)
+
+
+# --- serving ------------------------------------------------------------------------------
+
+
+@kopf.on.event(GROUP, VERSION, "models")
+def model_event(type: str, body: kopf.Body, namespace: str, name: str, **_) -> None:
+    """Keep pinned aliases and serving targets in step with the Model."""
+    if type == "DELETED":
+        return
+    with _locks[("model", namespace, name)]:
+        model = kube.get(API, "Model", namespace, name)
+        if model is None:
+            return
+        spec, status = model.get("spec") or {}, copy.deepcopy(model.get("status") or {})
+        aliases = status.setdefault("aliases", {})
+        moved = []
+        for alias, version in (spec.get("pinnedAliases") or {}).items():
+            if aliases.get(alias, {}).get("version") == version:
+                continue
+            mv = kube.get(API, "ModelVersion", namespace, registry.version_name(name, version))
+            if mv is None:
+                kopf.event(model, type="Warning", reason="PinUnknownVersion",
+                           message=f"{alias} is pinned to version {version}, which does not "
+                           "exist")
+                continue
+            aliases[alias] = registry.alias_target(mv)
+            moved.append(f"{alias} -> version {version} (pinned)")
+        if moved:
+            kube.patch_status("Model", namespace, name, status)
+            kopf.event(model, type="Normal", reason="AliasPinned", message="; ".join(moved))
+        alias = (spec.get("promotion") or {}).get("alias", "production")
+        target = aliases.get(alias)
+        if target:
+            for serving in spec.get("servingTargets") or []:
+                sync_serving(model, serving, target)
+
+
+def sync_serving(model: dict, serving: dict, target: dict) -> None:
+    namespace = model["metadata"]["namespace"]
+    deployment = kube.get("apps/v1", "Deployment", namespace, serving["deployment"])
+    if deployment is None:
+        kopf.event(model, type="Warning", reason="ServingTargetMissing",
+                   message=f"Deployment {serving['deployment']} not found")
+        return
+    if registry.serving_current(deployment, serving["container"]) == (
+            target["uri"], target["digest"]):
+        return
+    kube.patch("apps/v1", "Deployment", namespace, serving["deployment"],
+               registry.serving_patch(serving["container"], target["uri"], target["digest"]),
+               content_type=kube.STRATEGIC_MERGE_PATCH)
+    kopf.event(model, type="Normal", reason="ServingUpdated",
+               message=f"Deployment {serving['deployment']} now serves version "
+               f"{target['version']} ({target['digest'][:19]}...)")

@@ -22,6 +22,7 @@ from .metrics import API_REQUESTS
 GROUP, VERSION = "flywheel.dev", "v1alpha1"
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 class NotFound(Exception):
@@ -100,6 +101,12 @@ def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         return None
 
 
+def list_objects(api_version: str, kind: str, namespace: str, selector: str = "") -> list[dict]:
+    query = {"labelSelector": selector} if selector else None
+    path = collection_path(api_version, PLURALS[kind], namespace)
+    return request("GET", path, query=query).get("items", [])
+
+
 def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
     """Delete in the background (the garbage collector takes dependents); absent is fine."""
     with contextlib.suppress(NotFound):
@@ -108,12 +115,12 @@ def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
 
 
 def patch(api_version: str, kind: str, namespace: str, name: str, body: dict,
-          subresource: str = "") -> dict | None:
-    """JSON merge patch; None when the object is gone."""
+          subresource: str = "", content_type: str = MERGE_PATCH) -> dict | None:
+    """A JSON merge patch (or `content_type`); None when the object is gone."""
     path = object_path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource
                                                               else "")
     try:
-        return request("PATCH", path, body, content_type=MERGE_PATCH)
+        return request("PATCH", path, body, content_type=content_type)
     except NotFound:
         return None
 

@@ -17,6 +17,8 @@ import copy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from .render import comet_experiment_url, experiment_key
+
 RUN_LABEL = "flywheel.dev/run"
 ATTEMPT_LABEL = "flywheel.dev/attempt"
 TERMINAL = ("Succeeded", "Failed")
@@ -53,6 +55,8 @@ def pod_summary(body: dict) -> dict:
     return {
         "name": body["metadata"]["name"],
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
+        "index": int((body["metadata"].get("annotations") or {}).get(
+            "batch.kubernetes.io/job-completion-index", "0")),
         "phase": status.get("phase", "Pending"),
         "node": (body.get("spec") or {}).get("nodeName"),
         "unschedulable": scheduled["message"] if scheduled and scheduled["status"] == "False"
@@ -136,6 +140,11 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
     if job is None:
         plan.create_attempt = attempt
         status.setdefault("startTime", ts)
+        comet = (spec.get("tracking") or {}).get("comet")
+        status.setdefault("experimentKey", experiment_key(run["metadata"]["uid"]))
+        if comet:
+            status.setdefault("trackingUrl", comet_experiment_url(
+                comet["workspace"], comet["project"], status["experimentKey"]))
         if suspend:
             transition("Suspended", "Suspended", "the run is suspended")
         else:
