@@ -1,0 +1,258 @@
+"""The chart rendered without a cluster: lint, defaults, each documented option, the schema."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from flywheel_operator import kube
+from flywheel_operator.config import OperatorConfig
+
+from .support import CHART, find, helm, one, render
+
+RESTRICTED_CONTAINER = {
+    "runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@pytest.fixture(scope="module")
+def default() -> list[dict]:
+    return render()
+
+
+def operator_container(objs: list[dict]) -> dict:
+    (container,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def rules_of(role: dict) -> list[dict]:
+    return role["rules"]
+
+
+def allows(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+               for r in rules)
+
+
+@pytest.mark.parametrize("values", [
+    None,
+    {"watchNamespaces": ["team-a", "team-b"]},
+    {"replicas": 3},
+    {"metrics": {"serviceMonitor": {"enabled": True}}},
+    {"peering": {"enabled": False}},
+])
+def test_helm_lint_is_clean(values):
+    from .support import set_args
+
+    out = helm("lint", "--strict", str(CHART), *set_args(values)).stdout
+    assert "0 chart(s) failed" in out and "[WARNING]" not in out and "[ERROR]" not in out
+
+
+def test_defaults_render_a_restricted_clusterwide_operator(default):
+    kinds = sorted(o["kind"] for o in default)
+    assert kinds == sorted(["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding",
+                            "Service", "Deployment", "ClusterKopfPeering", "Pod"])
+    deployment = one(default, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = operator_container(default)
+    assert container["securityContext"] == RESTRICTED_CONTAINER
+    assert container["image"] == "ghcr.io/flywheel-dev/flywheel-operator:0.1.0"
+    assert container["args"] == [
+        "--all-namespaces", "--config=/etc/flywheel/operator.yaml", "--peering=flywheel",
+        "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "health": 8080, "metrics": 9090}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert volumes[mounts["/etc/flywheel"]]["configMap"]["name"] == "fw-flywheel-config"
+    assert pod["serviceAccountName"] == one(default, "ServiceAccount")["metadata"]["name"]
+    assert one(default, "ClusterKopfPeering")["metadata"]["name"] == "flywheel"
+    service = one(default, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_operator_config_has_pool_presets_and_loads(default):
+    config = yaml.safe_load(one(default, "ConfigMap")["data"]["operator.yaml"])
+    assert config["defaultImage"] == "ghcr.io/flywheel-dev/flywheel-trainer:0.1.0"
+    loaded = OperatorConfig.model_validate(config)
+    h200 = loaded.pools["h200"]
+    assert h200.nodeSelector == {"flywheel.dev/pool": "h200"} and h200.gpusPerNode == 8
+    assert h200.tolerations[0].key == "nvidia.com/gpu"
+    assert loaded.pools["cpu"].gpusPerNode == 0
+    assert loaded.defaultPool == "h200" and loaded.preflightPool == "cpu"
+
+
+def test_extra_pools_and_trainer_image_reach_the_operator_config():
+    objs = render({
+        "trainerImage": {"repository": "registry.acme.dev/flywheel-trainer", "tag": "2026.11"},
+        "config": {"defaultPool": "h100", "preflightPool": "cpu", "pools": {
+            "h100": {"nodeSelector": {"gpu": "h100"}, "gpusPerNode": 8, "gpuHourPrice": 2.5,
+                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                      "effect": "NoSchedule"}],
+                     "resources": {"cpu": "96", "memory": "1500Gi"}},
+            # Helm merges maps with the defaults: null removes a preset's key.
+            "cpu": {"nodeSelector": {"flywheel.dev/pool": None, "pool": "general"}}}},
+    })
+    loaded = OperatorConfig.model_validate(
+        yaml.safe_load(one(objs, "ConfigMap")["data"]["operator.yaml"]))
+    assert loaded.defaultImage == "registry.acme.dev/flywheel-trainer:2026.11"
+    assert loaded.defaultPool == "h100" and loaded.pools["h100"].resources.memory == "1500Gi"
+    assert loaded.pools["cpu"].nodeSelector == {"pool": "general"}
+    assert "h200" in loaded.pools  # built-in presets stay available
+    # A config change rolls the operator's pods.
+    before = one(render(), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    after = one(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert before["checksum/config"] != after["checksum/config"]
+
+
+def test_clusterrole_is_least_privilege(default):
+    rules = rules_of(one(default, "ClusterRole"))
+    assert not any("secrets" in r["resources"] or "*" in r["resources"] or "*" in r["verbs"]
+                   or "*" in r["apiGroups"] for r in rules)
+    # Every kind the operator touches through kube.py is covered...
+    groups = {"ConfigMap": "", "Service": "", "Job": "batch", "Pod": "", "Deployment": "apps"}
+    for kind, plural in kube.PLURALS.items():
+        assert allows(rules, groups.get(kind, kube.GROUP), plural, "get" if kind != "Job"
+                      else "list"), kind
+    # ...with the verbs it uses, and pods and deployments stay read-only / patch-only.
+    assert allows(rules, "batch", "jobs", "create") and allows(rules, "batch", "jobs", "patch")
+    assert not allows(rules, "", "pods", "create") and not allows(rules, "", "pods", "delete")
+    assert not allows(rules, "apps", "deployments", "create")
+    assert not allows(rules, "apps", "deployments", "delete")
+    for status in ("finetuneruns/status", "models/status", "finetuneschedules/status"):
+        assert allows(rules, "flywheel.dev", status, "patch")
+    assert not allows(rules, "flywheel.dev", "finetuneruns", "patch")  # status only
+    assert not allows(rules, "flywheel.dev", "finetuneruns", "update")
+    assert allows(rules, "", "events", "create")
+    assert allows(rules, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
+    assert allows(rules, "kopf.dev", "clusterkopfpeerings", "patch")
+    assert not allows(rules, "", "namespaces", "list")  # clusterwide kopf does not need it
+
+
+def test_watch_namespaces_uses_roles():
+    objs = render({"watchNamespaces": ["team-a", "team-b"]})
+    roles, bindings = find(objs, "Role"), find(objs, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fw-flywheel",
+                                        "namespace": "flywheel-system"}]
+    for role in roles:
+        assert allows(role["rules"], "kopf.dev", "kopfpeerings", "patch")
+        assert not any("secrets" in r["resources"] for r in role["rules"])
+    # The only cluster-scoped grant: what kopf needs to start (CRDs, namespace names).
+    cluster_role = one(objs, "ClusterRole")
+    assert {res for r in cluster_role["rules"] for res in r["resources"]} == {
+        "customresourcedefinitions", "namespaces"}
+    assert {v for r in cluster_role["rules"] for v in r["verbs"]} == {"list", "watch"}
+    assert not find(objs, "ClusterKopfPeering")
+    assert sorted(p["metadata"]["namespace"] for p in find(objs, "KopfPeering")) == [
+        "team-a", "team-b"]
+    args = operator_container(objs)["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    assert "--all-namespaces" not in args
+
+
+def test_replicas_above_one_use_peering_and_a_rolling_update():
+    objs = render({"replicas": 3, "peering": {"name": "flywheel-ha"}})
+    deployment = one(objs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0,
+                                                               "maxUnavailable": 1}
+    assert "--peering=flywheel-ha" in operator_container(objs)["args"]
+    assert one(objs, "ClusterKopfPeering")["metadata"]["name"] == "flywheel-ha"
+    env = {e["name"]: e for e in operator_container(objs)["env"]}
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_standalone_when_peering_is_off_and_refused_with_replicas():
+    objs = render({"peering": {"enabled": False}})
+    assert "--standalone" in operator_container(objs)["args"]
+    assert not find(objs, "ClusterKopfPeering")
+    assert not allows(one(objs, "ClusterRole")["rules"], "kopf.dev", "clusterkopfpeerings",
+                      "get")
+    proc = helm("template", "fw", str(CHART), "--set", "replicas=2", "--set",
+                "peering.enabled=false", check=False)
+    assert proc.returncode != 0 and "replicas > 1 needs peering.enabled=true" in proc.stderr
+
+
+def test_service_monitor_is_optional():
+    assert not find(render(), "ServiceMonitor")
+    objs = render({"metrics": {"serviceMonitor": {"enabled": True, "interval": "15s",
+                                                  "labels": {"release": "prom"}}}})
+    monitor = one(objs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+                                             "interval": "15s", "scrapeTimeout": "10s"}]
+    service = one(objs, "Service")
+    assert all(service["metadata"]["labels"][k] == v
+               for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+
+
+def test_metrics_off_drops_service_and_test_pod():
+    objs = render({"metrics": {"enabled": False}})
+    assert not find(objs, "Service") and not find(objs, "Pod")
+    assert "--metrics-port=0" in operator_container(objs)["args"]
+
+
+def test_scheduling_and_image_values():
+    objs = render({
+        "image": {"repository": "registry.acme.dev/flywheel-operator", "tag": "1.2.3",
+                  "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "nodeSelector": {"flywheel.dev/pool": "cpu"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops",
+                         "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "system-cluster-critical",
+    })
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"flywheel.dev/pool": "cpu"}
+    assert pod["tolerations"][0]["key"] == "dedicated" and pod["affinity"] == {"nodeAffinity": {}}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    container = operator_container(objs)
+    assert container["image"] == "registry.acme.dev/flywheel-operator:1.2.3"
+    assert container["imagePullPolicy"] == "Always"
+
+
+def test_helm_test_pod_is_restricted_and_not_selected_by_the_service(default):
+    pod = one(default, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert container["securityContext"] == RESTRICTED_CONTAINER
+    assert "fw-flywheel-metrics.flywheel-system.svc:9090/metrics" in container["args"][0]
+    selector = one(default, "Service")["spec"]["selector"]
+    assert not all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize(("flag", "complaint"), [
+    (["--set", "bogus=1"], "additional properties 'bogus' not allowed"),
+    (["--set", "image.tags=latest"], "additional properties 'tags' not allowed"),
+    (["--set", "config.pools.h200.gpus=8"], "additional properties 'gpus' not allowed"),
+    (["--set", "replicas=two"], "/replicas"),
+    (["--set-json", "watchNamespaces=\"team-a\""], "/watchNamespaces"),
+    (["--set", "config.pools.h200.gpusPerNode=-1"], "/config/pools/h200/gpusPerNode"),
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+    (["--set", "metrics.serviceMonitor.enabled=yes"], "/metrics/serviceMonitor/enabled"),
+])
+def test_schema_rejects_unknown_keys_and_wrong_types(flag, complaint):
+    proc = helm("template", "fw", str(CHART), *flag, check=False)
+    assert proc.returncode != 0, f"{flag} was accepted"
+    assert complaint in proc.stderr, proc.stderr
+
+
+def test_unknown_default_pool_is_refused():
+    proc = helm("template", "fw", str(CHART), "--set", "config.defaultPool=a100", check=False)
+    assert proc.returncode != 0 and 'config.defaultPool "a100"' in proc.stderr
