@@ -10,8 +10,8 @@ DIGEST = "sha256:" + "ab" * 32
 
 def test_summary_parses_and_drops_non_finite_metrics():
     s = registry.parse_summary(
-        f'{{"artifact": {{"uri": "s3://m/a/", "digest": "{DIGEST}"}}, "metrics": {{"eval_loss": 1.5,'
-        ' "tool_call_accuracy": null}, "steps": 3, "tokens": 99}')
+        f'{{"artifact": {{"uri": "s3://m/a/", "digest": "{DIGEST}"}}, '
+        '"metrics": {"eval_loss": 1.5, "tool_call_accuracy": null}, "steps": 3, "tokens": 99}')
     assert s.artifact.digest == DIGEST
     assert registry.finite_metrics(s.metrics) == {"eval_loss": 1.5}
 
