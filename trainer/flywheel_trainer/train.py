@@ -162,6 +162,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
             loss_sum += ce.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.maxGradNorm,
                                                    foreach=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -180,7 +181,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
             elapsed = time.perf_counter() - window_t0
             tps = window_tokens / elapsed if elapsed > 0 else None
             mfu = (tps / d.world_size * fpt / peak) if (peak and tps) else None
-            metrics = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+            metrics = {"train_loss": train_loss, "lr": lr,
                        "grad_norm": _scalar(grad_norm), "tokens_per_s": tps, "mfu": mfu,
                        "tokens": tokens_total}
             tracker.log_metrics(metrics, step)
