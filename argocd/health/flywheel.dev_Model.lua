@@ -1,7 +1,8 @@
 -- Argo CD health of a flywheel.dev Model (a registry entry). The operator records its last
--- promotion decision as the condition type Promoted: status False means the candidate was
--- blocked, and the condition's message names the failed gates. That is Degraded, so a
--- blocked promotion shows on the Application; otherwise the Model is Healthy.
+-- promotion decision as the condition type Promoted. Status False with reason GatesFailed
+-- (or any reason but AliasPinned) means the newest candidate was blocked, and the message
+-- names the failed gates: that is Degraded, so a blocked promotion shows on the Application.
+-- AliasPinned is a deliberate rollback by hand, so it stays Healthy; so does everything else.
 local function integer(v)
   if type(v) == "number" and math.floor(v) == v then
     return string.format("%d", v)
@@ -11,16 +12,20 @@ end
 
 local hs = {}
 local status = obj.status or {}
+local pinned = nil
 if status.conditions ~= nil then
   for _, c in ipairs(status.conditions) do
     if c.type == "Promoted" and c.status == "False" then
-      hs.status = "Degraded"
-      local reason = c.reason or "PromotionBlocked"
-      hs.message = "Promotion blocked (" .. reason .. ")"
-      if c.message ~= nil and c.message ~= "" then
-        hs.message = hs.message .. ": " .. c.message
+      if c.reason == "AliasPinned" then
+        pinned = c.message or "the alias is pinned"
+      else
+        hs.status = "Degraded"
+        hs.message = "Promotion blocked (" .. (c.reason or "GatesFailed") .. ")"
+        if c.message ~= nil and c.message ~= "" then
+          hs.message = hs.message .. ": " .. c.message
+        end
+        return hs
       end
-      return hs
     end
   end
 end
@@ -37,5 +42,8 @@ if #aliases == 0 then
 else
   table.sort(aliases)
   hs.message = table.concat(aliases, ", ")
+end
+if pinned ~= nil then
+  hs.message = hs.message .. " (" .. pinned .. ")"
 end
 return hs

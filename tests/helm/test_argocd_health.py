@@ -132,16 +132,24 @@ def test_model_with_promoted_candidate_is_healthy_and_lists_aliases():
     assert health == {"status": "Healthy", "message": "latest -> v3, production -> v3"}
 
 
-@pytest.mark.parametrize("reason", ["GatesFailed", "PromotionBlocked", "Regression"])
-def test_blocked_promotion_is_degraded_and_names_the_gate(reason):
-    message = "v4 not promoted to production: gate tool_call_accuracy/email-config >= 0.9 " \
-              "failed (0.84)"
+def test_blocked_promotion_is_degraded_and_names_the_gate():
+    # As the operator writes it (handlers.update_model_status).
+    message = ("version 4: not promoted to production: tool_call_accuracy/email-config=0.84 "
+               "< min 0.9")
     health = lua_health("Model", model(
-        [condition("Promoted", "False", reason, message)],
+        [condition("Promoted", "False", "GatesFailed", message)],
         {"latest": alias(4), "production": alias(3)}))
-    assert health["status"] == "Degraded"
-    assert reason in health["message"]
-    assert "tool_call_accuracy/email-config" in health["message"]
+    assert health == {"status": "Degraded",
+                      "message": f"Promotion blocked (GatesFailed): {message}"}
+
+
+def test_pinned_alias_is_a_deliberate_rollback_not_degraded():
+    message = "version 5: production is pinned by spec.pinnedAliases"
+    health = lua_health("Model", model(
+        [condition("Promoted", "False", "AliasPinned", message)],
+        {"latest": alias(5), "production": alias(3)}))
+    assert health == {"status": "Healthy",
+                      "message": f"latest -> v5, production -> v3 ({message})"}
 
 
 # --- the shipped argocd-cm snippet -----------------------------------------------------------

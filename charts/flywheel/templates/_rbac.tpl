@@ -4,8 +4,9 @@ handlers.py, plus what kopf itself needs). No Secrets at all: runs reference the
 by secretKeyRef, which the kubelet resolves, never the operator.
 */}}
 {{- define "flywheel.namespacedRules" -}}
-# The Flywheel API: watched (kopf indexes), status written through the status subresource.
-# Schedules create and delete runs; registration creates ModelVersions and updates Models.
+# The Flywheel API: watched (kopf indexes and event handlers); the operator writes only the
+# status subresource (never spec, labels or finalizers: GitOps sees no drift). Schedules
+# create and delete runs; registration creates ModelVersions (and a Model when missing).
 - apiGroups: ["flywheel.dev"]
   resources: ["finetuneruns"]
   verbs: ["get", "list", "watch", "create", "delete"]
@@ -17,7 +18,7 @@ by secretKeyRef, which the kubelet resolves, never the operator.
   verbs: ["get", "list", "watch", "create"]
 - apiGroups: ["flywheel.dev"]
   resources: ["models"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create"]
 - apiGroups: ["flywheel.dev"]
   resources: ["finetuneruns/status", "finetuneschedules/status", "models/status"]
   verbs: ["patch"]
@@ -25,10 +26,11 @@ by secretKeyRef, which the kubelet resolves, never the operator.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete", "patch"]
-# Per attempt: the trainer ConfigMap and the headless rendezvous Service.
+# Per attempt: the trainer ConfigMap and the headless rendezvous Service (created with
+# deterministic names, AlreadyExists tolerated, so never read back).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["create", "delete"]
 # Pods are read only: phases, exit codes and rank 0's termination message (the summary).
 - apiGroups: [""]
   resources: ["pods"]
