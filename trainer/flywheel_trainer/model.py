@@ -104,6 +104,17 @@ def resolve_model_path(uri: str, d: Dist | None = None, weights: bool = True) ->
     return str(target)
 
 
+def default_attention(d: Dist) -> str:
+    """Varlen flash attention on GPUs when flash-attn is installed (packed position ids become
+    cu_seqlens), else sdpa with the block-diagonal mask Hugging Face builds from them."""
+    if d.on_gpu:
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def build_model(path: str, d: Dist, attn_implementation: str | None = None):
     """Create the model on the meta device (no memory, no init cost)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -112,7 +123,8 @@ def build_model(path: str, d: Dist, attn_implementation: str | None = None):
     config.use_cache = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=attn_implementation or "sdpa", dtype=torch.float32,
+            config, attn_implementation=attn_implementation or default_attention(d),
+            dtype=torch.float32,
         )
     return model
 

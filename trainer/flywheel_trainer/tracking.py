@@ -122,6 +122,10 @@ class Tracker:
         if self.exp:
             self.exp.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=step)
 
+    def log_other(self, key: str, value) -> None:
+        if self.exp:
+            self.exp.log_other(key, value)
+
     def log_data_report(self, report: dict) -> None:
         if self.exp:
             self.exp.log_asset_data(report, name="data_report.json")

@@ -73,9 +73,12 @@ def run(cfg: TrainerConfig) -> dict:
         return _run(cfg, d, tracker)
     except Exception as e:
         if d.is_main:
-            write_summary({"error": f"{type(e).__name__}: {e}",
-                           "tracking": {"url": tracker.url, "experimentKey": tracker.key}})
-            tracker.end()
+            error = f"{type(e).__name__}: {e}"
+            tracker.log_other("error", error)
+            archive = tracker.end()
+            write_summary({"error": error, "tracking": {
+                "url": tracker.url, "experimentKey": tracker.key,
+                **({"offlineArchive": archive} if archive else {})}})
         raise
     finally:
         if dist.is_initialized():
