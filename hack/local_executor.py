@@ -50,7 +50,8 @@ class Executor:
     def __init__(self, api: kubernetes.client.ApiClient):
         self.core = kubernetes.client.CoreV1Api(api)
         self.api = api
-        self.procs: dict[str, subprocess.Popen] = {}  # pod uid -> process
+        self.procs: dict[str, subprocess.Popen | None] = {}  # pod uid -> process (None: starting)
+        self.lock = threading.Lock()
 
     # --- Kubernetes I/O (raw dicts) ---
     def call(self, method: str, path: str, body=None, content_type="application/json"):
@@ -112,8 +113,6 @@ class Executor:
     def start(self, pod: dict) -> None:
         md, spec = pod["metadata"], pod["spec"]
         uid = md["uid"]
-        if uid in self.procs:
-            return
         workdir = WORK / md["namespace"] / md["name"]
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
@@ -128,6 +127,12 @@ class Executor:
         env = {k: remap(v, mounts) for k, v in env.items()}
         argv = [remap(expand(a, env), mounts)
                 for a in (container.get("command") or []) + (container.get("args") or [])]
+        # Every pod here shares the host's loopback: a port a previous attempt's rank 0 still
+        # holds (it is being torn down) would be in use. On a real node it is a fresh netns.
+        port = next((int(m.group(1)) for a in argv
+                     if (m := re.fullmatch(r"--master[-_]port=(\d+)", a))), None)
+        if port and any(re.fullmatch(r"--node[-_]rank=0", a) for a in argv):
+            wait_port_free(port)
         hostnames = dns_names(pod)
         self.add_hosts(uid, hostnames)
         full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -137,7 +142,11 @@ class Executor:
             proc = subprocess.Popen(argv, env=full_env, cwd=workdir, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-        self.procs[uid] = proc
+        with self.lock:
+            if uid not in self.procs:  # deleted while starting
+                os.killpg(proc.pid, signal.SIGKILL)
+                return
+            self.procs[uid] = proc
         started = now()
         self.patch_status(pod, {
             "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
@@ -177,7 +186,8 @@ class Executor:
     def stop(self, pod: dict) -> None:
         """The pod is being deleted: stop its processes, then let the deletion finish."""
         md = pod["metadata"]
-        proc = self.procs.pop(md["uid"], None)
+        with self.lock:
+            proc = self.procs.pop(md["uid"], None)
         if proc and proc.poll() is None:
             grace = (pod["spec"].get("terminationGracePeriodSeconds") or 30)
             os.killpg(proc.pid, signal.SIGTERM)
@@ -247,14 +257,27 @@ class Executor:
     def handle(self, type_: str, pod: dict) -> None:
         uid = pod["metadata"]["uid"]
         if type_ == "DELETED":
-            proc = self.procs.pop(uid, None)
+            with self.lock:
+                proc = self.procs.pop(uid, None)
             if proc and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             return
         if pod["metadata"].get("deletionTimestamp"):
-            self.stop(pod)
-        elif pod["status"].get("phase", "Pending") == "Pending" and uid not in self.procs:
+            threading.Thread(target=self.stop, args=(pod,), daemon=True).start()
+            return
+        with self.lock:
+            if pod["status"].get("phase", "Pending") != "Pending" or uid in self.procs:
+                return
+            self.procs[uid] = None
+        threading.Thread(target=self.start_logged, args=(pod,), daemon=True).start()
+
+    def start_logged(self, pod: dict) -> None:
+        try:
             self.start(pod)
+        except Exception as err:  # report it on the pod, as a kubelet would
+            log(f"cannot start {pod['metadata']['name']}: {err!r}")
+            self.patch_status(pod, {"phase": "Failed", "reason": "ExecutorError",
+                                    "message": str(err)[:1024]})
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -283,6 +306,20 @@ def field_ref(pod: dict, path: str) -> str:
               "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
               "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
     return simple.get(path, "")
+
+
+def wait_port_free(port: int, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.5)
 
 
 def dns_names(pod: dict) -> list[str]:
