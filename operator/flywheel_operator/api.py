@@ -258,6 +258,7 @@ class Progress(BaseModel):
     tokensPerSecond: float | None = Field(
         default=None, ge=0, description="Non-padding tokens/s over all GPUs."
     )
+    tokens: int | None = Field(default=None, ge=0, description="Training tokens processed.")
     eta: Timestamp | None = Field(default=None, description="Estimated completion time.")
 
 

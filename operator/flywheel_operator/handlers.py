@@ -103,7 +103,8 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
         if written and written[0] == run["metadata"]["resourceVersion"]:
             run = {**run, "status": written[1]}
         started = time.monotonic()
-        plan = lifecycle.decide(run, list(run_jobs.get(key, [])), list(run_pods.get(key, [])))
+        plan = lifecycle.decide(run, list(run_jobs.get(key, [])), list(run_pods.get(key, [])),
+                                config=CONFIG)
         execute(key, run, plan)
         metrics.observe_reconcile(time.monotonic() - started)
 
@@ -116,11 +117,17 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
         # Status first: a crash after this line resumes at the recorded attempt.
         kube.patch_status("FineTuneRun", namespace, name, plan.status)
         _written[key] = (run["metadata"]["resourceVersion"], plan.status)
+        used = plan.status.get("gpuHours", 0) - (run.get("status") or {}).get("gpuHours", 0)
+        if used > 0:
+            metrics.GPU_HOURS.labels(namespace, run["spec"]["modelName"]).inc(used)
     for attempt in plan.delete_attempts:
         names = render.child_names(name, attempt)
         kube.delete("batch/v1", "Job", namespace, names.job)
         kube.delete("v1", "Service", namespace, names.service)
         kube.delete("v1", "ConfigMap", namespace, names.configmap)
+    if plan.create_preflight:
+        for obj in render.preflight_objects(run, CONFIG):
+            kube.create(obj, namespace)
     if plan.suspend_job:
         job, suspend = plan.suspend_job
         kube.patch("batch/v1", "Job", namespace, job, {"spec": {"suspend": suspend}})
@@ -153,6 +160,11 @@ def finish_success(run: dict, plan: lifecycle.Plan) -> None:
         return
     mv = register(run, summary)
     plan.status["modelVersion"] = mv["metadata"]["name"]
+    plan.status["progress"] = {
+        **(plan.status.get("progress") or {}), "step": summary.steps,
+        "totalSteps": summary.steps, "percent": "100%", "tokens": summary.tokens,
+        **({"tokensPerSecond": round(summary.throughput.tokensPerSecond, 1)}
+           if summary.throughput.tokensPerSecond else {})}
     if summary.tracking.url:
         plan.status["trackingUrl"] = summary.tracking.url
     plan.events.append(("Normal", "Registered",

@@ -14,13 +14,16 @@ deterministic child names make every create idempotent.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from .render import comet_experiment_url, experiment_key
+from .config import OperatorConfig
+from .render import comet_experiment_url, estimate_cost, experiment_key
 
 RUN_LABEL = "flywheel.dev/run"
 ATTEMPT_LABEL = "flywheel.dev/attempt"
+COMPONENT_LABEL = "flywheel.dev/component"
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -36,6 +39,7 @@ def job_summary(body: dict) -> dict:
     conditions = {c["type"]: c for c in status.get("conditions") or [] if c["status"] == "True"}
     return {
         "name": body["metadata"]["name"],
+        "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
         "suspended": bool((body.get("spec") or {}).get("suspend")),
         "complete": "Complete" in conditions,
@@ -54,6 +58,7 @@ def pod_summary(body: dict) -> dict:
                     if (cs.get("state") or {}).get("running")), None)
     return {
         "name": body["metadata"]["name"],
+        "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
         "index": int((body["metadata"].get("annotations") or {}).get(
             "batch.kubernetes.io/job-completion-index", "0")),
@@ -76,6 +81,7 @@ def pod_summary(body: dict) -> dict:
 class Plan:
     status: dict
     create_attempt: int | None = None          # render and create this attempt's children
+    create_preflight: bool = False             # render and create the preflight Job
     delete_attempts: list[int] = field(default_factory=list)
     suspend_job: tuple[str, bool] | None = None  # (job name, suspend)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
@@ -108,7 +114,85 @@ def describe_failure(pods: list[dict], job: dict | None) -> str:
     return (job or {}).get("failed") or "the attempt's Job failed"
 
 
-def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None) -> Plan:
+def attempt_gpu_hours(pods: list[dict], gpus_per_node: int, now: str) -> float:
+    """GPU-hours an attempt held: each pod's running time x its GPUs."""
+    total = 0.0
+    for pod in pods:
+        if pod["startedAt"]:
+            end = parse_time(pod["finishedAt"] or now)
+            total += max(0.0, (end - parse_time(pod["startedAt"])).total_seconds())
+    return round(total / 3600 * gpus_per_node, 6)
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict], phase: str,
+                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig
+                   ) -> None:
+    """Close an attempt in status.attempts and re-sum gpuHours and estimatedCost."""
+    records = [a for a in status.get("attempts", []) if a["attempt"] != attempt]
+    gpus = spec["resources"]["gpusPerNode"]
+    started = min((p["startedAt"] for p in pods if p["startedAt"]), default=None)
+    records.append({"attempt": attempt, "job": (job or {}).get("name"), "phase": phase,
+                    "startTime": started, "completionTime": now, "reason": reason,
+                    "message": message[:1024],
+                    "gpuHours": attempt_gpu_hours(pods, gpus, now)})
+    status["attempts"] = sorted(({k: v for k, v in a.items() if v is not None}
+                                 for a in records), key=lambda a: a["attempt"])
+    status["gpuHours"] = round(sum(a.get("gpuHours", 0.0) for a in status["attempts"]), 6)
+    try:
+        cost = estimate_cost(status["gpuHours"], config.pool(spec["resources"].get("nodePool")))
+    except KeyError:
+        cost = None
+    if cost is not None:
+        status["estimatedCost"] = round(cost, 4)
+
+
+def preflight_result(pods: list[dict], job: dict) -> dict | None:
+    """The trainer's preflight JSON from the pod's termination message, if it finished."""
+    done = [p for p in pods if p["phase"] in ("Succeeded", "Failed")]
+    if not done and not (job["complete"] or job["failed"] is not None):
+        return None
+    for pod in done:
+        try:
+            result = json.loads(pod["message"] or "")
+            if isinstance(result, dict) and "ok" in result:
+                return result
+        except ValueError:
+            pass
+    why = describe_failure(done, job) if done else (job["failed"] or "no result")
+    return {"ok": False, "problems": [f"the preflight Job gave no result: {why}"], "errors": []}
+
+
+def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
+    train = result.get("train") or {}
+    missing = result.get("missingCategories") or {}
+    problems = list(result.get("errors") or [])[:5] + list(result.get("problems") or [])
+    status = {
+        "examples": train.get("examples"), "invalidExamples": result.get("invalidLines"),
+        "tokens": result.get("totalTokens"), "steps": result.get("optimizerSteps"),
+        "categories": train.get("categories") or {},
+        "missingCategories": sorted(missing), "problems": problems[:10],
+    }
+    try:
+        pool = config.pool(spec["resources"].get("nodePool"))
+    except KeyError:
+        pool = None
+    if pool and pool.tokensPerSecondPerGpu and result.get("totalTokens"):
+        gpus = spec["resources"]["nodes"] * spec["resources"]["gpusPerNode"]
+        hours = result["totalTokens"] / (pool.tokensPerSecondPerGpu * gpus) / 3600 * gpus
+        status["estimatedGpuHours"] = round(hours, 4)
+        cost = estimate_cost(hours, pool)
+        if cost is not None:
+            status["estimatedCost"] = round(cost, 4)
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None,
+           config: OperatorConfig | None = None) -> Plan:
+    config = config or OperatorConfig()
     spec = run["spec"]
     generation = run["metadata"].get("generation", 1)
     old = run.get("status") or {}
@@ -124,6 +208,10 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
         status["message"] = message
 
     status["observedGeneration"] = generation
+    pre_jobs = [j for j in jobs if j["component"] == "preflight"]
+    pre_pods = [p for p in pods if p["component"] == "preflight"]
+    jobs = [j for j in jobs if j["component"] != "preflight"]
+    pods = [p for p in pods if p["component"] != "preflight"]
     attempt = max([old.get("attempt") or 0] + [j["attempt"] for j in jobs]) or 1
     status["attempt"] = attempt
     plan.delete_attempts = sorted({j["attempt"] for j in jobs if j["attempt"] < attempt})
@@ -136,6 +224,44 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
     nodes = spec["resources"]["nodes"]
     suspend = bool(spec.get("suspend"))
     max_restarts = spec.get("maxRestarts", 3)
+
+    preflight = status.get("preflight") or {}
+    wants_preflight = (spec.get("preflight") or {}).get("enabled", True)
+    if job is None and attempt == 1 and wants_preflight and preflight.get("phase") != "Succeeded":
+        status.setdefault("startTime", ts)
+        if not pre_jobs:
+            plan.create_preflight = True
+            status["preflight"] = {"phase": "Running", "startTime": preflight.get(
+                "startTime", ts)}
+            transition("Pending", "PreflightStarted",
+                       "preflight: checking data, chat template and categories on CPU")
+            return plan
+        result = preflight_result(pre_pods, pre_jobs[0])
+        if result is None:
+            status["preflight"] = {**preflight, "phase": "Running", "job": pre_jobs[0]["name"]}
+            status["message"] = "preflight: checking data, chat template and categories on CPU"
+            return plan
+        figures = preflight_status(result, spec, config)
+        status["preflight"] = {**preflight, **figures, "job": pre_jobs[0]["name"],
+                               "completionTime": ts,
+                               "phase": "Succeeded" if result["ok"] else "Failed"}
+        if not result["ok"]:
+            first = "; ".join(figures["problems"][:3]) or "preflight failed"
+            if figures["missingCategories"]:
+                first += "; missing categories: " + ", ".join(
+                    f"{c} ({figures['categories'].get(c, 0)})"
+                    for c in figures["missingCategories"])
+            status["preflight"]["message"] = first[:1024]
+            status["completionTime"] = ts
+            transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024],
+                       "Warning")
+            set_condition(status, "Failed", True, "PreflightFailed", status["message"], ts,
+                          generation)
+            return plan
+        status["preflight"]["message"] = (
+            f"{figures.get('examples')} examples, {figures.get('tokens')} tokens, "
+            f"{figures.get('steps')} steps")
+        plan.events.append(("Normal", "PreflightPassed", status["preflight"]["message"]))
 
     if job is None:
         plan.create_attempt = attempt
@@ -156,6 +282,8 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
     failed_pod = any(p["phase"] == "Failed" for p in current)
     if job["complete"] and not failed_pod:
         status["completionTime"] = ts
+        record_attempt(status, attempt, job, current, "Succeeded", "Completed", "", spec, ts,
+                       config)
         transition("Succeeded", "Succeeded", f"attempt {attempt} completed")
         set_condition(status, "Running", False, "Completed", "", ts, generation)
         set_condition(status, "Succeeded", True, "JobComplete",
@@ -165,6 +293,8 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
 
     if job["failed"] is not None or failed_pod:
         why = describe_failure(current, job)
+        record_attempt(status, attempt, job, current, "Failed", "AttemptFailed", why, spec, ts,
+                       config)
         if attempt <= max_restarts:
             status["attempt"] = attempt + 1
             plan.delete_attempts.append(attempt)

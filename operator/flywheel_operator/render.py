@@ -398,7 +398,6 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
     meta = run["metadata"]
     spec = run_spec(run)
     pool = config.pool(config.preflightPool)
-    train_pool = config.pool(spec.resources.nodePool)
     name = preflight_name(meta["name"])
     cm_name = f"{name}-config"
     labels = preflight_labels(meta["name"])
@@ -406,15 +405,15 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
     env = [
         _env("FLYWHEEL_RUN_NAME", meta["name"]),
         _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
-        _env("FLYWHEEL_WORLD_SIZE", spec.resources.nodes * spec.resources.gpusPerNode),
-        _env("FLYWHEEL_TOKENS_PER_SECOND_PER_GPU", train_pool.tokensPerSecondPerGpu or ""),
-        _env("FLYWHEEL_GPU_HOUR_PRICE", train_pool.gpuHourPrice),
     ]
+    world_size = spec.resources.nodes * spec.resources.gpusPerNode
     container = {
         "name": "preflight",
         "image": spec.image or config.defaultImage,
         "command": ["python"],
-        "args": ["-m", "flywheel_trainer", "--preflight", "--config", CONFIG_PATH],
+        # Steps are planned for the training world size (the operator prices them).
+        "args": ["-m", "flywheel_trainer", "--preflight", "--config", CONFIG_PATH,
+                 "--world-size", str(world_size)],
         "env": env,
         "resources": _resources(pool, 0),
         "volumeMounts": list(_MOUNTS),

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 from flywheel_operator.lifecycle import decide, job_summary, pod_summary
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+T0, T1 = "2026-11-26T10:00:00Z", "2026-11-26T11:30:00Z"
 
 
-def run(status: dict | None = None, nodes: int = 2, suspend: bool = False, restarts: int = 3):
+def run(status: dict | None = None, nodes: int = 2, suspend: bool = False, restarts: int = 3,
+        preflight: bool = False):
     return {
         "apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
         "metadata": {"name": "r", "namespace": "ns", "uid": "u1", "generation": 1,
                      "resourceVersion": "1"},
-        "spec": {"resources": {"nodes": nodes, "gpusPerNode": 8}, "suspend": suspend,
-                 "maxRestarts": restarts},
+        "spec": {"resources": {"nodes": nodes, "gpusPerNode": 8, "nodePool": "h200"},
+                 "suspend": suspend, "maxRestarts": restarts,
+                 "preflight": {"enabled": preflight}},
         "status": status or {},
     }
 
@@ -39,11 +43,11 @@ def pod(attempt: int, index: int, phase="Running", exit_code=None, message=None,
         status["conditions"].append({"type": "PodScheduled", "status": "False",
                                      "reason": "Unschedulable", "message": unschedulable})
     if phase == "Running":
-        status["containerStatuses"] = [{"state": {"running": {"startedAt": "t0"}}}]
+        status["containerStatuses"] = [{"state": {"running": {"startedAt": T0}}}]
     if phase in ("Succeeded", "Failed"):
         status["containerStatuses"] = [{"state": {"terminated": {
             "exitCode": exit_code or 0, "reason": "Error", "message": message,
-            "startedAt": "t0", "finishedAt": "t1"}}}]
+            "startedAt": T0, "finishedAt": T1}}}]
     return pod_summary({
         "metadata": {"name": f"r-a{attempt}-{index}",
                      "labels": {"flywheel.dev/attempt": str(attempt)}},
@@ -152,3 +156,79 @@ def test_unschedulable_pods_surface_the_scheduler_message():
     assert "Insufficient nvidia.com/gpu" in scheduled["message"]
     assert plan.status["phase"] == "Pending"
     assert plan.events[0][:2] == ("Warning", "Unschedulable")
+
+
+def preflight_job(complete=False, failed=None) -> dict:
+    summary = job_summary({
+        "metadata": {"name": "r-preflight", "labels": {"flywheel.dev/component": "preflight"}},
+        "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]
+                               if complete else []}})
+    summary["failed"] = failed
+    return summary
+
+
+def preflight_pod(result: dict | None) -> dict:
+    body = {"metadata": {"name": "r-preflight-x", "labels": {
+        "flywheel.dev/component": "preflight"}}, "spec": {"nodeName": "local-0"},
+        "status": {"phase": "Running"}}
+    if result is not None:
+        body["status"] = {"phase": "Succeeded" if result["ok"] else "Failed",
+                          "containerStatuses": [{"state": {"terminated": {
+                              "exitCode": 0 if result["ok"] else 1, "startedAt": T0,
+                              "finishedAt": T1, "message": json.dumps(result)}}}]}
+    return pod_summary(body)
+
+
+GOOD = {"ok": True, "problems": [], "errors": [], "invalidLines": 0,
+        "train": {"examples": 96, "categories": {"email": 48, "crm": 48}},
+        "missingCategories": {}, "totalTokens": 3_600_000, "optimizerSteps": 12}
+
+
+def test_preflight_runs_before_any_gpu_job():
+    plan = decide(run(preflight=True), [], [], NOW)
+    assert plan.create_preflight and plan.create_attempt is None
+    assert plan.status["preflight"]["phase"] == "Running"
+
+    waiting = decide(run(plan.status, preflight=True), [preflight_job()], [preflight_pod(None)],
+                     NOW)
+    assert waiting.create_attempt is None and not waiting.create_preflight
+
+
+def test_passed_preflight_records_figures_and_starts_attempt_one():
+    plan = decide(run({"phase": "Pending", "preflight": {"phase": "Running"}}, preflight=True),
+                  [preflight_job(complete=True)], [preflight_pod(GOOD)], NOW)
+    assert plan.create_attempt == 1
+    pre = plan.status["preflight"]
+    assert pre["phase"] == "Succeeded" and pre["steps"] == 12 and pre["tokens"] == 3_600_000
+    assert pre["categories"] == {"email": 48, "crm": 48}
+    # 3.6M tokens at the h200 preset's tokens/s/GPU, priced per GPU-hour.
+    assert pre["estimatedGpuHours"] > 0 and pre["estimatedCost"] > 0
+
+
+def test_failed_preflight_fails_the_run_naming_line_and_category():
+    bad = {"ok": False, "errors": ["s3://d/train.jsonl:7: messages[2].tool_calls[0]: "
+                                   "arguments are not valid JSON"],
+           "problems": ["1 invalid line(s)", "categories below minExamplesPerCategory=8: "
+                        "email-config (0)"],
+           "invalidLines": 1, "train": {"examples": 95, "categories": {"edit": 95}},
+           "missingCategories": {"email-config": 0}, "totalTokens": 1, "optimizerSteps": 1}
+    plan = decide(run({"phase": "Pending", "preflight": {"phase": "Running"}}, preflight=True),
+                  [preflight_job(failed="BackoffLimitExceeded")], [preflight_pod(bad)], NOW)
+    assert plan.create_attempt is None
+    assert plan.status["phase"] == "Failed"
+    failed = cond(plan.status, "Failed")
+    assert failed["reason"] == "PreflightFailed"
+    assert "train.jsonl:7" in failed["message"] and "email-config (0)" in failed["message"]
+    assert plan.status["preflight"]["missingCategories"] == ["email-config"]
+
+
+def test_gpu_hours_accumulate_across_attempts():
+    first = decide(run({"phase": "Running", "attempt": 1}), [job(1)],
+                   [pod(1, 0, "Failed", 1), pod(1, 1, "Failed", 1)], NOW)
+    # Two pods x 1.5 h x 8 GPUs.
+    assert first.status["gpuHours"] == 24.0
+    second = decide(run(first.status), [job(2, complete=True)],
+                    [pod(2, 0, "Succeeded"), pod(2, 1, "Succeeded")], NOW)
+    assert [a["attempt"] for a in second.status["attempts"]] == [1, 2]
+    assert second.status["gpuHours"] == 48.0
+    assert second.status["estimatedCost"] > 0

@@ -280,6 +280,8 @@ def test_preflight_job():
         "--preflight",
         "--config",
         "/etc/flywheel/config.json",
+        "--world-size",
+        str(run["spec"]["resources"]["nodes"] * run["spec"]["resources"]["gpusPerNode"]),
     ]
     assert c["image"] == _container(_objects(run)[2])["image"]
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
