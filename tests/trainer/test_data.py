@@ -25,6 +25,10 @@ def _good(seed=0, category="email"):
 
 def test_errors_name_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
+    parts = _good(2)  # OpenAI text content parts are accepted and joined
+    text = parts["messages"][1]["content"]
+    parts["messages"][1]["content"] = [{"type": "text", "text": text[:5]},
+                                       {"type": "text", "text": text[5:]}]
     lines = [
         json.dumps(_good(1)),
         '{"messages": [ not json',
@@ -32,7 +36,7 @@ def test_errors_name_file_and_line(tmp_path):
         "",  # blank lines are ignored but still counted for numbering
         json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}),
         json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
-        json.dumps(_good(2)),
+        json.dumps(parts),
     ]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as err:
@@ -47,6 +51,7 @@ def test_errors_name_file_and_line(tmp_path):
 
     convs, report = read_conversations(str(path), skip_invalid=True)
     assert [c.line for c in convs] == [1, 7]
+    assert convs[1].messages[1]["content"] == text
     assert report["invalid"] == 4 and report["skippedInvalid"] == 4
 
 

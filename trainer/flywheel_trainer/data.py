@@ -80,8 +80,13 @@ def _validate(obj: Any) -> str | None:
         if role not in ROLES:
             return f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}"
         content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                return f"messages[{i}].content parts must be {{'type': 'text', 'text': ...}}"
+            m["content"] = content = "".join(p["text"] for p in content)
         if content is not None and not isinstance(content, str):
-            return f"messages[{i}].content must be a string or null"
+            return f"messages[{i}].content must be a string, text parts or null"
         if role == "assistant":
             has_assistant = True
             calls = m.get("tool_calls")

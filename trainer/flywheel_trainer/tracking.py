@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -170,9 +171,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _finite(x):
+    """NaN/inf are not JSON: they become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
 def summary_json(summary: dict, limit: int = SUMMARY_LIMIT) -> str:
     """Compact JSON no longer than `limit` bytes; per-category metrics go first if it is not."""
-    summary = json.loads(json.dumps(summary))
+    summary = _finite(json.loads(json.dumps(summary)))
     text = json.dumps(summary, separators=(",", ":"))
     metrics = summary.get("metrics", {})
     while len(text.encode()) > limit:

@@ -223,7 +223,8 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
             "metrics": metrics,
             "steps": step,
             "tokens": tokens_total,
-            "throughput": {"tokensPerSecond": tps, "mfu": mfu},
+            "throughput": {"tokensPerSecond": tps, "mfu": mfu,
+                           "tokensPerSecondPerDevice": tps / d.world_size if tps else None},
             "tracking": {"url": tracker.url, "experimentKey": tracker.key,
                          **({"offlineArchive": archive} if archive else {})},
         }
