@@ -9,15 +9,17 @@ to the runs (no annotations, no finalizers): only the operator's own status patc
 from __future__ import annotations
 
 import copy
+import heapq
 import logging
 import os
 import threading
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 
 import kopf
 
-from . import kube, lifecycle, metrics, registry, render
+from . import kube, lifecycle, metrics, registry, render, schedules
 from .config import OperatorConfig, load_config
 from .lifecycle import RUN_LABEL, now_iso, set_condition
 
@@ -67,9 +69,12 @@ def run_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
 
 
 @kopf.on.event(GROUP, VERSION, "finetuneruns")
-def run_event(type: str, namespace: str, name: str, runs: kopf.Index, run_jobs: kopf.Index,
-              run_pods: kopf.Index, **_) -> None:
+def run_event(type: str, namespace: str, name: str, body: kopf.Body, runs: kopf.Index,
+              run_jobs: kopf.Index, run_pods: kopf.Index, **_) -> None:
     metrics.track_runs(runs)
+    schedule = (body.get("metadata", {}).get("labels") or {}).get(schedules.SCHEDULE_LABEL)
+    if schedule:
+        SCHEDULER.wake((namespace, schedule))
     if type == "DELETED":
         _written.pop((namespace, name), None)
         return
@@ -306,3 +311,106 @@ def sync_serving(model: dict, serving: dict, target: dict) -> None:
     kopf.event(model, type="Normal", reason="ServingUpdated",
                message=f"Deployment {serving['deployment']} now serves version "
                f"{target['version']} ({target['digest'][:19]}...)")
+
+
+# --- schedules ----------------------------------------------------------------------------
+
+
+@kopf.index(GROUP, VERSION, "finetuneschedules")
+def schedule_index(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    return {(namespace, name): copy.deepcopy(
+        {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.metadata),
+         "spec": dict(body.spec), "status": dict(body.status)})}
+
+
+@kopf.index(GROUP, VERSION, "finetuneruns", labels={schedules.SCHEDULE_LABEL: kopf.PRESENT})
+def schedule_runs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return {(namespace, labels[schedules.SCHEDULE_LABEL]): copy.deepcopy(
+        {"metadata": dict(body.metadata), "status": dict(body.status)})}
+
+
+@kopf.on.event(GROUP, VERSION, "finetuneschedules")
+def schedule_event(type: str, namespace: str, name: str, schedule_index: kopf.Index,
+                   schedule_runs: kopf.Index, **_) -> None:
+    SCHEDULER.bind(schedule_index, schedule_runs)
+    if type == "DELETED":
+        _written.pop(("schedule", namespace, name), None)
+        return
+    SCHEDULER.wake((namespace, name))
+
+
+class Scheduler(threading.Thread):
+    """Wakes schedules when they are due: a heap of (when, key), one thread, no finalizers.
+
+    kopf's timers would put a finalizer on every schedule; this keeps the objects untouched.
+    Schedules are reconciled from kopf's indexes, so a wake-up costs no API read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="flywheel-scheduler")
+        self.heap: list[tuple[float, Key]] = []
+        self.cv = threading.Condition()
+        self.index: kopf.Index | None = None
+        self.runs: kopf.Index | None = None
+
+    def bind(self, index: kopf.Index, runs: kopf.Index) -> None:
+        if self.index is None:
+            self.index, self.runs = index, runs
+            self.start()
+
+    def wake(self, key: Key, after: float = 0.0) -> None:
+        with self.cv:
+            heapq.heappush(self.heap, (time.monotonic() + after, key))
+            self.cv.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.heap or self.heap[0][0] > time.monotonic():
+                    self.cv.wait(timeout=(self.heap[0][0] - time.monotonic())
+                                 if self.heap else None)
+                _, key = heapq.heappop(self.heap)
+                # Collapse duplicate wake-ups for the same schedule that are already due.
+                while self.heap and self.heap[0][1] == key and self.heap[0][0] <= time.monotonic():
+                    heapq.heappop(self.heap)
+            try:
+                reconcile_schedule(key, self.index, self.runs)
+            except Exception:
+                log.exception("schedule %s/%s: reconcile failed; retrying in 10s", *key)
+                self.wake(key, 10.0)
+
+
+SCHEDULER = Scheduler()
+
+
+def reconcile_schedule(key: Key, index: kopf.Index, runs_index: kopf.Index) -> None:
+    found = list(index.get(key, []))
+    if not found:
+        return
+    namespace, name = key
+    with _locks[("schedule", namespace, name)]:
+        schedule = found[0]
+        if schedule["metadata"].get("deletionTimestamp"):
+            return
+        written = _written.get(("schedule", namespace, name))
+        if written and written[0] == schedule["metadata"]["resourceVersion"]:
+            schedule = {**schedule, "status": written[1]}
+        uid = schedule["metadata"]["uid"]
+        runs = [r for r in runs_index.get(key, [])
+                if any(o.get("uid") == uid for o in r["metadata"].get("ownerReferences") or [])]
+        plan = schedules.plan(schedule, runs, datetime.now(UTC))
+        for run_name in plan.delete:
+            kube.delete(API, "FineTuneRun", namespace, run_name)
+        for run in plan.create:
+            kube.create(run, namespace)
+        # None values are removals in a merge patch; compare without them.
+        if {k: v for k, v in plan.status.items() if v is not None} != (
+                schedule.get("status") or {}):
+            kube.patch_status("FineTuneSchedule", namespace, name, plan.status)
+            _written[("schedule", namespace, name)] = (
+                schedule["metadata"]["resourceVersion"], plan.status)
+        for event_type, reason, message in plan.events:
+            kopf.event(schedule, type=event_type, reason=reason, message=message)
+            log.info("schedule %s/%s: %s: %s", namespace, name, reason, message)
+    if plan.requeue_after is not None:
+        SCHEDULER.wake(key, min(plan.requeue_after, 3600.0))
