@@ -67,6 +67,11 @@ def test_run_trains_registers_and_rolls_out(cluster, demo_ns, uninterrupted):
     status = uninterrupted["status"]
     assert status["phase"] == "Succeeded", status.get("message")
     assert status["attempt"] == 1
+    # Preflight planned exactly what the trainer then did.
+    assert status["preflight"]["phase"] == "Succeeded"
+    assert status["preflight"]["steps"] == status["progress"]["step"]
+    assert status["preflight"]["tokens"] == status["progress"]["tokens"]
+    assert status["gpuHours"] > 0
     mv = cluster.get("mv", status["modelVersion"], "-n", demo_ns)
     # The registered digest is the digest of the files actually at the artifact URI.
     assert mv["spec"]["artifact"]["uri"] == f"file://{uninterrupted['output']}/"
