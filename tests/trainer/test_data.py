@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -52,6 +53,7 @@ def test_errors_name_file_and_line(tmp_path):
     convs, report = read_conversations(str(path), skip_invalid=True)
     assert [c.line for c in convs] == [1, 7]
     assert convs[1].messages[1]["content"] == text
+    assert report["digest"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     assert report["invalid"] == 4 and report["skippedInvalid"] == 4
 
 

@@ -53,6 +53,10 @@ def test_summary_schema_size_and_digest(trained):
         assert 0.0 <= m[f"tool_call_accuracy/{c}"] <= 1.0
     assert abs(m["eval_loss"] - sum(m[f"eval_loss/{c}"] for c in cats) / 3) < 0.5
     assert s["steps"] == 8 and s["tokens"] > 0
+    train_digest = hashlib.sha256(Path(trained["cfg"]["dataset"]["train"]).read_bytes())
+    assert s["data"]["train"] == {"digest": "sha256:" + train_digest.hexdigest(),
+                                  "examples": 48}
+    assert s["data"]["eval"]["examples"] == 6
     assert s["throughput"]["tokensPerSecond"] > 0
     assert s["throughput"]["mfu"] is None  # no peak FLOPs for CPUs
     assert s["tracking"]["experimentKey"] == EXPERIMENT_KEY

@@ -84,6 +84,8 @@ class CheckpointManager:
                                      dtype=torch.float64),
             },
             f"rng/rank{self.rank}": torch.get_rng_state(),
+            **({f"cuda_rng/rank{self.rank}": torch.cuda.get_rng_state()}
+               if torch.cuda.is_available() else {}),
         }
 
     def should_save(self, step: int, last_step: int) -> bool:
@@ -120,6 +122,8 @@ class CheckpointManager:
         self.scheduler.last_epoch = int(state["scheduler"]["last_epoch"])
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         torch.set_rng_state(state[f"rng/rank{self.rank}"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state[f"cuda_rng/rank{self.rank}"])
         log.info("resumed from checkpoint step %d at %s", step, self._path(step))
         loss = float(state["train"]["loss"])
         self.extra = {"tokens": int(state["train"]["tokens"]),

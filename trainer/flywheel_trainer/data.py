@@ -138,13 +138,18 @@ def read_conversations(uri: str, skip_invalid: bool) -> tuple[list[Conversation]
     seen: set[str] = set()
     filtered: Counter[str] = Counter()
     lines = 0
-    with open_uri(uri) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
+    file_hash = hashlib.sha256()
+    with open_uri(uri, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            file_hash.update(data)  # the digest is over the file's bytes
+            if not data.strip():
                 continue
             lines += 1
             try:
-                obj = json.loads(raw)
+                obj = json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                errors.append(f"{uri}:{lineno}: not UTF-8: {e.reason} at byte {e.start}")
+                continue
             except json.JSONDecodeError as e:
                 errors.append(f"{uri}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
                 continue
@@ -174,6 +179,7 @@ def read_conversations(uri: str, skip_invalid: bool) -> tuple[list[Conversation]
         raise DataError(f"{len(errors)} invalid line(s) in {uri}:\n{shown}{more}")
     report = {
         "uri": uri,
+        "digest": "sha256:" + file_hash.hexdigest(),
         "lines": lines,
         "invalid": len(errors),
         "skippedInvalid": len(errors) if skip_invalid else 0,

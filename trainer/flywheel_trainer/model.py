@@ -221,13 +221,13 @@ def materialize_and_load(model, path: str, d: Dist) -> None:
             module.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
 
 
-def load_model(uri: str, d: Dist, fsdp: Fsdp, attn_implementation: str | None = None):
-    path = resolve_model_path(uri, d)
+def load_model(path: str, d: Dist, fsdp: Fsdp, attn_implementation: str | None = None):
+    """Meta-device model -> parallelize -> materialise and load weights from `path`."""
     model = build_model(path, d, attn_implementation)
     parallelize(model, d, fsdp)
     materialize_and_load(model, path, d)
     model.train()
-    return model, path
+    return model
 
 
 def flops_per_token(model, seq_len: int) -> float:

@@ -114,7 +114,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         log.info("data: %s", report)
 
     # ---- model, optimizer, schedule, checkpoints
-    model, _ = load_model(cfg.baseModel, d, cfg.fsdp, cfg.attnImplementation)
+    model = load_model(model_path, d, cfg.fsdp, cfg.attnImplementation)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=hp.learningRate, weight_decay=hp.weightDecay,
         betas=(0.9, 0.95), fused=d.on_gpu, foreach=None if d.on_gpu else True,
@@ -222,6 +222,8 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
             "artifact": artifact,
             "metrics": metrics,
             "steps": step,
+            "data": {"train": _data_summary(train.report),
+                     **({"eval": _data_summary(evals.report)} if evals else {})},
             "tokens": tokens_total,
             "throughput": {"tokensPerSecond": tps, "mfu": mfu,
                            "tokensPerSecondPerDevice": tps / d.world_size if tps else None},
@@ -231,6 +233,10 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         text = write_summary(summary)
         log.info("summary: %s", text)
     return summary
+
+
+def _data_summary(report: dict) -> dict:
+    return {"digest": report["digest"], "examples": report["examples"]}
 
 
 def _debug_delay() -> None:
