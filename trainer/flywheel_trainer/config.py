@@ -131,6 +131,9 @@ class TrainerConfig(SpecModel):
     tracking: Tracking = Field(default_factory=Tracking)
     runName: str | None = Field(default=None, description="FineTuneRun name (for tracking).")
     # ---- runtime fields (not part of FineTuneRun.spec) ----
+    attempt: int | None = Field(
+        default=None, ge=0, description="Attempt number; `FLYWHEEL_ATTEMPT` from env wins."
+    )
     experimentKey: str | None = Field(
         default=None,
         description="Comet experiment key; `FLYWHEEL_EXPERIMENT_KEY` from env wins when set.",

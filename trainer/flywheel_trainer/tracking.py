@@ -112,8 +112,8 @@ class Tracker:
                 experiment_config=ExperimentConfig(offline_directory=self.offline_dir, **quiet),
             )
         self.key = self.key or self.exp.get_key()
-        tags = [t for t in (f"attempt-{os.environ.get('FLYWHEEL_ATTEMPT', '0')}",) if t]
-        self.exp.add_tags(tags)
+        attempt = os.environ.get("FLYWHEEL_ATTEMPT") or cfg.attempt or 0
+        self.exp.add_tags([f"attempt-{attempt}"])
 
     def log_params(self, params: dict) -> None:
         if self.exp:
@@ -195,7 +195,7 @@ def summary_json(summary: dict, limit: int = SUMMARY_LIMIT) -> str:
         elif summary.get("error"):
             summary["error"] = summary["error"][: max(0, len(summary["error"]) - 256)]
         else:
-            for k in ("data", "tracking"):
+            for k in ("dataset", "tracking"):
                 summary.pop(k, None)
             summary["truncated"] = True
             text = json.dumps(summary, separators=(",", ":"))

@@ -222,8 +222,12 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
             "artifact": artifact,
             "metrics": metrics,
             "steps": step,
-            "data": {"train": _data_summary(train.report),
-                     **({"eval": _data_summary(evals.report)} if evals else {})},
+            "dataset": {
+                "digests": {"train": train.report["digest"],
+                            **({"eval": evals.report["digest"]} if evals else {})},
+                "examples": {"train": train.report["examples"],
+                             **({"eval": evals.report["examples"]} if evals else {})},
+            },
             "tokens": tokens_total,
             "throughput": {"tokensPerSecond": tps, "mfu": mfu,
                            "tokensPerSecondPerDevice": tps / d.world_size if tps else None},
@@ -233,10 +237,6 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         text = write_summary(summary)
         log.info("summary: %s", text)
     return summary
-
-
-def _data_summary(report: dict) -> dict:
-    return {"digest": report["digest"], "examples": report["examples"]}
 
 
 def _debug_delay() -> None:
