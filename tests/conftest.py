@@ -101,22 +101,27 @@ def namespace(cluster: Cluster):
 class Operator:
     """The real operator as a subprocess against the local cluster; killable at will."""
 
-    def __init__(self, kubeconfig: str, log_path: Path, config: Path | None = None):
+    def __init__(self, kubeconfig: str, log_path: Path, config: Path | None = None,
+                 scope: list[str] | None = None):
+        """`scope`: the scope and peering flags (default: --standalone --all-namespaces)."""
         self.kubeconfig, self.log_path, self.config = kubeconfig, log_path, config
+        self.scope = scope or ["--standalone", "--all-namespaces"]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         import os
 
         env = {**os.environ, "KUBECONFIG": self.kubeconfig}
-        args = [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
+        args = [sys.executable, "-m", "flywheel_operator", *self.scope,
                 "--metrics-port", "0", "--liveness", ""]
         if self.config:
             args += ["--config", str(self.config)]
+        # Look for the start line only in what this start writes (the log is appended to).
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_until(lambda: b"flywheel operator: started" in self.log_path.read_bytes()
+        wait_until(lambda: b"flywheel operator: started" in self.log_path.read_bytes()[offset:]
                    or self.proc.poll() is not None, timeout=60, message="operator started")
         if self.proc.poll() is not None:
             raise AssertionError(f"operator exited:\n{self.log_path.read_text()[-3000:]}")
