@@ -130,6 +130,10 @@ def main() -> None:
     subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
+    # Start from a quiet cluster: an earlier run's namespaces may still be terminating.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and "bench-" in kubectl("get", "namespaces", "-o", "name"):
+        time.sleep(2)
     stamp = datetime.now(UTC).strftime("%H%M%S")
     ns_ops, ns_native = f"bench-ops-{stamp}", f"bench-native-{stamp}"
     for ns in (ns_ops, ns_native):
@@ -146,7 +150,7 @@ def main() -> None:
          "--metrics-port", str(METRICS_PORT), "--liveness", ""],
         env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
     proc = psutil.Process(operator.pid)
-    peak_rss = 0
+    peak_rss, cpu_before = 0, None
     stop = threading.Event()
 
     def sample_rss() -> None:
@@ -168,6 +172,7 @@ def main() -> None:
             time.sleep(0.5)
     time.sleep(2)  # let the initial listing settle
     requests_before = scrape_requests()
+    cpu_before = sum(proc.cpu_times()[:2])
 
     try:
         # --- the operator: FineTuneRun created -> Job created ---
@@ -187,6 +192,7 @@ def main() -> None:
         runs_per_s = len(ops) / (finished - started)
         time.sleep(3)  # let pod/status events for these runs drain before counting requests
         requests_per_run = (scrape_requests() - requests_before) / n
+        cpu_per_run = (sum(proc.cpu_times()[:2]) - cpu_before) / n
 
         # --- the native Job controller: Job created -> Pod created ---
         pods = Watcher(api, core.list_namespaced_pod, ns_native,
@@ -216,6 +222,7 @@ def main() -> None:
         "runs_per_s": round(runs_per_s, 1),
         "operator_peak_rss_mb": round(peak_rss / 2**20, 1),
         "api_requests_per_run": round(requests_per_run, 2),
+        "operator_cpu_ms_per_run": round(cpu_per_run * 1000, 1),
     }
     if len(ops) < n or len(native) < n:
         result["incomplete"] = {"operator": len(ops), "native": len(native)}

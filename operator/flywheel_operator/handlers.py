@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import kopf
@@ -31,6 +32,7 @@ Key = tuple[str, str]
 CONFIG: OperatorConfig = load_config()
 
 _locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
+CREATORS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
 # The status we last wrote per run, with the resourceVersion it was based on: until the
 # watch delivers a newer version of the run, the index still holds the pre-write copy.
 _written: dict[Key, tuple[str, dict]] = {}
@@ -40,7 +42,7 @@ _written: dict[Key, tuple[str, dict]] = {}
 def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = 32
     metrics.serve(int(os.environ.get("FLYWHEEL_METRICS_PORT", "0")))
     log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(CONFIG.pools)))
 
@@ -48,11 +50,17 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
 # --- indexes ------------------------------------------------------------------------------
 
 
+def slim(body: kopf.Body) -> dict:
+    """A private copy of an object without managedFields (most of its bytes)."""
+    metadata = {k: v for k, v in body.metadata.items() if k != "managedFields"}
+    return copy.deepcopy({"apiVersion": body["apiVersion"], "kind": body["kind"],
+                          "metadata": metadata, "spec": dict(body.spec),
+                          "status": dict(body.status)})
+
+
 @kopf.index(GROUP, VERSION, "finetuneruns")
 def runs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): copy.deepcopy(
-        {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.metadata),
-         "spec": dict(body.spec), "status": dict(body.status)})}
+    return {(namespace, name): slim(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
@@ -141,8 +149,9 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
         if plan.create_attempt > 1:
             metrics.RESTARTS.labels(namespace).inc()
         run_for_render = {**run, "status": plan.status}
-        for obj in render.attempt_objects(run_for_render, plan.create_attempt, CONFIG):
-            kube.create(obj, namespace)
+        objects = render.attempt_objects(run_for_render, plan.create_attempt, CONFIG)
+        # Independent objects: create them together (a pod waits for its ConfigMap anyway).
+        list(CREATORS.map(lambda obj: kube.create(obj, namespace), objects))
     for event_type, reason, message in plan.events:
         kopf.event(run, type=event_type, reason=reason, message=message)
         log.info("%s/%s: %s: %s", namespace, name, reason, message)
@@ -318,15 +327,12 @@ def sync_serving(model: dict, serving: dict, target: dict) -> None:
 
 @kopf.index(GROUP, VERSION, "finetuneschedules")
 def schedule_index(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): copy.deepcopy(
-        {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": dict(body.metadata),
-         "spec": dict(body.spec), "status": dict(body.status)})}
+    return {(namespace, name): slim(body)}
 
 
 @kopf.index(GROUP, VERSION, "finetuneruns", labels={schedules.SCHEDULE_LABEL: kopf.PRESENT})
 def schedule_runs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[schedules.SCHEDULE_LABEL]): copy.deepcopy(
-        {"metadata": dict(body.metadata), "status": dict(body.status)})}
+    return {(namespace, labels[schedules.SCHEDULE_LABEL]): slim(body)}
 
 
 @kopf.on.event(GROUP, VERSION, "finetuneschedules")

@@ -91,6 +91,8 @@ def create(obj: dict, namespace: str) -> bool:
     except ApiException as err:
         if err.status == 409:
             return False
+        if err.status == 403 and "being terminated" in str(err.body):
+            return False  # the namespace is going away, and the object with it
         raise
 
 
