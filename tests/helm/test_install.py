@@ -273,12 +273,28 @@ class Lifecycle:
 
 
 @pytest.fixture
-def only_this_operator(request):
-    """Pause the session's admin operator (if any) so nothing but the SA-backed one acts."""
+def only_this_operator(request, cluster: Cluster, namespace: str):
+    """Pause the session's admin operator so nothing but the SA-backed one acts; fail clearly
+    when some other operator (another test session on the same cluster) still answers."""
     session_operator: Operator = request.getfixturevalue("operator")
     session_operator.stop()
-    yield
-    session_operator.start()
+    probe = run_manifest("probe")
+    probe["spec"]["suspend"] = True
+    cluster.apply(probe, namespace)
+    try:
+        wait_until(lambda: cluster.get("ftr", "probe", "-n", namespace).get("status"),
+                   timeout=4, message="")
+        foreign = True
+    except AssertionError:
+        foreign = False
+    cluster.kubectl("delete", "ftr", "probe", "-n", namespace, "--wait=true")
+    try:
+        if foreign:
+            pytest.fail("another Flywheel operator is reconciling runs on this cluster: the RBAC "
+                        "proof needs the chart's ServiceAccount to be the only actor")
+        yield
+    finally:
+        session_operator.start()
 
 
 @pytest.mark.parametrize("mode", ["clusterwide", "watchNamespaces"])
