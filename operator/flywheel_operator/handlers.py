@@ -40,7 +40,9 @@ _written: dict[Key, tuple[str, dict]] = {}
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
-    settings.posting.level = logging.INFO
+    # Post only our own Events (kopf.event) and warnings: kopf would otherwise post an Event
+    # for every "Handler succeeded" line, an API write per watch event.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 32
     metrics.serve(int(os.environ.get("FLYWHEEL_METRICS_PORT", "0")))
