@@ -60,6 +60,39 @@ class Schedule:
         return [self.packs[j] if j >= 0 else Pack([]) for j in chosen[rank::world]]
 
 
+def forward_backward(model, batches: list[dict], d) -> tuple[float, float, int]:
+    """Accumulate gradients over this rank's micro-batches. Each token's loss is divided by the
+    step's assistant-token count over all ranks and micro-batches (times world size, because
+    FSDP averages gradients over ranks). Returns (global loss sum, global loss tokens, global
+    non-padding tokens)."""
+    local = [sum(x != IGNORE_INDEX for row in b["labels"] for x in row) for b in batches]
+    counts = torch.tensor([sum(local), sum(b["tokens"] for b in batches)],
+                          dtype=torch.float64, device=d.device)
+    dist.all_reduce(counts)
+    n_loss_tokens = max(float(counts[0]), 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    for b in batches:
+        ids = torch.tensor(b["input_ids"], device=d.device)
+        labels = torch.tensor(b["labels"], device=d.device)
+        pos = torch.tensor(b["position_ids"], device=d.device)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+        (ce * (d.world_size / n_loss_tokens)).backward()
+        loss_sum += ce.detach().double()
+    dist.all_reduce(loss_sum)
+    return float(loss_sum), n_loss_tokens, int(counts[1])
+
+
+def build_optimizer(model, hp, on_gpu: bool) -> torch.optim.Optimizer:
+    """AdamW (fused on GPU); no weight decay on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weightDecay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=hp.learningRate, betas=(0.9, 0.95),
+                             fused=on_gpu, foreach=None if on_gpu else True)
+
+
 def _scalar(t) -> float:
     return float(t.full_tensor() if isinstance(t, DTensor) else t)
 
@@ -115,10 +148,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
 
     # ---- model, optimizer, schedule, checkpoints
     model = load_model(model_path, d, cfg.fsdp, cfg.attnImplementation)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=hp.learningRate, weight_decay=hp.weightDecay,
-        betas=(0.9, 0.95), fused=d.on_gpu, foreach=None if d.on_gpu else True,
-    )
+    optimizer = build_optimizer(model, hp, d.on_gpu)
     warmup = int(hp.warmupRatio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
     ckpt = CheckpointManager(cfg.checkpoint_uri(), cfg.checkpoint.everySteps, cfg.checkpoint.keep,
@@ -146,39 +176,22 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         micro = sched_data.batch(step, d.rank, d.world_size)
         batches = [collate(micro[i:i + hp.microBatchSize], pad_id)
                    for i in range(0, len(micro), hp.microBatchSize)]
-        counts = torch.tensor(
-            [sum(x != IGNORE_INDEX for row in b["labels"] for x in row) for b in batches],
-            dtype=torch.float64).sum()
-        stats = torch.tensor([counts, sum(b["tokens"] for b in batches), 0.0],
-                             dtype=torch.float64, device=d.device)
-        dist.all_reduce(stats[:2])
-        n_loss_tokens = max(float(stats[0]), 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-        for b in batches:
-            ids = torch.tensor(b["input_ids"], device=d.device)
-            labels = torch.tensor(b["labels"], device=d.device)
-            pos = torch.tensor(b["position_ids"], device=d.device)
-            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-            (ce * (d.world_size / n_loss_tokens)).backward()
-            loss_sum += ce.detach().double()
+        loss_sum, n_loss_tokens, n_tokens = forward_backward(model, batches, d)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.maxGradNorm,
                                                    foreach=True)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum)
         step += 1
-        train_loss = float(loss_sum) / n_loss_tokens
-        tokens_total += int(stats[1])
-        window_tokens += int(stats[1])
+        train_loss = loss_sum / n_loss_tokens
+        tokens_total += n_tokens
+        window_tokens += n_tokens
         if d.on_gpu:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if step > start_step + 1:  # the first step includes warm-up costs
-            measured_tokens += int(stats[1])
+            measured_tokens += n_tokens
             measured_time += dt
         if step % cfg.logEverySteps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_t0
