@@ -212,6 +212,8 @@ def main() -> None:
         operator.wait(timeout=30)
         for ns in (ns_ops, ns_native):
             kubectl("delete", "namespace", ns, "--wait=false")
+        extra = [f"node/h200-{i}" for i in range(4, 4 + extra_nodes)]
+        kubectl("delete", "--wait=false", "--ignore-not-found", *extra)
 
     result = {
         "runs": n,

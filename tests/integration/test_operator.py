@@ -5,6 +5,7 @@ Pods on the fake pools stay Running until annotated `flywheel.dev/simulate-exit`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -38,6 +39,19 @@ def manifest(name: str, nodes: int = 2, gpus: int = 8, restarts: int = 3, **spec
     }
 
 
+def summary(version_seed: str, eval_loss: float, email_acc: float) -> str:
+    return json.dumps({
+        "artifact": {"uri": f"s3://models/flow-agent/{version_seed}/",
+                     "digest": "sha256:" + hashlib.sha256(version_seed.encode()).hexdigest(),
+                     "format": "huggingface-safetensors"},
+        "metrics": {"train_loss": 1.0, "eval_loss": eval_loss,
+                    "tool_call_accuracy": 0.9, "tool_call_accuracy/email": email_acc},
+        "steps": 10, "tokens": 1000,
+        "throughput": {"tokensPerSecond": 100.0, "mfu": 0.4},
+        "tracking": {"url": None, "experimentKey": "a" * 32},
+    })
+
+
 def run_status(cluster: Cluster, ns: str, name: str) -> dict:
     return cluster.get("ftr", name, "-n", ns).get("status") or {}
 
@@ -55,6 +69,9 @@ def attempt_pods(cluster: Cluster, ns: str, name: str, attempt: int) -> list[dic
 
 
 def finish_pods(cluster: Cluster, ns: str, pods: list[dict], code: int, message: str = ""):
+    """Exit the pods with `code`; exit 0 without a message writes a valid trainer summary."""
+    if code == 0 and not message:
+        message = summary("s", 1.0, 0.9)
     for pod in pods:
         args = ["annotate", "pod", pod["metadata"]["name"], "-n", ns, "--overwrite",
                 f"flywheel.dev/simulate-exit={code}"]
@@ -121,6 +138,13 @@ def test_happy_path_runs_on_h200_and_succeeds(cluster, operator, namespace):
     assert run["metadata"]["annotations"] == {"owner": "flow-team"}
     assert "finalizers" not in run["metadata"]
 
+    # Deleting the run leaves nothing behind: the garbage collector takes every child.
+    cluster.kubectl("delete", "ftr", "happy", "-n", namespace, "--timeout=30s")
+    selector = "flywheel.dev/run=happy"
+    wait_until(lambda: not any(cluster.get(kind, "-n", namespace, "-l", selector)["items"]
+                               for kind in ("jobs", "services", "configmaps", "pods")),
+               message="children garbage-collected")
+
 
 def test_failed_pod_restarts_as_attempt_two_then_succeeds(cluster, operator, namespace):
     cluster.apply(manifest("flaky", nodes=2, gpus=4), namespace)
@@ -177,8 +201,9 @@ def test_suspend_stops_pods_and_resume_restarts_them(cluster, operator, namespac
 
 
 def test_unschedulable_run_says_why(cluster, operator, namespace):
-    # 5 nodes x 8 GPUs, but the H200 pool has 4 nodes.
-    cluster.apply(manifest("toobig", nodes=5, gpus=8), namespace)
+    # One node more than the H200 pool has, 8 GPUs each.
+    pool = len(cluster.get("nodes", "-l", "flywheel.dev/pool=h200")["items"])
+    cluster.apply(manifest("toobig", nodes=pool + 1, gpus=8), namespace)
 
     def scheduled_false():
         conditions = run_status(cluster, namespace, "toobig").get("conditions", [])

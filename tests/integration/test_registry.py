@@ -6,9 +6,6 @@ kwok writes it from the `flywheel.dev/simulate-message` annotation.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import pytest
 
 from tests.conftest import Cluster, wait_until
@@ -17,23 +14,11 @@ from tests.integration.test_operator import (
     manifest,
     run_status,
     running_pods,
+    summary,
     wait_phase,
 )
 
 pytestmark = pytest.mark.cluster
-
-
-def summary(version_seed: str, eval_loss: float, email_acc: float) -> str:
-    return json.dumps({
-        "artifact": {"uri": f"s3://models/flow-agent/{version_seed}/",
-                     "digest": "sha256:" + hashlib.sha256(version_seed.encode()).hexdigest(),
-                     "format": "huggingface-safetensors"},
-        "metrics": {"train_loss": 1.0, "eval_loss": eval_loss,
-                    "tool_call_accuracy": 0.9, "tool_call_accuracy/email": email_acc},
-        "steps": 10, "tokens": 1000,
-        "throughput": {"tokensPerSecond": 100.0, "mfu": 0.4},
-        "tracking": {"url": None, "experimentKey": "a" * 32},
-    })
 
 
 def train(cluster: Cluster, ns: str, name: str, message: str, expect: str = "Succeeded"):
@@ -148,13 +133,13 @@ def test_restarted_operator_never_registers_twice(cluster, operator, namespace):
 
 
 @pytest.mark.parametrize("message, reason", [
-    ("", "no summary"),
+    (" ", "no summary"),  # blank: rank 0 wrote nothing
     ("this is not json", "not JSON"),
     ('{"artifact": {"uri": "s3://m/x/"}, "steps": 1, "tokens": 1}', "artifact.digest"),
 ])
 def test_missing_or_malformed_summary_fails_without_registering(
         cluster, operator, namespace, message, reason):
-    status = train(cluster, namespace, "broken", message or "", expect="Failed")
+    status = train(cluster, namespace, "broken", message, expect="Failed")
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidSummary" and reason in failed["message"]
     assert cluster.get("mv", "-n", namespace)["items"] == []
