@@ -282,3 +282,13 @@ def test_schema_rejects_unknown_keys_and_wrong_types(flag, complaint):
 def test_unknown_default_pool_is_refused():
     proc = helm("template", "fw", str(CHART), "--set", "config.defaultPool=a100", check=False)
     assert proc.returncode != 0 and 'config.defaultPool "a100"' in proc.stderr
+
+
+def test_chart_ships_the_flywheel_and_kopf_peering_crds():
+    shipped = {doc["metadata"]["name"]: doc for doc in
+               yaml.safe_load_all(helm("show", "crds", str(CHART)).stdout) if doc}
+    generated = {yaml.safe_load(p.read_text())["metadata"]["name"]
+                 for p in (CHART.parents[1] / "crds").glob("*.yaml")}
+    assert set(shipped) == generated | {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert shipped["clusterkopfpeerings.kopf.dev"]["spec"]["scope"] == "Cluster"
+    assert shipped["kopfpeerings.kopf.dev"]["spec"]["scope"] == "Namespaced"
