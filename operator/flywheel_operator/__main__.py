@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
                          help="no peering: only for development, never run two of these")
     peering.add_argument("--peering", default="flywheel",
                          help="kopf peering object for HA (default: flywheel)")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="peering priority: the highest active peer works, the others "
+                        "stand by (default: random, so replicas never tie)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="kopf health endpoint")
     parser.add_argument("--metrics-port", type=int, default=9090,
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         namespaces=args.namespace,
         standalone=args.standalone,
         peering_name=None if args.standalone else args.peering,
+        priority=None if args.standalone else (
+            args.priority if args.priority is not None else random.randint(1, 2**31 - 1)),
         liveness_endpoint=args.liveness or None,
     )
 

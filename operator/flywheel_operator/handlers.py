@@ -213,9 +213,17 @@ def register(run: dict, summary: registry.Summary) -> dict:
             while True:  # a concurrent registration may take a number: take the next one
                 mv = registry.model_version(run, summary, version, baseline, alias)
                 if kube.create(mv, namespace):
+                    versions.append(mv)
                     break
-                version += 1
-            versions.append(mv)
+                # 409: someone took this number, or our own create succeeded before a retry.
+                versions = kube.list_objects(API, "ModelVersion", namespace,
+                                             f"{registry.MODEL_LABEL}={model_name}")
+                mine = [v for v in versions
+                        if v["metadata"]["labels"].get(registry.RUN_UID_LABEL) == uid]
+                if mine:
+                    mv = mine[0]
+                    break
+                version = max((v["spec"]["version"] for v in versions), default=0) + 1
         update_model_status(model, mv, versions)
         return mv
 
