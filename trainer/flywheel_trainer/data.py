@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,14 +278,26 @@ class Split:
     report: dict = field(default_factory=dict)
 
 
-def load_split(uri: str, tokenizer, max_seq_length: int, skip_invalid: bool) -> Split:
-    """Read, validate, filter and tokenize one JSONL file."""
+def load_split(uri: str, tokenizer, max_seq_length: int, skip_invalid: bool,
+               rank: int = 0, world: int = 1, gather=None) -> Split:
+    """Read, validate, filter and tokenize one JSONL file.
+
+    With `world > 1` each rank renders and tokenizes every world-th conversation and
+    `gather` (an all-gather of Python objects) puts the pieces together, in file order.
+    """
     convs, report = read_conversations(uri, skip_invalid)
+    mine = {}
+    for i in range(rank, len(convs), world):
+        ids, mask = tokenize_conversation(tokenizer, convs[i].messages, convs[i].tools)
+        mine[i] = (array("i", ids), bytes(mask))
+    tokenized: dict[int, tuple] = {}
+    for part in (gather(mine) if world > 1 else [mine]):
+        tokenized.update(part)
     examples, kept = [], []
     cats: Counter[str] = Counter()
     tokens = loss_tokens = 0
-    for conv in convs:
-        ids, mask = tokenize_conversation(tokenizer, conv.messages, conv.tools)
+    for i, conv in enumerate(convs):
+        ids, mask = list(tokenized[i][0]), list(tokenized[i][1])
         if len(ids) > max_seq_length:
             report["filtered"]["too_long"] += 1
             continue

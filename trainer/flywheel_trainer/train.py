@@ -127,9 +127,17 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ---- data (fails here, before any training, on invalid lines)
-    train = load_split(cfg.dataset.train, tokenizer, hp.maxSeqLength, cfg.dataset.skipInvalid)
-    evals = (load_split(cfg.dataset.eval, tokenizer, hp.maxSeqLength, cfg.dataset.skipInvalid)
-             if cfg.dataset.eval else None)
+    def gather(obj):
+        out = [None] * d.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def load(uri):  # every rank tokenizes a share, then all ranks have everything
+        return load_split(uri, tokenizer, hp.maxSeqLength, cfg.dataset.skipInvalid,
+                          d.rank, d.world_size, gather)
+
+    train = load(cfg.dataset.train)
+    evals = load(cfg.dataset.eval) if cfg.dataset.eval else None
     if not train.examples:
         raise ValueError(f"no usable training examples in {cfg.dataset.train}")
     packs = pack(train.examples, hp.maxSeqLength, hp.seed)
