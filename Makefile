@@ -11,10 +11,12 @@ KUBECONFIG := $(CURDIR)/.cache/cluster/kubeconfig
 KUBECTL := .cache/bin/kubectl --kubeconfig $(KUBECONFIG)
 export KUBECONFIG
 
-.PHONY: help setup tools cluster-up cluster-down test test-unit lint crds lock operator run clean
+.PHONY: help setup tools cluster-up cluster-down test test-unit lint crds lock operator run \
+	run-schedule clean
 
 help:
 	@echo "make run           bring up the local cluster and run the sample fine-tune end to end"
+	@echo "make run-schedule  the same through the weekly FineTuneSchedule (trigger annotation)"
 	@echo "make test          the whole test suite (brings up the local cluster itself)"
 	@echo "make setup         create .venv with every dependency (fast when nothing changed)"
 	@echo "make cluster-up    start the local control plane (.cache/cluster/kubeconfig)"
@@ -74,6 +76,9 @@ operator: cluster-up
 
 run: cluster-up
 	$(PY) hack/run.py
+
+run-schedule: cluster-up
+	$(PY) hack/run.py --schedule
 
 clean: cluster-down
 	rm -rf .cache $(VENV)

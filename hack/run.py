@@ -10,12 +10,18 @@
    serving rollout, and where the artifacts and the Comet offline archive are.
 
 Run it again for the next "weekly" version: each run gets a fresh name.
+
+`make run-schedule` (`hack/run.py --schedule`) is the flywheel variant: it applies the weekly
+`FineTuneSchedule` of examples/finetuneschedule-local.yaml (dataset URIs with `{{ isoWeek }}`),
+starts this week's run at once through the `flywheel.dev/trigger` annotation, and follows it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +71,12 @@ def build_assets(work: Path) -> tuple[Path, Path, Path]:
         toy.build_model_dir(model_dir, vocab_size=len(tokenizer), tokenizer=tokenizer)
         toy.write_dataset(data_dir / "train.jsonl", 96, seed=1, categories=CATEGORIES)
         toy.write_dataset(data_dir / "eval.jsonl", 24, seed=2, categories=CATEGORIES)
+    # This week's snapshot, where the weekly schedule's `{{ isoWeek }}` URIs point.
+    year, week, _ = datetime.now(UTC).isocalendar()
+    weekly = data_dir / f"{year}-w{week:02d}"
+    weekly.mkdir(exist_ok=True)
+    for split in ("train.jsonl", "eval.jsonl"):
+        shutil.copyfile(data_dir / split, weekly / split)
     return model_dir, data_dir / "train.jsonl", data_dir / "eval.jsonl"
 
 
@@ -117,6 +129,32 @@ def serving_deployment() -> dict:
             },
         },
     }
+
+
+def schedule_manifest(model_dir: Path, data_dir: Path) -> dict:
+    """examples/finetuneschedule-local.yaml with this checkout's paths filled in."""
+    import yaml
+
+    text = (ROOT / "examples" / "finetuneschedule-local.yaml").read_text()
+    schedule = yaml.safe_load(text.replace("/tmp/flywheel/models/tiny-qwen3", str(model_dir))
+                              .replace("/tmp/flywheel/data", str(data_dir))
+                              .replace("/tmp/flywheel/artifacts", str(WORK / "artifacts")))
+    schedule["metadata"]["namespace"] = NAMESPACE
+    return schedule
+
+
+def trigger_schedule(name: str) -> str:
+    """Start one run now; returns its name once the operator has created it."""
+    value = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    kubectl("annotate", "fts", name, "-n", NAMESPACE, "--overwrite",
+            f"flywheel.dev/trigger={value}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for run in get("ftr", "-n", NAMESPACE, "-l", f"flywheel.dev/schedule={name}")["items"]:
+            if run["metadata"].get("annotations", {}).get("flywheel.dev/trigger") == value:
+                return run["metadata"]["name"]
+        time.sleep(1)
+    raise SystemExit(f"schedule {name} did not start a run (see kubectl describe fts {name})")
 
 
 def start_operator() -> subprocess.Popen | None:
@@ -205,6 +243,11 @@ def report(name: str, status: dict, output: Path) -> int:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedule", action="store_true",
+                        help="run this week's run of the weekly FineTuneSchedule")
+    args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     model_dir, train, eval_ = build_assets(WORK)
     say("installing CRDs")
@@ -219,10 +262,23 @@ def main() -> int:
     name = f"{MODEL}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     output = WORK / "artifacts" / name
     try:
-        apply(run_manifest(name, model_dir, train, eval_, output))
-        say(f"applied FineTuneRun {name}: 2 nodes x 1 GPU on the local pool")
+        if args.schedule:
+            schedule = schedule_manifest(model_dir, train.parent)
+            apply(schedule)
+            say(f"applied FineTuneSchedule {schedule['metadata']['name']} "
+                f"({schedule['spec']['schedule']}, {schedule['spec']['timeZone']})")
+            name = trigger_schedule(schedule["metadata"]["name"])
+            run = get("ftr", name, "-n", NAMESPACE)
+            output = Path(run["spec"]["output"]["uri"].removeprefix("file://").rstrip("/"))
+            say(f"triggered {name}: trains on {run['spec']['dataset']['train']}")
+        else:
+            apply(run_manifest(name, model_dir, train, eval_, output))
+            say(f"applied FineTuneRun {name}: 2 nodes x 1 GPU on the local pool")
         status = follow(name)
-        return report(name, status, output)
+        code = report(name, status, output)
+        if args.schedule:
+            print(kubectl("get", "fts", "-n", NAMESPACE))
+        return code
     finally:
         if operator:
             os.killpg(operator.pid, signal.SIGTERM)

@@ -422,8 +422,9 @@ def render_run(schedule: dict, when: datetime, name: str, trigger: str | None = 
 
     Template labels/annotations are copied, plus label `flywheel.dev/schedule: <schedule>`,
     annotation `flywheel.dev/scheduled-at: <RFC3339 UTC>` and, for a trigger,
-    `flywheel.dev/trigger: <value>`. Placeholders in spec.dataset are filled in for `when`
-    (ValueError on an unknown one). The run is owned (controller) by the schedule.
+    `flywheel.dev/trigger: <value>`. Placeholders in spec.dataset (and `{{ run }}` plus the
+    time placeholders in output.uri / checkpoint.uri) are filled in for `when` (ValueError on
+    an unknown one). The run is owned (controller) by the schedule.
     """
     meta = schedule["metadata"]
     spec = schedule["spec"]
@@ -432,6 +433,13 @@ def render_run(schedule: dict, when: datetime, name: str, trigger: str | None = 
     run_spec = copy.deepcopy(template.get("spec") or {})
     if "dataset" in run_spec:
         run_spec["dataset"] = fill_placeholders(run_spec["dataset"], when, spec.get("timeZone"))
+    # Each run writes (and checkpoints) somewhere of its own: `{{ run }}` and the time
+    # placeholders also work in output.uri and checkpoint.uri.
+    for part in ("output", "checkpoint"):
+        if (run_spec.get(part) or {}).get("uri"):
+            uri = re.sub(r"\{\{\s*run\s*\}\}", name, run_spec[part]["uri"])
+            run_spec[part]["uri"] = fill_placeholders(
+                uri, when, spec.get("timeZone"), path=f"spec.runTemplate.spec.{part}.uri")
     labels = {**(tmeta.get("labels") or {}), SCHEDULE_LABEL: meta["name"]}
     annotations = {**(tmeta.get("annotations") or {}), SCHEDULED_AT_ANNOTATION: format_time(when)}
     if trigger is not None:
