@@ -366,7 +366,7 @@ def test_render_run():
     }]
     assert body["spec"]["dataset"] == {"train": "s3://data/flow/2026-w49/train.jsonl",
                                        "eval": "s3://data/flow/2026-11-30/eval.jsonl"}
-    assert body["spec"]["output"]["uri"].endswith("{{ isoWeek }}/")  # only dataset is filled
+    assert body["spec"]["output"]["uri"] == "s3://models/flow-agent/2026-w49/"  # per-run output
     assert "{{" in sched["spec"]["runTemplate"]["spec"]["dataset"]["train"]  # not mutated
     FineTuneRun.model_validate({**body, "spec": {**body["spec"], "output": {"uri": "s3://m/x"}}})
 
