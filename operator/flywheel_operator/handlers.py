@@ -135,6 +135,10 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
         used = plan.status.get("gpuHours", 0) - (run.get("status") or {}).get("gpuHours", 0)
         if used > 0:
             metrics.GPU_HOURS.labels(namespace, run["spec"]["modelName"]).inc(used)
+        spent = (plan.status.get("estimatedCost", 0)
+                 - (run.get("status") or {}).get("estimatedCost", 0))
+        if spent > 0:
+            metrics.COST.labels(namespace, run["spec"]["modelName"]).inc(spent)
     for attempt in plan.delete_attempts:
         names = render.child_names(name, attempt)
         kube.delete("batch/v1", "Job", namespace, names.job)

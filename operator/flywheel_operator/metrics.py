@@ -18,6 +18,8 @@ RESTARTS = Counter("flywheel_restarts", "Attempts started after a failed attempt
                    ["namespace"])
 GPU_HOURS = Counter("flywheel_gpu_hours", "GPU-hours consumed by finished attempts.",
                     ["namespace", "model"])
+COST = Counter("flywheel_estimated_cost", "Estimated cost of finished attempts (GPU-hours x "
+               "the pool's gpuHourPrice).", ["namespace", "model"])
 PROMOTIONS = Counter("flywheel_promotions", "Aliases moved by a promotion decision.",
                      ["namespace", "model", "alias"])
 API_REQUESTS = Counter("flywheel_api_requests", "Kubernetes API requests made by the operator "
