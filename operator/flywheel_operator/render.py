@@ -95,12 +95,12 @@ def preflight_labels(run_name: str) -> dict[str, str]:
     return {RUN_LABEL: _label_value(run_name), COMPONENT_LABEL: "preflight", **MANAGED_BY}
 
 
-def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
-    """Controller ownerReference to the run (GC deletes children with it)."""
-    meta = run["metadata"]
+def owner_reference(owner: dict[str, Any], kind: str = "FineTuneRun") -> dict[str, Any]:
+    """Controller ownerReference to `owner` (GC deletes the children with it)."""
+    meta = owner["metadata"]
     return {
         "apiVersion": API_VERSION,
-        "kind": "FineTuneRun",
+        "kind": kind,
         "name": meta["name"],
         "uid": meta["uid"],
         "controller": True,

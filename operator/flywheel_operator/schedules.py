@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
+from . import render
 from .api import API_VERSION
 
 SCHEDULE_LABEL = "flywheel.dev/schedule"
@@ -406,15 +407,7 @@ def _join(prefix: str, suffix: str) -> str:
 
 def owner_reference(schedule: dict) -> dict[str, Any]:
     """Controller ownerReference to the schedule (deleting it deletes its runs)."""
-    meta = schedule["metadata"]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "FineTuneSchedule",
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return render.owner_reference(schedule, kind="FineTuneSchedule")
 
 
 def render_run(schedule: dict, when: datetime, name: str, trigger: str | None = None) -> dict:
