@@ -69,7 +69,7 @@ def run_ours(root: Path, model_dir: Path, train: Path, a) -> dict:
                             "microBatchSize": a.micro_batch, "maxSeqLength": a.seq_len,
                             "epochs": 1, "warmupRatio": 0.0},
         "fsdp": {"activationCheckpointing": "selective" if a.gpu else "none",
-                 "compile": False},
+                 "compile": False, "reshardAfterForward": not a.no_reshard},
         "checkpoint": {"everySteps": 100000, "keep": 2},
         "output": {"uri": f"file://{root / 'ours-out'}"},
         "maxSteps": a.steps,
@@ -170,6 +170,8 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeat", type=int, default=1, help="runs per side; the best one counts")
+    p.add_argument("--no-reshard", action="store_true",
+                   help="ours with fsdp.reshardAfterForward=false (no backward all-gathers)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--global-batch", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
@@ -203,7 +205,7 @@ def main() -> None:
     result = {
         "device": "gpu" if a.gpu else "cpu", "nproc": a.nproc, "seq_len": a.seq_len,
         "global_batch": a.global_batch, "micro_batch": a.micro_batch, "steps": a.steps,
-        "repeat": a.repeat,
+        "repeat": a.repeat, "reshard_after_forward": not a.no_reshard,
         "ours_runs": [r["tokens_per_s"] for r in ours_runs],
         "hf_runs": [r["tokens_per_s"] for r in hf_runs],
         "ours_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
