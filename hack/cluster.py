@@ -136,6 +136,9 @@ def pid_of(name: str) -> int | None:
     return int(pid_text) if cmdline.decode() == argv0 else None
 
 
+STARTED: dict[str, subprocess.Popen] = {}  # components this invocation started
+
+
 def start(name: str, args: list[str], argv0: str | None = None) -> None:
     """Start a component in its own session (it outlives this script), logging to LOGS."""
     if pid_of(name):
@@ -149,14 +152,18 @@ def start(name: str, args: list[str], argv0: str | None = None) -> None:
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=STATE,
         )
     (RUN / f"{name}.pid").write_text(f"{proc.pid} {argv0}")
+    STARTED[name] = proc
 
 
 def wait_for(what: str, check, timeout: float = 120.0, component: str | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if component and not pid_of(component):
+            proc = STARTED.get(component)
+            code = proc.poll() if proc else None
             tail = (LOGS / f"{component}.log").read_text().splitlines()[-20:]
-            raise SystemExit(f"cluster: {component} exited; last log lines:\n" + "\n".join(tail))
+            raise SystemExit(f"cluster: {component} is not running (exit code {code}); last log "
+                             "lines:\n" + "\n".join(tail))
         try:
             if check():
                 return

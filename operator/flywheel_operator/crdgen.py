@@ -129,7 +129,8 @@ KINDS = [
             _col("Schedule", ".spec.schedule"),
             _col("Last run", ".status.lastRun"),
             _col("Phase", ".status.lastRunPhase"),
-            _col("Next", ".status.nextScheduleTime", "date"),
+            # A future time in a `date` column renders as <invalid>: show it as text.
+            _col("Next", ".status.nextScheduleTime", "string"),
             AGE,
             _col("Suspend", ".spec.suspend", "boolean", priority=1),
             _col("Cost", ".status.lastRunCost", "number", priority=1),
