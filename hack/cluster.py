@@ -122,9 +122,14 @@ def write_kubeconfig(path: Path, user: str) -> None:
 
 # --- processes ---------------------------------------------------------------------------
 
+STARTED: dict[str, subprocess.Popen] = {}  # components this invocation started
+
 
 def pid_of(name: str) -> int | None:
     """The pid recorded for `name` if that process is still alive and still ours."""
+    if name in STARTED:  # started by this invocation: ask the child itself
+        proc = STARTED[name]
+        return proc.pid if proc.poll() is None else None
     pidfile = RUN / f"{name}.pid"
     if not pidfile.exists():
         return None
@@ -134,9 +139,6 @@ def pid_of(name: str) -> int | None:
     except OSError:
         return None
     return int(pid_text) if cmdline.decode() == argv0 else None
-
-
-STARTED: dict[str, subprocess.Popen] = {}  # components this invocation started
 
 
 def start(name: str, args: list[str], argv0: str | None = None) -> None:
