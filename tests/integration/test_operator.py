@@ -149,6 +149,7 @@ def test_happy_path_runs_on_h200_and_succeeds(cluster, operator, namespace):
 def test_failed_pod_restarts_as_attempt_two_then_succeeds(cluster, operator, namespace):
     cluster.apply(manifest("flaky", nodes=2, gpus=4), namespace)
     pods = running_pods(cluster, namespace, "flaky", 1, 2)
+    time.sleep(2)  # let attempt 1 hold its GPUs for a measurable while
     finish_pods(cluster, namespace, pods[:1], 137, "NCCL watchdog timeout")
 
     pods2 = running_pods(cluster, namespace, "flaky", 2, 2)
@@ -163,6 +164,11 @@ def test_failed_pod_restarts_as_attempt_two_then_succeeds(cluster, operator, nam
     finish_pods(cluster, namespace, pods2, 0)
     status = wait_phase(cluster, namespace, "flaky", "Succeeded")
     assert status["attempt"] == 2
+    # GPU-hours accumulate over both attempts (2 pods x 4 GPUs each).
+    attempts = status["attempts"]
+    assert [(a["attempt"], a["phase"]) for a in attempts] == [(1, "Failed"), (2, "Succeeded")]
+    assert status["gpuHours"] == pytest.approx(sum(a["gpuHours"] for a in attempts))
+    assert status["gpuHours"] > 0 and "estimatedCost" in status
     events = cluster.get("events", "-n", namespace,
                          "--field-selector", "involvedObject.name=flaky")["items"]
     assert any(e["reason"] == "AttemptFailed" and "NCCL watchdog timeout" in e["message"]
