@@ -89,13 +89,15 @@ class Plan:
 
 
 def set_condition(status: dict, type_: str, value: bool, reason: str, message: str,
-                  now: str, generation: int) -> None:
+                  now: str, generation: int | None) -> None:
     """Upsert a standard condition; lastTransitionTime moves only when the value does."""
     conditions = status.setdefault("conditions", [])
     new = {"type": type_, "status": "True" if value else "False", "reason": reason,
-           "message": message, "observedGeneration": generation}
+           "message": message}
+    if generation is not None:
+        new["observedGeneration"] = generation
     for i, old in enumerate(conditions):
-        if old["type"] == type_:
+        if old.get("type") == type_:
             same = old.get("status") == new["status"]
             new["lastTransitionTime"] = old.get("lastTransitionTime", now) if same else now
             conditions[i] = new

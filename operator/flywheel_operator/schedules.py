@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
-from . import render
+from . import lifecycle, render
 from .api import API_VERSION
 
 SCHEDULE_LABEL = "flywheel.dev/schedule"
@@ -515,21 +515,8 @@ def pending_trigger(schedule: dict) -> str | None:
 
 def set_condition(status: dict, type_: str, value: bool, reason: str, message: str,
                   now: datetime, generation: int | None) -> None:
-    """Upsert a standard condition; lastTransitionTime moves only when the status does."""
-    conditions = status.setdefault("conditions", [])
-    new: dict[str, Any] = {"type": type_, "status": "True" if value else "False",
-                           "reason": reason, "message": message}
-    if generation is not None:
-        new["observedGeneration"] = generation
-    ts = format_time(now)
-    for i, old in enumerate(conditions):
-        if old.get("type") == type_:
-            same = old.get("status") == new["status"]
-            new["lastTransitionTime"] = old.get("lastTransitionTime", ts) if same else ts
-            conditions[i] = new
-            return
-    new["lastTransitionTime"] = ts
-    conditions.append(new)
+    """lifecycle.set_condition with a datetime."""
+    lifecycle.set_condition(status, type_, value, reason, message, format_time(now), generation)
 
 
 def _cost(run: dict) -> float | None:
