@@ -8,7 +8,6 @@ running anything, and pods annotated `flywheel.dev/simulate-exit` finish with th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import uuid
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, Cluster, Operator, wait_until
+from tests.integration.test_operator import manifest, summary
 
 from .support import CHART, helm, lua_health, set_args
 
@@ -157,34 +157,9 @@ def token_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
 
 
 def run_manifest(name: str) -> dict:
-    return {
-        "apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
-        "metadata": {"name": name, "labels": {"team": "flow", "app.kubernetes.io/part-of": "ml"},
-                     "annotations": {"owner": "flow-team"}},
-        "spec": {
-            "baseModel": "hf://Qwen/Qwen3-32B",
-            "modelName": "flow-agent",
-            "dataset": {"train": "s3://data/flow/train.jsonl",
-                        "eval": "s3://data/flow/eval.jsonl"},
-            "resources": {"nodes": 2, "gpusPerNode": 8, "nodePool": "h200"},
-            "hyperparameters": {"globalBatchSize": 32},
-            "output": {"uri": "s3://models/flow-agent/"},
-            "tracking": {"comet": {"workspace": "acme", "project": "flow-agent",
-                                   "apiKeySecretRef": {"name": "comet", "key": "api-key"}}},
-            "preflight": {"enabled": False},
-        },
-    }
-
-
-def summary(seed: str, email_accuracy: float) -> str:
-    """Rank 0's termination message (kwok writes it from flywheel.dev/simulate-message)."""
-    return json.dumps({
-        "artifact": {"uri": f"s3://models/flow-agent/{seed}/",
-                     "digest": "sha256:" + hashlib.sha256(seed.encode()).hexdigest(),
-                     "format": "huggingface-safetensors"},
-        "metrics": {"eval_loss": 1.2, "tool_call_accuracy/email": email_accuracy},
-        "steps": 10, "tokens": 1000,
-    })
+    run = manifest(name, nodes=2, gpus=8)
+    run["metadata"]["labels"]["app.kubernetes.io/part-of"] = "ml"
+    return run
 
 
 MODEL = {
@@ -324,7 +299,7 @@ def test_operator_with_the_chart_service_account_runs_a_whole_lifecycle(
         pods = lifecycle.start("week-1")
         assert lua_health("FineTuneRun", lifecycle.get("ftr", "week-1"))["status"] == \
             "Progressing"
-        status = lifecycle.succeed("week-1", pods, summary("w1", 0.9))
+        status = lifecycle.succeed("week-1", pods, summary("w1", 1.2, 0.9))
         assert status["phase"] == "Succeeded", status
         assert status["modelVersion"] == "flow-agent-v1"
         assert lua_health("FineTuneRun", lifecycle.get("ftr", "week-1"))["status"] == "Healthy"
@@ -341,7 +316,7 @@ def test_operator_with_the_chart_service_account_runs_a_whole_lifecycle(
         lifecycle.assert_no_drift("week-1")
 
         # Week 2 fails the e-mail gate: Argo CD would show the Model Degraded, naming it.
-        status = lifecycle.succeed("week-2", lifecycle.start("week-2"), summary("w2", 0.5))
+        status = lifecycle.succeed("week-2", lifecycle.start("week-2"), summary("w2", 1.2, 0.5))
         assert status["phase"] == "Succeeded" and status["modelVersion"] == "flow-agent-v2"
         model = wait_until(lambda: (m := lifecycle.get("model", "flow-agent"))
                            ["status"]["aliases"]["latest"]["version"] == 2 and m,
