@@ -14,7 +14,6 @@ Development and tests only; started by `hack/cluster.py up` with the other compo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes
+from flywheel_operator import kube
 from kubernetes.client.exceptions import ApiException
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,39 +47,22 @@ def log(msg: str) -> None:
 
 
 class Executor:
-    def __init__(self, api: kubernetes.client.ApiClient):
-        self.core = kubernetes.client.CoreV1Api(api)
-        self.api = api
+    def __init__(self) -> None:
+        self.core = kubernetes.client.CoreV1Api(kube.client())
         self.procs: dict[str, subprocess.Popen | None] = {}  # pod uid -> process (None: starting)
         self.lock = threading.Lock()
 
-    # --- Kubernetes I/O (raw dicts) ---
-    def call(self, method: str, path: str, body=None, content_type="application/json"):
-        _, url, headers, payload, _ = self.api.param_serialize(
-            method, path, header_params={"Content-Type": content_type,
-                                         "Accept": "application/json"},
-            body=body, auth_settings=["BearerToken"])
-        resp = self.api.call_api(method, url, header_params=headers, body=payload)
-        resp.read()
-        if resp.status >= 400:
-            raise ApiException(http_resp=resp)
-        return json.loads(resp.data) if resp.data else {}
-
+    # --- Kubernetes I/O: the operator's own REST helpers (flywheel_operator.kube) ---
     def patch_status(self, pod: dict, status: dict) -> None:
         md = pod["metadata"]
-        try:
-            self.call("PATCH", f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}/status",
-                      {"status": status}, "application/merge-patch+json")
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        kube.patch("v1", "Pod", md["namespace"], md["name"], {"status": status}, "status")
 
     def resolve_env(self, pod: dict, container: dict) -> dict[str, str]:
         ns = pod["metadata"]["namespace"]
         env: dict[str, str] = {}
         for src in container.get("envFrom") or []:
             if "configMapRef" in src:
-                cm = self.call("GET", f"/api/v1/namespaces/{ns}/configmaps/"
+                cm = kube.request("GET", f"/api/v1/namespaces/{ns}/configmaps/"
                                f"{src['configMapRef']['name']}")
                 env.update(cm.get("data") or {})
         for var in container.get("env") or []:
@@ -97,8 +80,8 @@ class Executor:
 
     def key_ref(self, plural: str, ns: str, ref: dict, secret: bool = False) -> str | None:
         try:
-            obj = self.call("GET", f"/api/v1/namespaces/{ns}/{plural}/{ref['name']}")
-        except ApiException:
+            obj = kube.request("GET", f"/api/v1/namespaces/{ns}/{plural}/{ref['name']}")
+        except (kube.NotFound, ApiException):
             if ref.get("optional"):
                 return None
             raise
@@ -197,10 +180,12 @@ class Executor:
                 os.killpg(proc.pid, signal.SIGKILL)
         self.remove_hosts(md["uid"])
         try:
-            self.call("DELETE", f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
+            kube.request("DELETE", f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
                       {"gracePeriodSeconds": 0, "preconditions": {"uid": md["uid"]}})
+        except kube.NotFound:
+            pass
         except ApiException as err:
-            if err.status not in (404, 409):
+            if err.status != 409:  # 409: the uid precondition failed, it is another pod now
                 raise
 
     def materialise_volumes(self, pod: dict, workdir: Path) -> dict[str, Path]:
@@ -210,7 +195,7 @@ class Executor:
             path = workdir / "volumes" / vol["name"]
             path.mkdir(parents=True)
             if "configMap" in vol:
-                cm = self.call("GET", f"/api/v1/namespaces/{ns}/configmaps/"
+                cm = kube.request("GET", f"/api/v1/namespaces/{ns}/configmaps/"
                                f"{vol['configMap']['name']}")
                 data = cm.get("data") or {}
                 items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
@@ -333,6 +318,6 @@ def dns_names(pod: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    kubeconfig = sys.argv[1] if len(sys.argv) > 1 else None
-    client = kubernetes.config.new_client_from_config(config_file=kubeconfig)
-    Executor(client).run()
+    if len(sys.argv) > 1:
+        os.environ["KUBECONFIG"] = sys.argv[1]
+    Executor().run()

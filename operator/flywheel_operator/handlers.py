@@ -121,7 +121,7 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
         plan = lifecycle.decide(run, list(run_jobs.get(key, [])), list(run_pods.get(key, [])),
                                 config=CONFIG)
         execute(key, run, plan)
-        metrics.observe_reconcile(time.monotonic() - started)
+        metrics.RECONCILE.observe(time.monotonic() - started)
 
 
 def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:

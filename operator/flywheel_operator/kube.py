@@ -30,7 +30,8 @@ class NotFound(Exception):
 
 
 @functools.cache
-def _client() -> kubernetes.client.ApiClient:
+def client() -> kubernetes.client.ApiClient:
+    """The shared, authenticated API client (in-cluster config, else $KUBECONFIG)."""
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
@@ -43,16 +44,16 @@ def _client() -> kubernetes.client.ApiClient:
 def request(method: str, path: str, body: dict | list | None = None,
             content_type: str = "application/json", query: dict | None = None) -> dict:
     """One API call with retries; returns the decoded response body."""
-    client = _client()
+    api = client()
     for attempt in range(5):
-        _, url, headers, payload, _ = client.param_serialize(
+        _, url, headers, payload, _ = api.param_serialize(
             method, path, query_params=list((query or {}).items()),
             header_params={"Content-Type": content_type, "Accept": "application/json"},
             body=body, auth_settings=["BearerToken"],
         )
         API_REQUESTS.labels(method).inc()
         try:
-            response = client.call_api(method, url, header_params=headers, body=payload)
+            response = api.call_api(method, url, header_params=headers, body=payload)
             response.read()
             if response.status >= 400:
                 raise ApiException(http_resp=response)

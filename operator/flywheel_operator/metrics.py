@@ -53,10 +53,6 @@ def track_runs(index: Mapping) -> None:
     _runs.index = index
 
 
-def observe_reconcile(seconds: float) -> None:
-    RECONCILE.observe(seconds)
-
-
 def serve(port: int) -> None:
     if port:
         start_http_server(port)
