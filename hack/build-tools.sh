@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the local control plane's binaries from their published Go modules into .cache/bin.
 # Each tool has a wrapper module under hack/tools/<tool>/ that pins its version; a tool is
-# rebuilt only when its wrapper module (or this script) changes, so a warm run is instant.
+# rebuilt only when its wrapper module or its build line changes, so a warm run is instant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -22,7 +22,8 @@ build() {
   local tool=$1 out=$2 ldflags=$3; shift 3
   local dir=hack/tools/$tool
   local stamp
-  stamp=$(cat "$dir/go.mod" "$dir/go.sum" hack/build-tools.sh | sha256sum | cut -c1-16)
+  # Only this tool's wrapper module and build line: adding a tool rebuilds nothing else.
+  stamp=$( (cat "$dir/go.mod" "$dir/go.sum"; echo "$ldflags $*") | sha256sum | cut -c1-16)
   if [[ -f $BIN/.stamp-$tool && $(cat "$BIN/.stamp-$tool") == "$stamp" ]]; then
     return 0
   fi
