@@ -12,6 +12,7 @@ FLYWHEEL_RUN_NAME, FLYWHEEL_ATTEMPT, COMET_API_KEY (optional, from a Secret),
 COMET_WORKSPACE, COMET_PROJECT_NAME, COMET_OFFLINE_DIRECTORY (optional), HF_TOKEN (hf:// base
 models), FLYWHEEL_PVC_ROOT (where pvc://claim/path URIs are mounted, default /pvc).
 
-Modules: config (torch-free spec models), data, model (load + parallelize), checkpoint,
-evaluate, export, tracking (Comet + summary), train (the loop), preflight, toy (test assets).
+Modules: config (torch-free spec models), storage (every URI: s3, gs, pvc, file, hf), data,
+model (load + parallelize), checkpoint, evaluate, export, tracking (Comet + summary),
+train (the loop), preflight, toy (test assets).
 """

@@ -18,6 +18,7 @@ import os
 
 from .config import TrainerConfig
 from .data import DataError, load_split, pack
+from .storage import preflight_result as check_run_storage
 
 LIMIT = 4096
 
@@ -92,7 +93,7 @@ def _fit(result: dict) -> str:
 def preflight(cfg: TrainerConfig, output: str | None, world_size: int | None = None) -> int:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        result = plan(cfg, world)
+        result = check_run_storage(cfg) or plan(cfg, world)
     except (DataError, OSError, ValueError) as e:
         result = {"ok": False, "problems": [f"{type(e).__name__}: {e}"], "errors": []}
     text = _fit(result)
