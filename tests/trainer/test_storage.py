@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from hack import local_s3
-from tests.trainer.conftest import kill_group, launch, make_config, run_env, run_to_end
+from tests.trainer.conftest import (
+    EXPERIMENT_KEY,
+    kill_group,
+    launch,
+    make_config,
+    run_env,
+    run_to_end,
+)
 
 READER, READER_SECRET = "FWREADER", "reader-" + uuid.uuid4().hex  # a non-root account
 TEAM, PRIVATE = "team", "private"  # buckets: the reader owns `team`; `private` is root's
@@ -83,8 +90,7 @@ def resumed_on_s3(s3, toy, tmp_path_factory):
     src = _upload_toy(s3, toy, "flywheel", prefix)
     out = f"s3://flywheel/{prefix}out"
     cfg = make_config(toy, work / "unused", baseModel=src["model"],
-                      dataset={"train": src["train"], "eval": None},
-                      tracking={"comet": None}, output={"uri": out})
+                      dataset={"train": src["train"], "eval": None}, output={"uri": out})
     env = {**s3.env(), "FLYWHEEL_MODEL_CACHE": str(work / "model-cache")}
     proc = launch(work, cfg, FLYWHEEL_DEBUG_STEP_DELAY_S="0.5", **env)
     ckpt = prefix + "out/checkpoints/"
@@ -112,7 +118,8 @@ def resumed_on_s3(s3, toy, tmp_path_factory):
     log = run_to_end(work, cfg, **env)
     return {"work": work, "out": out, "prefix": prefix, "before": before, "log": log,
             "summary": json.loads((work / "summary.json").read_text()),
-            "checkpoints": _keys(s3, "flywheel", ckpt)}
+            "checkpoints": _keys(s3, "flywheel", ckpt),
+            "archives": _keys(s3, "flywheel", prefix + "out/comet-offline/")}
 
 
 def test_kill_and_resume_through_s3_ends_with_the_uninterrupted_digest(resumed_on_s3, trained):
@@ -127,6 +134,10 @@ def test_kill_and_resume_through_s3_ends_with_the_uninterrupted_digest(resumed_o
     assert r["summary"]["artifact"]["uri"] == r["out"]
     # same bytes as the uninterrupted run on local disk (weights, config, tokenizer)
     assert r["summary"]["artifact"]["digest"] == trained["summary"]["artifact"]["digest"]
+    # the Comet offline archive went to the store beside the model
+    archive = r["summary"]["tracking"]["offlineArchive"]
+    assert archive.startswith(r["out"] + "/comet-offline/" + EXPERIMENT_KEY)
+    assert archive.endswith(".zip") and archive.rsplit("/", 1)[1] in r["archives"]
     steps = sorted({k.split("/")[0] for k in r["checkpoints"]})
     assert steps == ["step-6", "step-8"]  # keep=2; the torn step-7 went with the purge
     assert {k for k in r["checkpoints"] if k.startswith("step-8/")} >= {
