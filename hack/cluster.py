@@ -1,4 +1,5 @@
-"""The local control plane: real etcd, kube-apiserver, controller-manager, scheduler and kwok.
+"""The local control plane: real etcd, kube-apiserver, controller-manager, scheduler and kwok,
+plus a real S3 server (versitygw, hack/local_s3.py) for the runs' models, data and outputs.
 
     python hack/cluster.py up      # idempotent: a no-op when the cluster is already healthy
     python hack/cluster.py down    # stops every process it started and removes the state
