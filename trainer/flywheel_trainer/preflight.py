@@ -119,8 +119,12 @@ def _memory(cfg: TrainerConfig, path: str, world_size: int) -> tuple[dict, str |
     from .memory import plan as memory_plan
 
     hp = cfg.hyperparameters
-    return memory_plan(AutoConfig.from_pretrained(path), hp.maxSeqLength, hp.microBatchSize,
-                       cfg.fsdp.activationCheckpointing, world_size, cfg.deviceMemoryGB)
+    try:
+        return memory_plan(AutoConfig.from_pretrained(path), hp.maxSeqLength,
+                           hp.microBatchSize, cfg.fsdp.activationCheckpointing, world_size,
+                           cfg.deviceMemoryGB)
+    except Exception as e:  # an architecture the estimate does not understand: say so
+        return {"error": f"no memory estimate: {type(e).__name__}: {e}"[:300]}, None
 
 
 def _fit(result: dict) -> str:
