@@ -144,6 +144,14 @@ def test_template_refusals_are_invalid_lines(formats, tmp_path):
         f"1 invalid line(s) in {path}:\n{path}:2: chat template: TemplateError: After the "
         "optional system message, conversation roles must alternate "
         "user/assistant/user/assistant/...")
+    # a tool reply must answer an earlier call (read_conversations validates OpenAI ids)
+    orphan = conversation()
+    orphan[3]["tool_call_id"] = "call_nope"
+    bad = tmp_path / "orphan.jsonl"
+    bad.write_text(json.dumps({"messages": orphan, "tools": fam.TOOLS}) + "\n")
+    with pytest.raises(DataError, match=re.escape(
+            f"{bad}:1: messages[3].tool_call_id 'call_nope' answers no earlier tool call")):
+        load_split(str(bad), formats["qwen3"], 4096, skip_invalid=False)
     split = load_split(str(path), formats["llama3"], 4096, skip_invalid=True)
     assert split.report["errors"] == [
         f"{path}:3: chat template: TemplateError: This model only supports single tool-calls "
