@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from flywheel_operator import api
+from . import api
+from .vocab import GROUP, PLURALS, VERSION
 
 OUT_DIRS = ("crds", "charts/flywheel/crds")
 HEADER = (
@@ -32,7 +33,6 @@ class Kind:
 
     kind: str
     root: type[BaseModel]
-    plural: str
     short_names: list[str]
     spec: type[BaseModel]
     status: type[BaseModel] | None
@@ -41,8 +41,12 @@ class Kind:
     root_rules: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def plural(self) -> str:
+        return PLURALS[self.kind]
+
+    @property
     def filename(self) -> str:
-        return f"{self.plural}.{api.GROUP}.yaml"
+        return f"{self.plural}.{GROUP}.yaml"
 
 
 AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
@@ -71,7 +75,6 @@ KINDS = [
     Kind(
         kind="FineTuneRun",
         root=api.FineTuneRun,
-        plural="finetuneruns",
         short_names=["ftr"],
         spec=api.FineTuneRunSpec,
         status=api.FineTuneRunStatus,
@@ -91,7 +94,6 @@ KINDS = [
     Kind(
         kind="ModelVersion",
         root=api.ModelVersion,
-        plural="modelversions",
         short_names=["mv"],
         spec=api.ModelVersionSpec,
         status=None,
@@ -107,7 +109,6 @@ KINDS = [
     Kind(
         kind="Model",
         root=api.Model,
-        plural="models",
         short_names=["model"],
         spec=api.ModelSpec,
         status=api.ModelStatus,
@@ -121,7 +122,6 @@ KINDS = [
     Kind(
         kind="FineTuneSchedule",
         root=api.FineTuneSchedule,
-        plural="finetuneschedules",
         short_names=["fts"],
         spec=api.FineTuneScheduleSpec,
         status=api.FineTuneScheduleStatus,
@@ -281,7 +281,7 @@ def crd(kind: Kind) -> dict[str, Any]:
     if kind.root_rules:
         root["x-kubernetes-validations"] = kind.root_rules
     version: dict[str, Any] = {
-        "name": api.VERSION,
+        "name": VERSION,
         "served": True,
         "storage": True,
         "schema": {"openAPIV3Schema": root},
@@ -292,9 +292,9 @@ def crd(kind: Kind) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{kind.plural}.{api.GROUP}"},
+        "metadata": {"name": f"{kind.plural}.{GROUP}"},
         "spec": {
-            "group": api.GROUP,
+            "group": GROUP,
             "scope": "Namespaced",
             "names": {
                 "kind": kind.kind,

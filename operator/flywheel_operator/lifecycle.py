@@ -16,20 +16,24 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
+from .api import FineTuneRunStatus, checked
 from .config import OperatorConfig
-from .render import comet_experiment_url, estimate_cost, experiment_key
-
-RUN_LABEL = "flywheel.dev/run"
-ATTEMPT_LABEL = "flywheel.dev/attempt"
-COMPONENT_LABEL = "flywheel.dev/component"
-TERMINAL = ("Succeeded", "Failed")
-
-
-def now_iso(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
+from .registry import Summary, SummaryError, parse_summary
+from .vocab import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_ANNOTATION,
+    COMPONENT_LABEL,
+    TERMINAL,
+    comet_experiment_url,
+    estimate_cost,
+    estimate_gpu_hours,
+    experiment_key,
+    format_time,
+    pods_gpu_hours,
+    set_condition,
+)
 
 # --- slim summaries (what the indexes keep per child) -----------------------------------
 
@@ -61,7 +65,7 @@ def pod_summary(body: dict) -> dict:
         "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
         "index": int((body["metadata"].get("annotations") or {}).get(
-            "batch.kubernetes.io/job-completion-index", "0")),
+            COMPLETION_INDEX_ANNOTATION, "0")),
         "phase": status.get("phase", "Pending"),
         "node": (body.get("spec") or {}).get("nodeName"),
         "unschedulable": scheduled["message"] if scheduled and scheduled["status"] == "False"
@@ -79,31 +83,22 @@ def pod_summary(body: dict) -> dict:
 
 @dataclass
 class Plan:
-    status: dict
+    """What the handler does, in order: register, patch status, delete, create, post events."""
+
+    status: dict                               # the run's whole new status
+    was: str | None = None                     # its phase before (events fire on a change)
+    register: Summary | None = None            # register rank 0's model, then `registered()`
     create_attempt: int | None = None          # render and create this attempt's children
     create_preflight: bool = False             # render and create the preflight Job
     delete_attempts: list[int] = field(default_factory=list)
     suspend_job: tuple[str, bool] | None = None  # (job name, suspend)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
-    succeeded_pods: list[dict] = field(default_factory=list)
 
-
-def set_condition(status: dict, type_: str, value: bool, reason: str, message: str,
-                  now: str, generation: int | None) -> None:
-    """Upsert a standard condition; lastTransitionTime moves only when the value does."""
-    conditions = status.setdefault("conditions", [])
-    new = {"type": type_, "status": "True" if value else "False", "reason": reason,
-           "message": message}
-    if generation is not None:
-        new["observedGeneration"] = generation
-    for i, old in enumerate(conditions):
-        if old.get("type") == type_:
-            same = old.get("status") == new["status"]
-            new["lastTransitionTime"] = old.get("lastTransitionTime", now) if same else now
-            conditions[i] = new
-            return
-    new["lastTransitionTime"] = now
-    conditions.append(new)
+    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal"):
+        if phase != self.was:
+            self.events.append((event_type, reason, message))
+        self.status["phase"] = phase
+        self.status["message"] = message
 
 
 def describe_failure(pods: list[dict], job: dict | None) -> str:
@@ -116,20 +111,6 @@ def describe_failure(pods: list[dict], job: dict | None) -> str:
     return (job or {}).get("failed") or "the attempt's Job failed"
 
 
-def attempt_gpu_hours(pods: list[dict], gpus_per_node: int, now: str) -> float:
-    """GPU-hours an attempt held: each pod's running time x its GPUs."""
-    total = 0.0
-    for pod in pods:
-        if pod["startedAt"]:
-            end = parse_time(pod["finishedAt"] or now)
-            total += max(0.0, (end - parse_time(pod["startedAt"])).total_seconds())
-    return round(total / 3600 * gpus_per_node, 6)
-
-
-def parse_time(value: str) -> datetime:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
 def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict], phase: str,
                    reason: str, message: str, spec: dict, now: str, config: OperatorConfig
                    ) -> None:
@@ -140,12 +121,13 @@ def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict
     records.append({"attempt": attempt, "job": (job or {}).get("name"), "phase": phase,
                     "startTime": started, "completionTime": now, "reason": reason,
                     "message": message[:1024],
-                    "gpuHours": attempt_gpu_hours(pods, gpus, now)})
+                    "gpuHours": pods_gpu_hours(pods, gpus, now)})
     status["attempts"] = sorted(({k: v for k, v in a.items() if v is not None}
                                  for a in records), key=lambda a: a["attempt"])
     status["gpuHours"] = round(sum(a.get("gpuHours", 0.0) for a in status["attempts"]), 6)
     try:
-        cost = estimate_cost(status["gpuHours"], config.pool(spec["resources"].get("nodePool")))
+        pool = config.pool(spec["resources"].get("nodePool"))
+        cost = estimate_cost(status["gpuHours"], pool.gpuHourPrice)
     except KeyError:
         cost = None
     if cost is not None:
@@ -182,32 +164,31 @@ def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
         pool = config.pool(spec["resources"].get("nodePool"))
     except KeyError:
         pool = None
-    if pool and pool.tokensPerSecondPerGpu and result.get("totalTokens"):
-        gpus = spec["resources"]["nodes"] * spec["resources"]["gpusPerNode"]
-        hours = result["totalTokens"] / (pool.tokensPerSecondPerGpu * gpus) / 3600 * gpus
+    hours = pool and result.get("totalTokens") and estimate_gpu_hours(
+        result["totalTokens"], pool.tokensPerSecondPerGpu)
+    if pool and hours:
         status["estimatedGpuHours"] = round(hours, 4)
-        cost = estimate_cost(hours, pool)
-        if cost is not None:
-            status["estimatedCost"] = round(cost, 4)
+        status["estimatedCost"] = estimate_cost(hours, pool.gpuHourPrice)
     return {k: v for k, v in status.items() if v is not None}
 
 
 def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None,
            config: OperatorConfig | None = None) -> Plan:
-    config = config or OperatorConfig()
+    """The run's next status and actions; the status is checked against FineTuneRunStatus."""
+    plan = _decide(run, jobs, pods, format_time(now), config or OperatorConfig())
+    checked(FineTuneRunStatus, plan.status)
+    return plan
+
+
+def _decide(run: dict, jobs: list[dict], pods: list[dict], ts: str, config: OperatorConfig
+            ) -> Plan:
     spec = run["spec"]
     generation = run["metadata"].get("generation", 1)
     old = run.get("status") or {}
     status = copy.deepcopy(old)
-    plan = Plan(status=status)
-    ts = now_iso(now)
     phase = old.get("phase")
-
-    def transition(new_phase: str, reason: str, message: str, event_type: str = "Normal"):
-        if new_phase != phase:
-            plan.events.append((event_type, reason, message))
-        status["phase"] = new_phase
-        status["message"] = message
+    plan = Plan(status=status, was=phase)
+    transition = plan.transition
 
     status["observedGeneration"] = generation
     pre_jobs = [j for j in jobs if j["component"] == "preflight"]
@@ -283,15 +264,7 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
 
     failed_pod = any(p["phase"] == "Failed" for p in current)
     if job["complete"] and not failed_pod:
-        status["completionTime"] = ts
-        record_attempt(status, attempt, job, current, "Succeeded", "Completed", "", spec, ts,
-                       config)
-        transition("Succeeded", "Succeeded", f"attempt {attempt} completed")
-        set_condition(status, "Running", False, "Completed", "", ts, generation)
-        set_condition(status, "Succeeded", True, "JobComplete",
-                      f"all {nodes} node(s) of attempt {attempt} exited 0", ts, generation)
-        plan.succeeded_pods = current
-        return plan
+        return succeed(plan, run, job, current, ts, config)
 
     if job["failed"] is not None or failed_pod:
         why = describe_failure(current, job)
@@ -353,3 +326,45 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
         transition("Pending", "Pending", message)
         set_condition(status, "Running", False, "PodsPending", message, ts, generation)
     return plan
+
+
+def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+            config: OperatorConfig) -> Plan:
+    """The attempt's Job completed. Rank 0's summary decides: a valid one marks the run
+    Succeeded and asks for its model's registration (`plan.register`); a missing or malformed
+    one fails the run (InvalidSummary) and registers nothing."""
+    status, spec = plan.status, run["spec"]
+    generation, attempt = run["metadata"].get("generation", 1), status["attempt"]
+    status["completionTime"] = ts
+    record_attempt(status, attempt, job, pods, "Succeeded", "Completed", "", spec, ts, config)
+    set_condition(status, "Running", False, "Completed", "", ts, generation)
+    rank0 = next((p for p in pods if p["index"] == 0), None)
+    try:
+        summary = parse_summary(rank0 and rank0["message"])
+    except SummaryError as err:
+        status.update(phase="Failed", message=str(err))
+        set_condition(status, "Succeeded", False, "InvalidSummary", str(err), ts, generation)
+        set_condition(status, "Failed", True, "InvalidSummary", str(err), ts, generation)
+        plan.events = [("Warning", "InvalidSummary", str(err))]
+        return plan
+    plan.transition("Succeeded", "Succeeded", f"attempt {attempt} completed")
+    set_condition(status, "Succeeded", True, "JobComplete",
+                  f"all {spec['resources']['nodes']} node(s) of attempt {attempt} exited 0",
+                  ts, generation)
+    status["progress"] = {
+        **(status.get("progress") or {}), "step": summary.steps, "totalSteps": summary.steps,
+        "percent": "100%", "tokens": summary.tokens,
+        **({"tokensPerSecond": round(summary.throughput.tokensPerSecond, 1)}
+           if summary.throughput.tokensPerSecond else {})}
+    if summary.tracking.url:
+        status["trackingUrl"] = summary.tracking.url
+    if not status.get("modelVersion"):
+        plan.register = summary
+    return plan
+
+
+def registered(plan: Plan, mv: dict) -> None:
+    """Record the ModelVersion that `plan.register` produced (status and event)."""
+    plan.status["modelVersion"] = mv["metadata"]["name"]
+    plan.events.append(("Normal", "Registered", f"ModelVersion {mv['metadata']['name']} "
+                        f"(digest {mv['spec']['artifact']['digest'][:19]}...)"))

@@ -1,4 +1,4 @@
-"""Prometheus metrics served by the operator (port from the operator config)."""
+"""Prometheus metrics served by the operator (port: `--metrics-port`, default 9090; 0: off)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+
+from .vocab import RUN_PHASES
 
 RECONCILE = Histogram(
     "flywheel_reconcile_duration_seconds", "Time to decide and act on one FineTuneRun event.",
@@ -40,7 +42,7 @@ class _RunsByPhase:
         for store in (self.index or {}).values():
             for run in store:
                 tally[(run.get("status") or {}).get("phase") or "Pending"] += 1
-        for phase in ("Pending", "Running", "Suspended", "Succeeded", "Failed"):
+        for phase in RUN_PHASES:
             family.add_metric([phase], tally[phase])
         yield family
 

@@ -13,14 +13,17 @@ from typing import Any, NamedTuple
 
 from flywheel_trainer.config import TrainerConfig
 
-from flywheel_operator.api import API_VERSION, FineTuneRunSpec
-from flywheel_operator.config import GPU_RESOURCE, OperatorConfig, Pool
-
-RUN_LABEL = "flywheel.dev/run"
-ATTEMPT_LABEL = "flywheel.dev/attempt"
-COMPONENT_LABEL = "flywheel.dev/component"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel-operator"}
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+from .api import FineTuneRunSpec
+from .config import GPU_RESOURCE, OperatorConfig, Pool
+from .vocab import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_ANNOTATION,
+    COMPONENT_LABEL,
+    MANAGED_BY,
+    RUN_LABEL,
+    experiment_key,
+    owner_reference,
+)
 
 CONFIG_DIR = "/etc/flywheel"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
@@ -95,48 +98,10 @@ def preflight_labels(run_name: str) -> dict[str, str]:
     return {RUN_LABEL: _label_value(run_name), COMPONENT_LABEL: "preflight", **MANAGED_BY}
 
 
-def owner_reference(owner: dict[str, Any], kind: str = "FineTuneRun") -> dict[str, Any]:
-    """Controller ownerReference to `owner` (GC deletes the children with it)."""
-    meta = owner["metadata"]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": kind,
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def master_addr(run: dict[str, Any], attempt: int) -> str:
     """Rank 0's stable DNS name: `<job>-0.<service>.<namespace>.svc`."""
     name = attempt_name(run["metadata"]["name"], attempt)
     return f"{name}-0.{name}.{run['metadata']['namespace']}.svc"
-
-
-# ---------------------------------------------------------------------------- tracking and cost
-
-
-def experiment_key(uid: str) -> str:
-    """Comet experiment key: 32 hex chars derived from the run uid, the same for every attempt."""
-    return hashlib.sha256(f"flywheel:{uid}".encode()).hexdigest()[:32]
-
-
-def comet_experiment_url(workspace: str, project: str, key: str) -> str:
-    """URL of a Comet experiment."""
-    return f"https://www.comet.com/{workspace}/{project}/{key}"
-
-
-def estimate_gpu_hours(tokens: int, pool: Pool, epochs: int = 1) -> float | None:
-    """GPU-hours to train `tokens` per epoch at the pool's throughput figure (None: unknown)."""
-    if not pool.tokensPerSecondPerGpu:
-        return None
-    return tokens * epochs / pool.tokensPerSecondPerGpu / 3600.0
-
-
-def estimate_cost(gpu_hours: float | None, pool: Pool) -> float | None:
-    """Cost of `gpu_hours` at the pool's gpuHourPrice."""
-    return None if gpu_hours is None else round(gpu_hours * pool.gpuHourPrice, 4)
 
 
 # ---------------------------------------------------------------------------- trainer config
@@ -147,21 +112,15 @@ def run_spec(run: dict[str, Any]) -> FineTuneRunSpec:
     return FineTuneRunSpec.model_validate(run.get("spec") or {})
 
 
-def _fit(model: type, data: dict[str, Any]) -> dict[str, Any]:
-    """Keep only the keys `model` declares (the trainer config forbids unknown fields)."""
-    return {k: v for k, v in data.items() if k in model.model_fields}
-
-
 def trainer_config(run: dict[str, Any], attempt: int | None) -> TrainerConfig:
     """The trainer's config for an attempt: the spec's training part plus runtime fields.
 
     `checkpoint.uri` is always resolved, so every attempt resumes from the same place.
     """
     spec = run_spec(run)
-    dataset_model = TrainerConfig.model_fields["dataset"].annotation
     data: dict[str, Any] = {
         "baseModel": spec.baseModel,
-        "dataset": _fit(dataset_model, spec.dataset.model_dump(exclude_none=True)),
+        "dataset": spec.dataset.model_dump(exclude_none=True),
         "hyperparameters": spec.hyperparameters.model_dump(),
         "fsdp": spec.fsdp.model_dump(),
         "checkpoint": spec.checkpoint.model_dump(exclude_none=True),
@@ -172,7 +131,7 @@ def trainer_config(run: dict[str, Any], attempt: int | None) -> TrainerConfig:
         "experimentKey": experiment_key(run["metadata"]["uid"]),
     }
     data["checkpoint"]["uri"] = spec.checkpoint.uri or spec.output.uri.rstrip("/") + "/checkpoints/"
-    data = {k: v for k, v in _fit(TrainerConfig, data).items() if v is not None}
+    data = {k: v for k, v in data.items() if v is not None}
     return TrainerConfig.model_validate(data)
 
 
