@@ -136,7 +136,7 @@ def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict
 
 def preflight_result(pods: list[dict], job: dict) -> dict | None:
     """The trainer's preflight JSON from the pod's termination message, if it finished."""
-    done = [p for p in pods if p["phase"] in ("Succeeded", "Failed")]
+    done = [p for p in pods if p["phase"] in TERMINAL]
     if not done and not (job["complete"] or job["failed"] is not None):
         return None
     for pod in done:

@@ -115,7 +115,7 @@ class ModelVersion(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    apiVersion: Literal["flywheel.dev/v1alpha1"] = API_VERSION
+    apiVersion: Literal[API_VERSION] = API_VERSION
     kind: Literal["ModelVersion"] = "ModelVersion"
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: ModelVersionSpec
@@ -237,7 +237,7 @@ class Model(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    apiVersion: Literal["flywheel.dev/v1alpha1"] = API_VERSION
+    apiVersion: Literal[API_VERSION] = API_VERSION
     kind: Literal["Model"] = "Model"
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: ModelSpec = Field(default_factory=ModelSpec)

@@ -220,7 +220,7 @@ class FineTuneRun(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    apiVersion: Literal["flywheel.dev/v1alpha1"] = API_VERSION
+    apiVersion: Literal[API_VERSION] = API_VERSION
     kind: Literal["FineTuneRun"] = "FineTuneRun"
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: FineTuneRunSpec

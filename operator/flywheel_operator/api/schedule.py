@@ -89,7 +89,7 @@ class FineTuneSchedule(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    apiVersion: Literal["flywheel.dev/v1alpha1"] = API_VERSION
+    apiVersion: Literal[API_VERSION] = API_VERSION
     kind: Literal["FineTuneSchedule"] = "FineTuneSchedule"
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: FineTuneScheduleSpec
