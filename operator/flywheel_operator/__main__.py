@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         priority=None if args.standalone else (
             args.priority if args.priority is not None else random.randint(1, 2**31 - 1)),
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(config=config, metrics_port=args.metrics_port),
-    )
+        memo=kopf.Memo(config=config, metrics_port=args.metrics_port))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ class Pool(_Model):
     gpusPerNode: int = Field(default=0, ge=0, description="GPUs per node; 0 for CPU pools.")
     gpuHourPrice: float = Field(default=0.0, ge=0, description="Price of one GPU-hour.")
     tokensPerSecondPerGpu: float | None = Field(
-        default=None, gt=0, description="Throughput figure for preflight estimates."
-    )
+        default=None, gt=0, description="Throughput figure for preflight estimates.")
     resources: PodResources = Field(default_factory=PodResources)
 
 
@@ -52,16 +51,13 @@ PRESETS: dict[str, Pool] = {
         tolerations=[_GPU_TOLERATION],
         gpusPerNode=8,
         gpuHourPrice=3.5,
-        tokensPerSecondPerGpu=2000.0,
-    ),
+        tokensPerSecondPerGpu=2000.0),
     "cpu": Pool(nodeSelector={POOL_LABEL: "cpu"}),
     "local": Pool(
         nodeSelector={EXECUTOR_LABEL: "local"},
         tolerations=[_GPU_TOLERATION],
         gpusPerNode=2,
-        tokensPerSecondPerGpu=500.0,
-    ),
-}
+        tokensPerSecondPerGpu=500.0)}
 
 
 class OperatorConfig(_Model):

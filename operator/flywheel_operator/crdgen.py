@@ -68,8 +68,7 @@ def _name_rule(max_len: int, what: str) -> dict[str, str]:
         "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
         "fieldPath": ".metadata.name",
         "message": f"metadata.name must be a DNS-1035 label of at most {max_len} characters "
-        f"({what})",
-    }
+        f"({what})"}
 
 
 KINDS = [
@@ -88,10 +87,8 @@ KINDS = [
             AGE,
             _col("Model", ".spec.modelName", priority=1),
             _col("Version", ".status.modelVersion", priority=1),
-            _col("Message", ".status.message", priority=1),
-        ],
-        root_rules=[_name_rule(50, "it names the run's Job, Service and pod hostnames")],
-    ),
+            _col("Message", ".status.message", priority=1)],
+        root_rules=[_name_rule(50, "it names the run's Job, Service and pod hostnames")]),
     Kind(
         kind="ModelVersion",
         root=api.ModelVersion,
@@ -104,9 +101,7 @@ KINDS = [
             _col("Digest", ".spec.artifact.digest"),
             AGE,
             _col("Run", ".spec.sourceRun.name", priority=1),
-            _col("URI", ".spec.artifact.uri", priority=1),
-        ],
-    ),
+            _col("URI", ".spec.artifact.uri", priority=1)]),
     Kind(
         kind="Model",
         root=api.Model,
@@ -117,9 +112,7 @@ KINDS = [
         columns=[
             _col("Latest", ".status.aliases.latest.version", "integer"),
             _col("Production", ".status.aliases.production.version", "integer"),
-            AGE,
-        ],
-    ),
+            AGE]),
     Kind(
         kind="FineTuneSchedule",
         root=api.FineTuneSchedule,
@@ -134,11 +127,8 @@ KINDS = [
             _col("Next", ".status.nextScheduleTime", "string"),
             AGE,
             _col("Suspend", ".spec.suspend", "boolean", priority=1),
-            _col("Cost", ".status.lastRunCost", "number", priority=1),
-        ],
-        root_rules=[_name_rule(40, "runs are named <schedule>-<time>")],
-    ),
-]
+            _col("Cost", ".status.lastRunCost", "number", priority=1)],
+        root_rules=[_name_rule(40, "runs are named <schedule>-<time>")])]
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -223,8 +213,7 @@ def run_spec_schema() -> dict[str, Any]:
             else:
                 target[key] = value
     schema["x-kubernetes-validations"] = _merge_rules(
-        schema.get("x-kubernetes-validations", []), api.SPEC_RULES
-    )
+        schema.get("x-kubernetes-validations", []), api.SPEC_RULES)
     return schema
 
 
@@ -237,21 +226,17 @@ def spec_schema(kind: Kind) -> dict[str, Any]:
                 {
                     "rule": "self == oldSelf",
                     "message": f"{name} is immutable once the run "
-                    "exists; create a new FineTuneRun instead",
-                },
-                *prop.get("x-kubernetes-validations", []),
-            ]
+                    "exists; create a new FineTuneRun instead"},
+                *prop.get("x-kubernetes-validations", [])]
         return schema
     schema = schema_of(kind.spec)
     if kind.spec is api.FineTuneScheduleSpec:
         schema["properties"]["runTemplate"]["properties"]["spec"] = {
             **run_spec_schema(),
-            "description": schema["properties"]["runTemplate"]["properties"]["spec"]["description"],
-        }
+            "description": schema["properties"]["runTemplate"]["properties"]["spec"]["description"]}
     if kind.spec is api.ModelVersionSpec:
         schema["x-kubernetes-validations"] = [
-            {"rule": "self == oldSelf", "message": "ModelVersion spec is immutable"}
-        ]
+            {"rule": "self == oldSelf", "message": "ModelVersion spec is immutable"}]
     return schema
 
 
@@ -261,33 +246,25 @@ def crd(kind: Kind) -> dict[str, Any]:
         "apiVersion": {"type": "string", "description": "APIVersion of this object."},
         "kind": {"type": "string", "description": "Kind of this object."},
         "metadata": {"type": "object"},
-        "spec": spec_schema(kind),
-    }
+        "spec": spec_schema(kind)}
     if kind.root_rules:  # bound metadata.name so CEL cost estimation accepts the name rule
         props["metadata"]["properties"] = {
             key: {"type": "string", "maxLength": 253, "description": f"metadata.{key}"}
-            for key in ("name", "generateName")
-        }
+            for key in ("name", "generateName")}
     if kind.status is not None:
         props["status"] = schema_of(kind.status)
-    root: dict[str, Any] = {
-        "type": "object",
-        "description": (kind.root.__doc__ or kind.kind).strip().splitlines()[0],
-        "properties": props,
-    }
+    root: dict[str, Any] = {"type": "object",
+                            "description": (kind.root.__doc__ or kind.kind).strip().splitlines()[0],
+                            "properties": props}
     if kind.spec_required:
         root["required"] = ["spec"]
     else:
         props["spec"]["default"] = {}
     if kind.root_rules:
         root["x-kubernetes-validations"] = kind.root_rules
-    version: dict[str, Any] = {
-        "name": VERSION,
-        "served": True,
-        "storage": True,
-        "schema": {"openAPIV3Schema": root},
-        "additionalPrinterColumns": kind.columns,
-    }
+    version: dict[str, Any] = {"name": VERSION, "served": True, "storage": True,
+                               "schema": {"openAPIV3Schema": root},
+                               "additionalPrinterColumns": kind.columns}
     if kind.status is not None:
         version["subresources"] = {"status": {}}
     return {
@@ -303,11 +280,8 @@ def crd(kind: Kind) -> dict[str, Any]:
                 "plural": kind.plural,
                 "singular": kind.kind.lower(),
                 "shortNames": kind.short_names,
-                "categories": ["flywheel"],
-            },
-            "versions": [version],
-        },
-    }
+                "categories": ["flywheel"]},
+            "versions": [version]}}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -317,10 +291,8 @@ class _Dumper(yaml.SafeDumper):
 
 def render_all() -> dict[str, str]:
     """File name -> YAML text for every flywheel.dev CRD."""
-    return {
-        k.filename: HEADER + yaml.dump(crd(k), Dumper=_Dumper, sort_keys=False, width=100)
-        for k in KINDS
-    }
+    return {k.filename: HEADER + yaml.dump(crd(k), Dumper=_Dumper, sort_keys=False, width=100)
+            for k in KINDS}
 
 
 PEERING_FILE = "kopf-peering.yml"

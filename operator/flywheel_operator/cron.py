@@ -40,13 +40,8 @@ Action = Literal["start", "skip", "replace"]
 
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_FIELDS = (
-    ("minute", 0, 59, ()),
-    ("hour", 0, 23, ()),
-    ("day of month", 1, 31, ()),
-    ("month", 1, 12, _MONTHS),
-    ("day of week", 0, 6, _DAYS),
-)
+_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+           ("month", 1, 12, _MONTHS), ("day of week", 0, 6, _DAYS))
 _MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 
 
@@ -81,8 +76,7 @@ def validate_schedule(schedule: str, tz: str | None = None) -> None:
     if len(fields) != 5:
         raise ValueError(
             f"spec.schedule: {schedule!r} must have 5 fields (minute hour day-of-month month "
-            "day-of-week), e.g. '0 3 * * 1'"
-        )
+            "day-of-week), e.g. '0 3 * * 1'")
     for text, (what, lo, hi, names) in zip(fields, _FIELDS, strict=True):
         for part in text.split(","):
             base, _, step = part.partition("/")
@@ -93,16 +87,14 @@ def validate_schedule(schedule: str, tz: str | None = None) -> None:
                 if atom.isdigit():
                     if not lo <= int(atom) <= hi:
                         raise ValueError(
-                            f"spec.schedule: {atom} is out of range {lo}-{hi} in the {what} field"
-                        )
+                            f"spec.schedule: {atom} is out of range {lo}-{hi} in the {what} field")
                 elif low not in names:
                     raise ValueError(f"spec.schedule: {atom!r} is not valid in the {what} field")
     try:
         croniter(expr)
     except (CroniterBadCronError, CroniterError, ValueError) as err:
-        raise ValueError(
-            f"spec.schedule: {schedule!r} is not a valid cron expression: {err}"
-        ) from err
+        raise ValueError(f"spec.schedule: {schedule!r} is not a valid cron expression: {err}"
+                         ) from err
 
 
 @lru_cache(maxsize=256)
@@ -112,12 +104,8 @@ def _compiled(schedule: str, tz: str | None):
     loc = zone(tz)
     proto = croniter(schedule.strip(), datetime(2000, 1, 1, tzinfo=loc))
     minutes, hours = proto.expanded[0], proto.expanded[1]
-    return (
-        proto,
-        loc,
-        None if "*" in minutes else frozenset(minutes),
-        None if "*" in hours else frozenset(hours),
-    )
+    return (proto, loc, None if "*" in minutes else frozenset(minutes),
+            None if "*" in hours else frozenset(hours))
 
 
 def ticks(schedule: str, tz: str | None, after: datetime) -> Iterator[datetime]:
@@ -137,8 +125,7 @@ def ticks(schedule: str, tz: str | None, after: datetime) -> Iterator[datetime]:
         # croniter moves a wall-clock time that does not exist (spring forward) to another
         # hour; CronJob (robfig/cron) skips it instead.
         moved = (minutes is not None and local.minute not in minutes) or (
-            hours is not None and local.hour not in hours
-        )
+            hours is not None and local.hour not in hours)
         if utc <= after or moved:
             skipped += 1
             if skipped > 64:  # pragma: no cover - defensive
@@ -255,8 +242,7 @@ def due(spec: dict, status: dict | None, created: datetime | str, now: datetime)
                 f"(more than startingDeadlineSeconds={deadline} ago)",
                 warning_reason="MissSchedule",
                 missed_time=latest,
-                missed=count,
-            )
+                missed=count)
         if earliest < window_start:  # count only ticks inside the window, as the controller
             _, count = _most_recent(schedule, tz, window_start, now)
     warning = reason = None
@@ -264,8 +250,7 @@ def due(spec: dict, status: dict | None, created: datetime | str, now: datetime)
         reason = "TooManyMissedTimes"
         warning = (
             f"too many missed start times ({count}). Set or decrease "
-            ".spec.startingDeadlineSeconds or check clock skew"
-        )
+            ".spec.startingDeadlineSeconds or check clock skew")
     return Decision(latest, False, nxt, requeue, warning, reason, None, count)
 
 

@@ -49,8 +49,7 @@ def request(method: str, path: str, body: dict | list | None = None,
         _, url, headers, payload, _ = api.param_serialize(
             method, path, query_params=list((query or {}).items()),
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body, auth_settings=["BearerToken"],
-        )
+            body=body, auth_settings=["BearerToken"])
         API_REQUESTS.labels(method).inc()
         try:
             response = api.call_api(method, url, header_params=headers, body=payload)

@@ -48,8 +48,7 @@ def job_summary(body: dict) -> dict:
         "suspended": bool((body.get("spec") or {}).get("suspend")),
         "complete": "Complete" in conditions,
         "failed": conditions.get("Failed", {}).get("message") if "Failed" in conditions else None,
-        "deleting": bool(body["metadata"].get("deletionTimestamp")),
-    }
+        "deleting": bool(body["metadata"].get("deletionTimestamp"))}
 
 
 def pod_summary(body: dict) -> dict:
@@ -74,8 +73,7 @@ def pod_summary(body: dict) -> dict:
         "finishedAt": (terminated or {}).get("finishedAt"),
         "exitCode": (terminated or {}).get("exitCode"),
         "reason": (terminated or {}).get("reason"),
-        "message": (terminated or {}).get("message"),
-    }
+        "message": (terminated or {}).get("message")}
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -112,16 +110,14 @@ def describe_failure(pods: list[dict], job: dict | None) -> str:
 
 
 def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict], phase: str,
-                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig
-                   ) -> None:
+                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig) -> None:
     """Close an attempt in status.attempts and re-sum gpuHours and estimatedCost."""
     records = [a for a in status.get("attempts", []) if a["attempt"] != attempt]
     gpus = spec["resources"]["gpusPerNode"]
     started = min((p["startedAt"] for p in pods if p["startedAt"]), default=None)
     records.append({"attempt": attempt, "job": (job or {}).get("name"), "phase": phase,
                     "startTime": started, "completionTime": now, "reason": reason,
-                    "message": message[:1024],
-                    "gpuHours": pods_gpu_hours(pods, gpus, now)})
+                    "message": message[:1024], "gpuHours": pods_gpu_hours(pods, gpus, now)})
     status["attempts"] = sorted(({k: v for k, v in a.items() if v is not None}
                                  for a in records), key=lambda a: a["attempt"])
     status["gpuHours"] = round(sum(a.get("gpuHours", 0.0) for a in status["attempts"]), 6)
@@ -154,12 +150,10 @@ def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
     train = result.get("train") or {}
     missing = result.get("missingCategories") or {}
     problems = list(result.get("errors") or [])[:5] + list(result.get("problems") or [])
-    status = {
-        "examples": train.get("examples"), "invalidExamples": result.get("invalidLines"),
-        "tokens": result.get("totalTokens"), "steps": result.get("optimizerSteps"),
-        "categories": train.get("categories") or {},
-        "missingCategories": sorted(missing), "problems": problems[:10],
-    }
+    status = {"examples": train.get("examples"), "invalidExamples": result.get("invalidLines"),
+              "tokens": result.get("totalTokens"), "steps": result.get("optimizerSteps"),
+              "categories": train.get("categories") or {},
+              "missingCategories": sorted(missing), "problems": problems[:10]}
     try:
         pool = config.pool(spec["resources"].get("nodePool"))
     except KeyError:
@@ -180,8 +174,7 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
     return plan
 
 
-def _decide(run: dict, jobs: list[dict], pods: list[dict], ts: str, config: OperatorConfig
-            ) -> Plan:
+def _decide(run: dict, jobs: list[dict], pods: list[dict], ts: str, config: OperatorConfig) -> Plan:
     spec = run["spec"]
     generation = run["metadata"].get("generation", 1)
     old = run.get("status") or {}
@@ -214,8 +207,7 @@ def _decide(run: dict, jobs: list[dict], pods: list[dict], ts: str, config: Oper
         status.setdefault("startTime", ts)
         if not pre_jobs:
             plan.create_preflight = True
-            status["preflight"] = {"phase": "Running", "startTime": preflight.get(
-                "startTime", ts)}
+            status["preflight"] = {"phase": "Running", "startTime": preflight.get("startTime", ts)}
             transition("Pending", "PreflightStarted",
                        "preflight: checking data, chat template and categories on CPU")
             return plan
@@ -236,8 +228,7 @@ def _decide(run: dict, jobs: list[dict], pods: list[dict], ts: str, config: Oper
                     for c in figures["missingCategories"])
             status["preflight"]["message"] = first[:1024]
             status["completionTime"] = ts
-            transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024],
-                       "Warning")
+            transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024], "Warning")
             set_condition(status, "Failed", True, "PreflightFailed", status["message"], ts,
                           generation)
             return plan
@@ -318,8 +309,7 @@ def _decide(run: dict, jobs: list[dict], pods: list[dict], ts: str, config: Oper
     running = [p for p in current if p["phase"] in ("Running", "Succeeded")]
     if len(running) == nodes:
         transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
-        set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts,
-                      generation)
+        set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts, generation)
     else:
         message = (f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
                    + ("; unschedulable" if unschedulable else ""))

@@ -12,12 +12,10 @@ from .vocab import RUN_PHASES
 
 RECONCILE = Histogram(
     "flywheel_reconcile_duration_seconds", "Time to decide and act on one FineTuneRun event.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 ATTEMPTS = Counter("flywheel_attempts", "Attempts started (first attempts and restarts).",
                    ["namespace"])
-RESTARTS = Counter("flywheel_restarts", "Attempts started after a failed attempt.",
-                   ["namespace"])
+RESTARTS = Counter("flywheel_restarts", "Attempts started after a failed attempt.", ["namespace"])
 GPU_HOURS = Counter("flywheel_gpu_hours", "GPU-hours consumed by finished attempts.",
                     ["namespace", "model"])
 COST = Counter("flywheel_estimated_cost", "Estimated cost of finished attempts (GPU-hours x "

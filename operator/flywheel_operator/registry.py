@@ -74,8 +74,7 @@ def parse_summary(text: str | None) -> Summary:
 
 
 def finite_metrics(metrics: dict[str, float | None]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if v is not None and math.isfinite(float(v))}
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
 def version_name(model: str, version: int) -> str:
@@ -112,18 +111,15 @@ def model_version(run: dict, summary: Summary, version: int, baseline: dict | No
                     "digests": summary.dataset.get("digests") or {}},
         "metrics": metrics,
         "tracking": tracking or None,
-        "comparison": comparison(alias, baseline, metrics),
-    })
+        "comparison": comparison(alias, baseline, metrics)})
     return {
         "apiVersion": API_VERSION, "kind": "ModelVersion",
         "metadata": {
             "name": version_name(spec["modelName"], version),
             "labels": {MODEL_LABEL: spec["modelName"],
                        RUN_UID_LABEL: run["metadata"]["uid"],
-                       RUN_LABEL: run["metadata"]["name"]},
-        },
-        "spec": mv_spec.model_dump(exclude_none=True),
-    }
+                       RUN_LABEL: run["metadata"]["name"]}},
+        "spec": mv_spec.model_dump(exclude_none=True)}
 
 
 def alias_target(mv: dict, now: str) -> dict:
@@ -246,8 +242,7 @@ def serving_patch(container: str, uri: str, digest: str) -> dict:
     """Strategic merge patch that points a Deployment's container at a model."""
     return {"spec": {"template": {
         "metadata": {"annotations": {DIGEST_ANNOTATION: digest}},
-        "spec": {"containers": [{"name": container, "env": [{"name": URI_ENV, "value": uri}]}]},
-    }}}
+        "spec": {"containers": [{"name": container, "env": [{"name": URI_ENV, "value": uri}]}]}}}}
 
 
 def serving_current(deployment: dict, container: str) -> tuple[str | None, str | None]:

@@ -85,12 +85,8 @@ def _label_value(run_name: str) -> str:
 
 def attempt_labels(run_name: str, attempt: int) -> dict[str, str]:
     """Labels on every child of an attempt and on its pod template."""
-    return {
-        RUN_LABEL: _label_value(run_name),
-        ATTEMPT_LABEL: str(attempt),
-        COMPONENT_LABEL: "trainer",
-        **MANAGED_BY,
-    }
+    return {RUN_LABEL: _label_value(run_name), ATTEMPT_LABEL: str(attempt),
+            COMPONENT_LABEL: "trainer", **MANAGED_BY}
 
 
 def preflight_labels(run_name: str) -> dict[str, str]:
@@ -118,18 +114,15 @@ def trainer_config(run: dict[str, Any], attempt: int | None) -> TrainerConfig:
     `checkpoint.uri` is always resolved, so every attempt resumes from the same place.
     """
     spec = run_spec(run)
-    data: dict[str, Any] = {
-        "baseModel": spec.baseModel,
-        "dataset": spec.dataset.model_dump(exclude_none=True),
-        "hyperparameters": spec.hyperparameters.model_dump(),
-        "fsdp": spec.fsdp.model_dump(),
-        "checkpoint": spec.checkpoint.model_dump(exclude_none=True),
-        "output": spec.output.model_dump(exclude_none=True),
-        "tracking": spec.tracking.model_dump(exclude_none=True),
-        "runName": run["metadata"]["name"],
-        "attempt": attempt,
-        "experimentKey": experiment_key(run["metadata"]["uid"]),
-    }
+    data: dict[str, Any] = {"baseModel": spec.baseModel,
+                            "dataset": spec.dataset.model_dump(exclude_none=True),
+                            "hyperparameters": spec.hyperparameters.model_dump(),
+                            "fsdp": spec.fsdp.model_dump(),
+                            "checkpoint": spec.checkpoint.model_dump(exclude_none=True),
+                            "output": spec.output.model_dump(exclude_none=True),
+                            "tracking": spec.tracking.model_dump(exclude_none=True),
+                            "runName": run["metadata"]["name"], "attempt": attempt,
+                            "experimentKey": experiment_key(run["metadata"]["uid"])}
     data["checkpoint"]["uri"] = spec.checkpoint.uri or spec.output.uri.rstrip("/") + "/checkpoints/"
     data = {k: v for k, v in data.items() if v is not None}
     return TrainerConfig.model_validate(data)
@@ -142,22 +135,15 @@ def _config_map(run: dict[str, Any], name: str, labels: dict, cfg: TrainerConfig
         "metadata": _meta(run, name, labels),
         "data": {
             CONFIG_KEY: json.dumps(
-                cfg.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True
-            )
-        },
-    }
+                cfg.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True)}}
 
 
 # ---------------------------------------------------------------------------- pod pieces
 
 
 def _meta(run: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": run["metadata"]["namespace"],
-        "labels": dict(labels),
-        "ownerReferences": [owner_reference(run)],
-    }
+    return {"name": name, "namespace": run["metadata"]["namespace"], "labels": dict(labels),
+            "ownerReferences": [owner_reference(run)]}
 
 
 def _scheduling(pool: Pool, spec: FineTuneRunSpec | None) -> dict[str, Any]:
@@ -193,23 +179,13 @@ def _resources(pool: Pool, gpus: int) -> dict[str, Any]:
 
 
 def _pod_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _container_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _env(name: str, value: Any) -> dict[str, Any]:
@@ -223,64 +199,36 @@ def _comet_env(spec: FineTuneRunSpec) -> list[dict[str, Any]]:
     env = [_env("COMET_WORKSPACE", comet.workspace), _env("COMET_PROJECT_NAME", comet.project)]
     if comet.apiKeySecretRef is not None:
         ref = comet.apiKeySecretRef
-        env.append(
-            {
-                "name": "COMET_API_KEY",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
+        env.append({"name": "COMET_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env
 
 
 def _volumes(config_map: str) -> list[dict[str, Any]]:
-    return [
-        {"name": "config", "configMap": {"name": config_map}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-    ]
+    return [{"name": "config", "configMap": {"name": config_map}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
 
-_MOUNTS = [
-    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-    {"name": "dshm", "mountPath": "/dev/shm"},
-]
+_MOUNTS = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+           {"name": "dshm", "mountPath": "/dev/shm"}]
 
 
-def _job(
-    run: dict[str, Any],
-    name: str,
-    labels: dict[str, str],
-    pod_spec: dict[str, Any],
-    completions: int,
-    indexed: bool,
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "completions": completions,
-        "parallelism": completions,
-        "backoffLimit": 0,
-        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
-    }
+def _job(run: dict[str, Any], name: str, labels: dict[str, str], pod_spec: dict[str, Any],
+         completions: int, indexed: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {"completions": completions, "parallelism": completions,
+                            "backoffLimit": 0,
+                            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
     if indexed:
         spec["completionMode"] = "Indexed"
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(run, name, labels),
-        "spec": spec,
-    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(run, name, labels),
+            "spec": spec}
 
 
-def _pod_spec(
-    container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None
-) -> dict[str, Any]:
-    return {
-        "restartPolicy": "Never",
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
-        "securityContext": _pod_security(),
-        **_scheduling(pool, spec),
-        "containers": [container],
-        "volumes": _volumes(config_map),
-    }
+def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None
+              ) -> dict[str, Any]:
+    return {"restartPolicy": "Never", "enableServiceLinks": False,
+            "automountServiceAccountToken": False, "securityContext": _pod_security(),
+            **_scheduling(pool, spec), "containers": [container], "volumes": _volumes(config_map)}
 
 
 # ---------------------------------------------------------------------------- public renderers
@@ -308,45 +256,28 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -
             "clusterIP": "None",
             "selector": selector,
             "publishNotReadyAddresses": True,
-            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
-        },
-    }
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
     env = [
         {
             "name": "JOB_COMPLETION_INDEX",
             "valueFrom": {
                 "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
-            },
-        },
+            }},
         _env("FLYWHEEL_RUN_NAME", meta["name"]),
         _env("FLYWHEEL_ATTEMPT", attempt),
         _env("FLYWHEEL_EXPERIMENT_KEY", experiment_key(meta["uid"])),
         _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
-        *_comet_env(spec),
-    ]
-    container = {
-        "name": "trainer",
-        "image": spec.image or config.defaultImage,
-        "command": ["torchrun"],
-        "args": [
-            f"--nnodes={nodes}",
-            f"--nproc-per-node={gpus}",
-            "--node-rank=$(JOB_COMPLETION_INDEX)",
-            f"--master-addr={master_addr(run, attempt)}",
-            f"--master-port={MASTER_PORT}",
-            "-m",
-            "flywheel_trainer",
-            "--config",
-            CONFIG_PATH,
-        ],
-        "env": env,
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
-        "resources": _resources(pool, gpus),
-        "volumeMounts": list(_MOUNTS),
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "File",
-        "securityContext": _container_security(),
-    }
+        *_comet_env(spec)]
+    container = {"name": "trainer", "image": spec.image or config.defaultImage,
+                 "command": ["torchrun"], "args": [f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
+                                                   "--node-rank=$(JOB_COMPLETION_INDEX)",
+                                                   f"--master-addr={master_addr(run, attempt)}",
+                                                   f"--master-port={MASTER_PORT}", "-m",
+                                                   "flywheel_trainer", "--config", CONFIG_PATH],
+                 "env": env, "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+                 "resources": _resources(pool, gpus), "volumeMounts": list(_MOUNTS),
+                 "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
+                 "securityContext": _container_security()}
     pod_spec = {"subdomain": name, **_pod_spec(container, cm_name, pool, spec)}
     job = _job(run, name, labels, pod_spec, nodes, indexed=True)
     return [config_map, service, job]
@@ -361,10 +292,7 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
     cm_name = f"{name}-config"
     labels = preflight_labels(meta["name"])
     config_map = _config_map(run, cm_name, labels, trainer_config(run, None))
-    env = [
-        _env("FLYWHEEL_RUN_NAME", meta["name"]),
-        _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
-    ]
+    env = [_env("FLYWHEEL_RUN_NAME", meta["name"]), _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG)]
     world_size = spec.resources.nodes * spec.resources.gpusPerNode
     container = {
         "name": "preflight",
@@ -378,8 +306,7 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
         "volumeMounts": list(_MOUNTS),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
-        "securityContext": _container_security(),
-    }
+        "securityContext": _container_security()}
     # Preflight runs on the CPU pool: only the pool's own scheduling, not the run's GPU extras.
     job = _job(run, name, labels, _pod_spec(container, cm_name, pool, None), 1, indexed=False)
     job["spec"]["activeDeadlineSeconds"] = config.preflightTimeoutSeconds

@@ -48,14 +48,9 @@ def placeholder_values(when: datetime, tz: str | None = None) -> dict[str, str]:
     """The placeholder values for a scheduled time, in the schedule's time zone."""
     local = parse_time(when).astimezone(zone(tz))  # type: ignore[union-attr]
     iso = local.isocalendar()
-    return {
-        "isoWeek": f"{iso.year}-w{iso.week:02d}",
-        "date": local.strftime("%Y-%m-%d"),
-        "year": f"{local.year:04d}",
-        "month": f"{local.month:02d}",
-        "day": f"{local.day:02d}",
-        "timestamp": local.strftime("%Y%m%d-%H%M"),
-    }
+    return {"isoWeek": f"{iso.year}-w{iso.week:02d}", "date": local.strftime("%Y-%m-%d"),
+            "year": f"{local.year:04d}", "month": f"{local.month:02d}", "day": f"{local.day:02d}",
+            "timestamp": local.strftime("%Y%m%d-%H%M")}
 
 
 def fill_placeholders(value: Any, when: datetime, tz: str | None = None,
@@ -73,10 +68,8 @@ def fill_placeholders(value: Any, when: datetime, tz: str | None = None,
             def sub(m: re.Match[str]) -> str:
                 key = m.group(1)
                 if key not in values:
-                    raise ValueError(
-                        f"{where}: unknown placeholder {{{{ {key} }}}}; known: "
-                        + ", ".join(values)
-                    )
+                    raise ValueError(f"{where}: unknown placeholder {{{{ {key} }}}}; known: "
+                                     + ", ".join(values))
                 return values[key]
 
             return _PLACEHOLDER_RE.sub(sub, v)
@@ -146,8 +139,7 @@ def render_run(schedule: dict, when: datetime, name: str, trigger: str | None = 
         "name": name,
         "labels": labels,
         "annotations": annotations,
-        "ownerReferences": [owner_reference(schedule, kind="FineTuneSchedule")],
-    }
+        "ownerReferences": [owner_reference(schedule, kind="FineTuneSchedule")]}
     if meta.get("namespace"):
         metadata["namespace"] = meta["namespace"]
     return {"apiVersion": API_VERSION, "kind": "FineTuneRun", "metadata": metadata,
@@ -227,16 +219,10 @@ def _cost(run: dict) -> float | None:
     return None
 
 
-def schedule_status(
-    schedule: dict,
-    runs: list[dict],
-    now: datetime,
-    *,
-    last_schedule_time: datetime | str | None = None,
-    next_schedule_time: datetime | None = None,
-    last_trigger: str | None = None,
-    ready: tuple[bool, str, str] | None = None,
-) -> dict:
+def schedule_status(schedule: dict, runs: list[dict], now: datetime, *,
+                    last_schedule_time: datetime | str | None = None,
+                    next_schedule_time: datetime | None = None, last_trigger: str | None = None,
+                    ready: tuple[bool, str, str] | None = None) -> dict:
     """The schedule's full status (fields of api.FineTuneScheduleStatus only).
 
     `runs` are the schedule's runs as they are after this reconcile (include runs just
@@ -264,8 +250,7 @@ def schedule_status(
         "lastRunCost": _cost(last) if last else None,
         "lastSuccessfulRun": succeeded[-1]["metadata"]["name"] if succeeded else None,
         "lastTrigger": last_trigger if last_trigger is not None else old.get("lastTrigger"),
-        "conditions": copy.deepcopy(old.get("conditions") or []),
-    }
+        "conditions": copy.deepcopy(old.get("conditions") or [])}
     if ready is None:
         ready = (True, "Suspended", "spec.suspend is true: no new scheduled runs") if spec.get(
             "suspend") else (True, "Scheduled", f"next run at {status['nextScheduleTime']}")

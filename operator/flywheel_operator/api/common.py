@@ -29,24 +29,20 @@ MODEL_URI_RE = (
 SECRET_RE = (
     r"(?i)(sk-[a-z0-9_-]{16,}|gh[pousr]_[a-z0-9]{20,}|github_pat_|hf_[a-z0-9]{20,}"
     r"|akia[0-9a-z]{16}|xox[abprs]-|-----begin|eyj[a-z0-9_-]{8,}\.[a-z0-9_-]{8,}"
-    r"|(api[_-]?key|secret|passw(or)?d|token|x-amz-signature|x-goog-signature|sig)\s*[=:])"
-)
+    r"|(api[_-]?key|secret|passw(or)?d|token|x-amz-signature|x-goog-signature|sig)\s*[=:])")
 #: A bare opaque token: 20+ letters and digits with upper case, lower case and digits mixed.
 TOKEN_RE = r"^[A-Za-z0-9]{20,}$"
 
 NO_SECRET_RULE = {
     "rule": (
         f"!self.matches(r'{SECRET_RE}') && !(self.matches(r'{TOKEN_RE}') && "
-        "self.matches(r'[A-Z]') && self.matches(r'[a-z]') && self.matches(r'[0-9]'))"
-    ),
+        "self.matches(r'[A-Z]') && self.matches(r'[a-z]') && self.matches(r'[0-9]'))"),
     "message": "must not hold a secret value (API key, token, password): "
-    "reference a Secret (e.g. tracking.comet.apiKeySecretRef) instead",
-}
+    "reference a Secret (e.g. tracking.comet.apiKeySecretRef) instead"}
 NO_QUERY_RULE = {
     "rule": "!self.contains('?') && !self.contains('#')",
     "message": "must not carry a query string or fragment: presigned URLs and tokens are "
-    "secrets; give the pods storage credentials instead",
-}
+    "secrets; give the pods storage credentials instead"}
 
 
 def uri_rules(kind: Literal["data", "model"]) -> list[dict[str, str]]:
@@ -55,14 +51,12 @@ def uri_rules(kind: Literal["data", "model"]) -> list[dict[str, str]]:
         scheme = {
             "rule": f"self.matches(r'{MODEL_URI_RE}')",
             "message": "must be hf://[org/]name[@revision], s3://bucket/path, gs://bucket/path, "
-            "file:///path or pvc://claim/path",
-        }
+            "file:///path or pvc://claim/path"}
     else:
         scheme = {
             "rule": f"self.matches(r'{DATA_URI_RE}')",
             "message": "must be s3://bucket/path, gs://bucket/path, file:///path or "
-            "pvc://claim/path (no credentials)",
-        }
+            "pvc://claim/path (no credentials)"}
     return [scheme, NO_QUERY_RULE, NO_SECRET_RULE]
 
 
@@ -80,16 +74,13 @@ METRIC_RE = r"^[A-Za-z0-9_][A-Za-z0-9_./:-]*$"
 DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_RE)]
 FreeText = Annotated[str, Field(max_length=256, json_schema_extra=cel(NO_SECRET_RULE))]
 LabelValue = Annotated[
-    str, Field(max_length=63, pattern=LABEL_VALUE_RE, json_schema_extra=cel(NO_SECRET_RULE))
-]
+    str, Field(max_length=63, pattern=LABEL_VALUE_RE, json_schema_extra=cel(NO_SECRET_RULE))]
 LabelKey = Annotated[
     str,
     Field(
         max_length=316,
         pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
-        json_schema_extra=cel(NO_SECRET_RULE),
-    ),
-]
+        json_schema_extra=cel(NO_SECRET_RULE))]
 MetricName = Annotated[str, Field(min_length=1, max_length=256, pattern=METRIC_RE)]
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 StatusText = Annotated[str, Field(max_length=32768)]
@@ -106,29 +97,22 @@ class Condition(BaseModel):
     type: str = Field(max_length=316, description="Condition type, e.g. Succeeded, Running.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str | None = Field(
-        default=None, max_length=1024, description="CamelCase reason for the last transition."
-    )
+        default=None, max_length=1024, description="CamelCase reason for the last transition.")
     message: str | None = Field(
-        default=None, max_length=32768, description="Human-readable detail."
-    )
+        default=None, max_length=32768, description="Human-readable detail.")
     lastTransitionTime: Timestamp | None = Field(
-        default=None, description="When the status last changed."
-    )
+        default=None, description="When the status last changed.")
     observedGeneration: int | None = Field(
-        default=None, ge=0, description="metadata.generation the condition was computed for."
-    )
+        default=None, ge=0, description="metadata.generation the condition was computed for.")
 
 
 CONDITIONS_SCHEMA = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 
 
 def conditions_field() -> Any:
-    return Field(
-        default_factory=list,
-        max_length=64,
-        description="Standard conditions (type/status/reason/message/lastTransitionTime).",
-        json_schema_extra=CONDITIONS_SCHEMA,
-    )
+    return Field(default_factory=list, max_length=64,
+                 description="Standard conditions (type/status/reason/message/lastTransitionTime).",
+                 json_schema_extra=CONDITIONS_SCHEMA)
 
 
 class Toleration(SpecModel):
@@ -138,11 +122,9 @@ class Toleration(SpecModel):
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
     value: LabelValue | None = Field(default=None, description="Taint value (for Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        default=None, description="Taint effect to tolerate; empty matches all effects."
-    )
+        default=None, description="Taint effect to tolerate; empty matches all effects.")
     tolerationSeconds: int | None = Field(
-        default=None, ge=0, description="For NoExecute: how long the pod stays bound."
-    )
+        default=None, ge=0, description="For NoExecute: how long the pod stays bound.")
 
 
 Status = TypeVar("Status", bound=dict)

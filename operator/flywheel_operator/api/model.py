@@ -26,19 +26,12 @@ class Artifact(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    uri: str = Field(
-        max_length=URI_MAX,
-        description="Where the files are.",
-        json_schema_extra=cel(*uri_rules("data")),
-    )
-    digest: str = Field(
-        max_length=128,
-        pattern=r"^sha256:[a-f0-9]{64}$",
-        description="Content digest over the files: sha256:<hex>.",
-    )
+    uri: str = Field(max_length=URI_MAX, description="Where the files are.",
+                     json_schema_extra=cel(*uri_rules("data")))
+    digest: str = Field(max_length=128, pattern=r"^sha256:[a-f0-9]{64}$",
+                        description="Content digest over the files: sha256:<hex>.")
     format: Literal["huggingface-safetensors"] = Field(
-        default="huggingface-safetensors", description="Artifact format."
-    )
+        default="huggingface-safetensors", description="Artifact format.")
 
 
 class SourceRun(BaseModel):
@@ -58,8 +51,7 @@ class DatasetRecord(BaseModel):
     train: str = Field(max_length=URI_MAX, description="Training data URI.")
     eval: str | None = Field(default=None, max_length=URI_MAX, description="Eval data URI.")
     digests: dict[str, str] = Field(
-        default_factory=dict, max_length=16, description="sha256 per data file (train, eval)."
-    )
+        default_factory=dict, max_length=16, description="sha256 per data file (train, eval).")
 
 
 class TrackingRecord(BaseModel):
@@ -67,12 +59,8 @@ class TrackingRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(
-        default=None,
-        max_length=URI_MAX,
-        description="Comet experiment URL.",
-        json_schema_extra=cel(NO_QUERY_RULE),
-    )
+    url: str | None = Field(default=None, max_length=URI_MAX, description="Comet experiment URL.",
+                            json_schema_extra=cel(NO_QUERY_RULE))
     experimentKey: str | None = Field(default=None, max_length=64, description="Comet key.")
 
 
@@ -84,8 +72,7 @@ class Comparison(BaseModel):
     alias: str = Field(max_length=63, description="The alias compared against.")
     version: int = Field(ge=1, description="The version that alias pointed to.")
     deltas: dict[str, float] = Field(
-        default_factory=dict, description="This version's metric minus the baseline's."
-    )
+        default_factory=dict, description="This version's metric minus the baseline's.")
 
 
 class ModelVersionSpec(BaseModel):
@@ -102,12 +89,10 @@ class ModelVersionSpec(BaseModel):
     metrics: dict[str, float] = Field(
         default_factory=dict,
         description="Flat metrics from the trainer summary: eval_loss, eval_loss/<category>, "
-        "tool_call_accuracy/<category>, ...",
-    )
+        "tool_call_accuracy/<category>, ...")
     tracking: TrackingRecord | None = Field(default=None, description="Comet experiment.")
     comparison: Comparison | None = Field(
-        default=None, description="Per-metric deltas against the promoted alias's version."
-    )
+        default=None, description="Per-metric deltas against the promoted alias's version.")
 
 
 class ModelVersion(BaseModel):
@@ -130,13 +115,10 @@ class Gate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra=cel(
-            {"rule": "has(self.min) || has(self.max)", "message": "a gate needs min or max"}
-        ),
-    )
+            {"rule": "has(self.min) || has(self.max)", "message": "a gate needs min or max"}))
 
     metric: MetricName = Field(
-        description="Metric name, e.g. eval_loss or tool_call_accuracy/email."
-    )
+        description="Metric name, e.g. eval_loss or tool_call_accuracy/email.")
     min: float | None = Field(default=None, description="Lowest acceptable value.")
     max: float | None = Field(default=None, description="Highest acceptable value.")
 
@@ -149,8 +131,7 @@ class NoRegression(BaseModel):
     metrics: list[MetricName] = Field(
         default_factory=list,
         max_length=64,
-        description="Metrics compared; names containing `loss` are better lower, others higher.",
-    )
+        description="Metrics compared; names containing `loss` are better lower, others higher.")
     tolerance: float = Field(default=0.0, ge=0, description="Allowed worsening.")
 
 
@@ -162,8 +143,7 @@ class Promotion(BaseModel):
     alias: DnsLabel = Field(default="production", description="Alias moved on promotion.")
     gates: list[Gate] = Field(default_factory=list, max_length=64, description="All must hold.")
     noRegression: NoRegression | None = Field(
-        default=None, description="Compare with the alias's current version."
-    )
+        default=None, description="Compare with the alias's current version.")
 
 
 class ServingTarget(BaseModel):
@@ -181,19 +161,16 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     promotion: Promotion | None = Field(
-        default=None, description="Promotion policy; without it only `latest` moves."
-    )
+        default=None, description="Promotion policy; without it only `latest` moves.")
     servingTargets: list[ServingTarget] = Field(
         default_factory=list,
         max_length=16,
-        description="Deployments updated when the promoted alias moves.",
-    )
+        description="Deployments updated when the promoted alias moves.")
     pinnedAliases: dict[str, int] = Field(
         default_factory=dict,
         max_length=16,
         description="Aliases pinned by hand to a version (rollback): the operator points the "
-        "alias there and does not move it while pinned.",
-    )
+        "alias there and does not move it while pinned.")
 
 
 class AliasTarget(BaseModel):
@@ -226,8 +203,7 @@ class ModelStatus(BaseModel):
 
     observedGeneration: int | None = Field(default=None, ge=0, description="Generation seen.")
     aliases: dict[str, AliasTarget] = Field(
-        default_factory=dict, description="Alias -> version, e.g. latest, production."
-    )
+        default_factory=dict, description="Alias -> version, e.g. latest, production.")
     versions: list[VersionRef] = Field(default_factory=list, description="Versions, oldest first.")
     conditions: list[Condition] = conditions_field()
 

@@ -17,11 +17,9 @@ class TemplateMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     labels: dict[str, LabelValue] = Field(
-        default_factory=dict, max_length=64, description="Labels."
-    )
+        default_factory=dict, max_length=64, description="Labels.")
     annotations: dict[str, FreeText] = Field(
-        default_factory=dict, max_length=64, description="Annotations."
-    )
+        default_factory=dict, max_length=64, description="Annotations.")
 
 
 class RunTemplate(BaseModel):
@@ -32,8 +30,7 @@ class RunTemplate(BaseModel):
     metadata: TemplateMetadata | None = Field(default=None, description="Run metadata.")
     spec: FineTuneRunSpec = Field(
         description="FineTuneRun spec. Strings in dataset may use {{ isoWeek }}, {{ date }} "
-        "placeholders, filled in with the scheduled time."
-    )
+        "placeholders, filled in with the scheduled time.")
 
 
 CRON_RE = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$"
@@ -45,20 +42,13 @@ class FineTuneScheduleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schedule: str = Field(
-        max_length=128, pattern=CRON_RE, description="Cron expression, e.g. `0 3 * * 1`."
-    )
-    timeZone: str | None = Field(
-        default=None,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9_+/-]+$",
-        description="IANA time zone of the schedule; default UTC.",
-    )
+        max_length=128, pattern=CRON_RE, description="Cron expression, e.g. `0 3 * * 1`.")
+    timeZone: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_+/-]+$",
+                                 description="IANA time zone of the schedule; default UTC.")
     concurrencyPolicy: Literal["Forbid", "Replace", "Allow"] = Field(
-        default="Forbid", description="What to do when the previous run is still active."
-    )
+        default="Forbid", description="What to do when the previous run is still active.")
     startingDeadlineSeconds: int | None = Field(
-        default=None, ge=0, description="Skip a tick missed by more than this many seconds."
-    )
+        default=None, ge=0, description="Skip a tick missed by more than this many seconds.")
     suspend: bool = Field(default=False, description="Create no new runs.")
     successfulRunsHistoryLimit: int = Field(default=3, ge=0, description="Succeeded runs kept.")
     failedRunsHistoryLimit: int = Field(default=1, ge=0, description="Failed runs kept.")
@@ -79,8 +69,7 @@ class FineTuneScheduleStatus(BaseModel):
     lastRunCost: float | None = Field(default=None, ge=0, description="Its estimated cost.")
     lastSuccessfulRun: str | None = Field(default=None, description="Newest succeeded run.")
     lastTrigger: str | None = Field(
-        default=None, description="Last flywheel.dev/trigger annotation value acted on."
-    )
+        default=None, description="Last flywheel.dev/trigger annotation value acted on.")
     conditions: list[Condition] = conditions_field()
 
 
