@@ -73,14 +73,14 @@ class Executor:
             if "fieldRef" in ref:
                 env[var["name"]] = field_ref(pod, ref["fieldRef"]["fieldPath"])
             elif "secretKeyRef" in ref:
-                env[var["name"]] = self.key_ref("Secret", ns, ref["secretKeyRef"], secret=True)
+                env[var["name"]] = self.key_ref("secrets", ns, ref["secretKeyRef"], secret=True)
             elif "configMapKeyRef" in ref:
-                env[var["name"]] = self.key_ref("ConfigMap", ns, ref["configMapKeyRef"])
+                env[var["name"]] = self.key_ref("configmaps", ns, ref["configMapKeyRef"])
         return {k: v for k, v in env.items() if v is not None}
 
-    def key_ref(self, kind: str, ns: str, ref: dict, secret: bool = False) -> str | None:
-        try:
-            obj = kube.request("GET", kube.object_path("v1", kind, ns, ref["name"]))
+    def key_ref(self, plural: str, ns: str, ref: dict, secret: bool = False) -> str | None:
+        try:  # secrets: the executor's own read (the operator never reads secrets)
+            obj = kube.request("GET", f"{kube.collection_path('v1', plural, ns)}/{ref['name']}")
         except (kube.NotFound, ApiException):
             if ref.get("optional"):
                 return None

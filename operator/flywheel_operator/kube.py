@@ -73,8 +73,8 @@ def collection_path(api_version: str, plural: str, namespace: str) -> str:
     return f"{prefix}/namespaces/{namespace}/{plural}"
 
 
-PLURALS = {"ConfigMap": "configmaps", "Secret": "secrets", "Service": "services", "Job": "jobs",
-           "Pod": "pods", "Deployment": "deployments", **vocab.PLURALS}
+PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",
+           "Deployment": "deployments", **vocab.PLURALS}
 
 
 def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
