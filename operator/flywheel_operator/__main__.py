@@ -6,6 +6,8 @@ import argparse
 import logging
 import random
 
+import yaml
+
 from .config import load_config
 
 
@@ -33,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.all_namespaces or args.namespace):
         parser.error("choose --all-namespaces or --namespace NS")
-    config = load_config(args.config)  # at start-up: a bad file fails before kopf starts
+    try:  # at start-up: a bad file stops the operator before it watches anything
+        config = load_config(args.config)
+    except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: pydantic's too
+        parser.error(f"--config {args.config}: {err}")
 
     import kopf
 
