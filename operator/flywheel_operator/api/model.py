@@ -201,7 +201,6 @@ class ModelStatus(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    observedGeneration: int | None = Field(default=None, ge=0, description="Generation seen.")
     aliases: dict[str, AliasTarget] = Field(
         default_factory=dict, description="Alias -> version, e.g. latest, production.")
     versions: list[VersionRef] = Field(default_factory=list, description="Versions, oldest first.")
