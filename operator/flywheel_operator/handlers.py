@@ -291,25 +291,16 @@ def model_event(type: str, body: kopf.Body, namespace: str, name: str, **_) -> N
         model = kube.get(API, "Model", namespace, name)
         if model is None:
             return
-        spec, status = model.get("spec") or {}, copy.deepcopy(model.get("status") or {})
-        aliases = status.setdefault("aliases", {})
-        moved = []
-        for alias, version in registry.pins_to_move(model).items():
-            mv = kube.get(API, "ModelVersion", namespace, registry.version_name(name, version))
-            if mv is None:
-                kopf.event(model, type="Warning", reason="PinUnknownVersion",
-                           message=f"{alias} is pinned to version {version}, which does not "
-                           "exist")
-                continue
-            aliases[alias] = registry.alias_target(mv, format_time())
-            moved.append(f"{alias} -> version {version} (pinned)")
-        if moved:
-            kube.patch_status("Model", namespace, name, status)
-            kopf.event(model, type="Normal", reason="AliasPinned", message="; ".join(moved))
-        target = aliases.get(registry.promoted_alias(model))
-        if target:
-            for serving in spec.get("servingTargets") or []:
-                sync_serving(model, serving, target)
+        pinned = {alias: kube.get(API, "ModelVersion", namespace, registry.version_name(name, v))
+                  for alias, v in registry.pins_to_move(model).items()}
+        update = registry.pin_aliases(model, pinned, format_time())
+        if update.status != (model.get("status") or {}):
+            kube.patch_status("Model", namespace, name, update.status)
+        for event_type, reason, message in update.events:
+            kopf.event(model, type=event_type, reason=reason, message=message)
+        target = (update.status.get("aliases") or {}).get(registry.promoted_alias(model))
+        for serving in ((model.get("spec") or {}).get("servingTargets") or []) if target else []:
+            sync_serving(model, serving, target)
 
 
 def sync_serving(model: dict, serving: dict, target: dict) -> None:

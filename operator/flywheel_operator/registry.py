@@ -211,6 +211,24 @@ def pins_to_move(model: dict) -> dict[str, int]:
             if aliases.get(alias, {}).get("version") != version}
 
 
+def pin_aliases(model: dict, pinned: dict[str, dict | None], now: str) -> ModelUpdate:
+    """Point pinned aliases at their versions. `pinned`: alias -> the pinned version's
+    ModelVersion (None: it does not exist), for the aliases `pins_to_move` names."""
+    update, moved = ModelUpdate(copy.deepcopy(model.get("status") or {})), []
+    for alias, mv in pinned.items():
+        version = model["spec"]["pinnedAliases"][alias]
+        if mv is None:
+            update.events.append(("Warning", "PinUnknownVersion",
+                                  f"{alias} is pinned to version {version}, which does not exist"))
+            continue
+        update.status.setdefault("aliases", {})[alias] = alias_target(mv, now)
+        moved.append(f"{alias} -> version {version} (pinned)")
+    if moved:
+        update.events.append(("Normal", "AliasPinned", "; ".join(moved)))
+    checked(ModelStatus, update.status)
+    return update
+
+
 def failed_gates(promotion: dict, candidate: dict[str, float],
                  baseline: dict[str, float] | None) -> list[str]:
     """Every gate the candidate fails, in words; empty means promote."""

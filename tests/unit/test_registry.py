@@ -156,3 +156,13 @@ def test_promotion_is_decided_once_and_only_for_the_newest_version():
 def test_pins_to_move():
     m = promoted(model({"pinnedAliases": {"production": 1, "canary": 3}}), 1)
     assert registry.pins_to_move(m) == {"canary": 3}
+
+
+def test_pinned_aliases_move_to_their_versions_and_unknown_pins_are_reported():
+    m = promoted(model({"pinnedAliases": {"production": 1, "canary": 7}}), 2)
+    update = registry.pin_aliases(m, {"production": version(1), "canary": None}, NOW)
+    assert update.status["aliases"]["production"] == registry.alias_target(version(1), NOW)
+    assert "canary" not in update.status["aliases"]
+    assert [e[1] for e in update.events] == ["PinUnknownVersion", "AliasPinned"]
+    assert "canary is pinned to version 7" in update.events[0][2]
+    assert update.events[1][2] == "production -> version 1 (pinned)"
