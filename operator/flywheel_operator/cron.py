@@ -144,10 +144,6 @@ def next_time(schedule: str, tz: str | None, after: datetime) -> datetime:
     return next(ticks(schedule, tz, after))
 
 
-def _interval_seconds(t1: datetime, t2: datetime) -> int:
-    return int(round((t2 - t1).total_seconds()))
-
-
 # --------------------------------------------------------------------------------------------
 # The schedule decision
 
@@ -185,7 +181,7 @@ def _most_recent(schedule: str, tz: str | None, earliest: datetime, now: datetim
     t2 = next_time(schedule, tz, t1)
     if t2 > now:
         return t1, 1
-    interval = max(_interval_seconds(t1, t2), 1)
+    interval = max(int(round((t2 - t1).total_seconds())), 1)
     count = int((now - t1).total_seconds()) // interval + 1
     # Walk back from now to the latest tick <= now. Unlike the controller's estimate (which
     # can miss the latest tick of irregular schedules such as `0 3 * * 1-5` across a

@@ -1,13 +1,11 @@
 """kopf registrations: thin handlers that feed the pure decisions and carry out their plans.
 
-The operator is level-triggered. Runs, their Jobs and their Pods are kept in kopf indexes
-(slim summaries, so memory stays small at thousands of runs); any event on any of them
-reconciles the run: decide from the indexes (`lifecycle.decide`), then act through `kube`.
-Registration applies `registry`'s decisions; schedules apply `schedules.plan`. kopf writes
-nothing to the runs (no annotations, no finalizers): only the operator's own status patches.
-A reconcile that fails comes back with exponential backoff (`Waker`). The operator config
-arrives at start-up in kopf's memo (`memo.config`, see __main__).
-"""
+Level-triggered: runs, their Jobs and Pods are kept in kopf indexes (slim summaries, so memory
+stays small at thousands of runs); any event on any of them reconciles the run: decide from the
+indexes (`lifecycle.decide`), then act through `kube`. Registration applies `registry`'s
+decisions, schedules `schedules.plan`. kopf writes nothing to the runs (no annotations, no
+finalizers). A failed reconcile comes back with backoff (`Waker`). The operator config
+arrives at start-up in kopf's memo (`memo.config`, see __main__)."""
 
 from __future__ import annotations
 

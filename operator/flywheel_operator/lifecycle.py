@@ -168,158 +168,170 @@ def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
 
 def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None,
            config: OperatorConfig | None = None) -> Plan:
-    """The run's next status and actions; the status is checked against FineTuneRunStatus."""
-    plan = _decide(run, jobs, pods, format_time(now), config or OperatorConfig())
-    checked(FineTuneRunStatus, plan.status)
-    return plan
-
-
-def _decide(run: dict, jobs: list[dict], pods: list[dict], ts: str, config: OperatorConfig) -> Plan:
-    spec = run["spec"]
-    generation = run["metadata"].get("generation", 1)
+    """The run's next status and actions (status checked against FineTuneRunStatus). One step
+    per stage: preflight, start_attempt, succeed, fail_attempt (restart or give up), else
+    follow_attempt (suspend, scheduling, running); a new stage is a new step here."""
+    config, ts = config or OperatorConfig(), format_time(now)
     old = run.get("status") or {}
-    status = copy.deepcopy(old)
-    phase = old.get("phase")
-    plan = Plan(status=status, was=phase)
-    transition = plan.transition
-
-    status["observedGeneration"] = generation
+    plan = Plan(status=copy.deepcopy(old), was=old.get("phase"))
+    plan.status["observedGeneration"] = run["metadata"].get("generation", 1)
     pre_jobs = [j for j in jobs if j["component"] == "preflight"]
     pre_pods = [p for p in pods if p["component"] == "preflight"]
     jobs = [j for j in jobs if j["component"] != "preflight"]
     pods = [p for p in pods if p["component"] != "preflight"]
     attempt = max([old.get("attempt") or 0] + [j["attempt"] for j in jobs]) or 1
-    status["attempt"] = attempt
+    plan.status["attempt"] = attempt
     plan.delete_attempts = sorted({j["attempt"] for j in jobs if j["attempt"] < attempt})
-
-    if phase in TERMINAL:
-        return plan
-
     job = next((j for j in jobs if j["attempt"] == attempt), None)
     current = [p for p in pods if p["attempt"] == attempt]
-    nodes = spec["resources"]["nodes"]
-    suspend = bool(spec.get("suspend"))
-    max_restarts = spec.get("maxRestarts", 3)
-
-    preflight = status.get("preflight") or {}
-    wants_preflight = (spec.get("preflight") or {}).get("enabled", True)
-    if job is None and attempt == 1 and wants_preflight and preflight.get("phase") != "Succeeded":
-        status.setdefault("startTime", ts)
-        if not pre_jobs:
-            plan.create_preflight = True
-            status["preflight"] = {"phase": "Running", "startTime": preflight.get("startTime", ts)}
-            transition("Pending", "PreflightStarted",
-                       "preflight: checking data, chat template and categories on CPU")
-            return plan
-        result = preflight_result(pre_pods, pre_jobs[0])
-        if result is None:
-            status["preflight"] = {**preflight, "phase": "Running", "job": pre_jobs[0]["name"]}
-            status["message"] = "preflight: checking data, chat template and categories on CPU"
-            return plan
-        figures = preflight_status(result, spec, config)
-        status["preflight"] = {**preflight, **figures, "job": pre_jobs[0]["name"],
-                               "completionTime": ts,
-                               "phase": "Succeeded" if result["ok"] else "Failed"}
-        if not result["ok"]:
-            first = "; ".join(figures["problems"][:3]) or "preflight failed"
-            if figures["missingCategories"]:
-                first += "; missing categories: " + ", ".join(
-                    f"{c} ({figures['categories'].get(c, 0)})"
-                    for c in figures["missingCategories"])
-            status["preflight"]["message"] = first[:1024]
-            status["completionTime"] = ts
-            transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024], "Warning")
-            set_condition(status, "Failed", True, "PreflightFailed", status["message"], ts,
-                          generation)
-            return plan
-        status["preflight"]["message"] = (
-            f"{figures.get('examples')} examples, {figures.get('tokens')} tokens, "
-            f"{figures.get('steps')} steps")
-        plan.events.append(("Normal", "PreflightPassed", status["preflight"]["message"]))
-
-    if job is None:
-        plan.create_attempt = attempt
-        status.setdefault("startTime", ts)
-        comet = (spec.get("tracking") or {}).get("comet")
-        status.setdefault("experimentKey", experiment_key(run["metadata"]["uid"]))
-        if comet:
-            status.setdefault("trackingUrl", comet_experiment_url(
-                comet["workspace"], comet["project"], status["experimentKey"]))
-        if suspend:
-            transition("Suspended", "Suspended", "the run is suspended")
-        else:
-            transition("Pending", "AttemptCreated", f"attempt {attempt}: creating the Job")
-        set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
-                      "spec.suspend is true" if suspend else "", ts, generation)
-        return plan
-
     failed_pod = any(p["phase"] == "Failed" for p in current)
-    if job["complete"] and not failed_pod:
-        return succeed(plan, run, job, current, ts, config)
+    wants_preflight = (run["spec"].get("preflight") or {}).get("enabled", True)
 
-    if job["failed"] is not None or failed_pod:
-        why = describe_failure(current, job)
-        record_attempt(status, attempt, job, current, "Failed", "AttemptFailed", why, spec, ts,
-                       config)
-        if attempt <= max_restarts:
-            status["attempt"] = attempt + 1
-            plan.delete_attempts.append(attempt)
-            plan.create_attempt = attempt + 1
-            plan.events.append(("Warning", "AttemptFailed",
-                                f"attempt {attempt} failed ({why}); starting attempt "
-                                f"{attempt + 1} of {max_restarts + 1}, resuming from the last "
-                                "complete checkpoint"))
-            status["phase"] = "Pending"
-            status["message"] = f"attempt {attempt} failed: {why}"
-            set_condition(status, "Running", False, "AttemptFailed", why, ts, generation)
-            return plan
-        plan.delete_attempts.append(attempt)
+    if plan.was in TERMINAL:
+        pass
+    elif (job is None and attempt == 1 and wants_preflight
+          and (plan.status.get("preflight") or {}).get("phase") != "Succeeded"
+          and not preflight(plan, run, pre_jobs, pre_pods, ts, config)):
+        pass  # preflight is running, or failed the run
+    elif job is None:
+        start_attempt(plan, run, ts)
+    elif job["complete"] and not failed_pod:
+        succeed(plan, run, job, current, ts, config)
+    elif job["failed"] is not None or failed_pod:
+        fail_attempt(plan, run, job, current, ts, config)
+    else:
+        follow_attempt(plan, run, job, current, ts)
+    checked(FineTuneRunStatus, plan.status)
+    return plan
+
+
+def preflight(plan: Plan, run: dict, jobs: list[dict], pods: list[dict], ts: str,
+              config: OperatorConfig) -> bool:
+    """Start, follow or conclude the preflight Job; True once it passed (training may start)."""
+    status, spec, generation = plan.status, run["spec"], run["metadata"].get("generation", 1)
+    before = status.get("preflight") or {}
+    status.setdefault("startTime", ts)
+    if not jobs:
+        plan.create_preflight = True
+        status["preflight"] = {"phase": "Running", "startTime": before.get("startTime", ts)}
+        plan.transition("Pending", "PreflightStarted",
+                        "preflight: checking data, chat template and categories on CPU")
+        return False
+    result = preflight_result(pods, jobs[0])
+    if result is None:
+        status["preflight"] = {**before, "phase": "Running", "job": jobs[0]["name"]}
+        status["message"] = "preflight: checking data, chat template and categories on CPU"
+        return False
+    figures = preflight_status(result, spec, config)
+    status["preflight"] = {**before, **figures, "job": jobs[0]["name"], "completionTime": ts,
+                           "phase": "Succeeded" if result["ok"] else "Failed"}
+    if not result["ok"]:
+        first = "; ".join(figures["problems"][:3]) or "preflight failed"
+        if figures["missingCategories"]:
+            first += "; missing categories: " + ", ".join(
+                f"{c} ({figures['categories'].get(c, 0)})" for c in figures["missingCategories"])
+        status["preflight"]["message"] = first[:1024]
         status["completionTime"] = ts
-        transition("Failed", "RestartBudgetExhausted",
-                   f"attempt {attempt} failed and the restart budget ({max_restarts}) is "
-                   f"spent: {why}", "Warning")
-        set_condition(status, "Running", False, "AttemptFailed", why, ts, generation)
-        set_condition(status, "Failed", True, "RestartBudgetExhausted", status["message"], ts,
-                      generation)
-        return plan
+        plan.transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024], "Warning")
+        set_condition(status, "Failed", True, "PreflightFailed", status["message"], ts, generation)
+        return False
+    status["preflight"]["message"] = (
+        f"{figures.get('examples')} examples, {figures.get('tokens')} tokens, "
+        f"{figures.get('steps')} steps")
+    plan.events.append(("Normal", "PreflightPassed", status["preflight"]["message"]))
+    return True
 
+
+def start_attempt(plan: Plan, run: dict, ts: str) -> None:
+    """The current attempt has no Job yet: create it (suspended when spec.suspend)."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    suspend = bool(spec.get("suspend"))
+    plan.create_attempt = attempt
+    status.setdefault("startTime", ts)
+    comet = (spec.get("tracking") or {}).get("comet")
+    status.setdefault("experimentKey", experiment_key(run["metadata"]["uid"]))
+    if comet:
+        status.setdefault("trackingUrl", comet_experiment_url(
+            comet["workspace"], comet["project"], status["experimentKey"]))
+    if suspend:
+        plan.transition("Suspended", "Suspended", "the run is suspended")
+    else:
+        plan.transition("Pending", "AttemptCreated", f"attempt {attempt}: creating the Job")
+    set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
+                  "spec.suspend is true" if suspend else "", ts,
+                  run["metadata"].get("generation", 1))
+
+
+def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+                 config: OperatorConfig) -> None:
+    """The attempt failed: start the next one (resuming from the checkpoint) while the restart
+    budget lasts, else fail the run."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    generation, max_restarts = run["metadata"].get("generation", 1), spec.get("maxRestarts", 3)
+    why = describe_failure(pods, job)
+    record_attempt(status, attempt, job, pods, "Failed", "AttemptFailed", why, spec, ts, config)
+    plan.delete_attempts.append(attempt)
+    set_condition(status, "Running", False, "AttemptFailed", why, ts, generation)
+    if attempt <= max_restarts:
+        status["attempt"] = attempt + 1
+        plan.create_attempt = attempt + 1
+        plan.events.append(("Warning", "AttemptFailed",
+                            f"attempt {attempt} failed ({why}); starting attempt "
+                            f"{attempt + 1} of {max_restarts + 1}, resuming from the last "
+                            "complete checkpoint"))
+        status["phase"] = "Pending"
+        status["message"] = f"attempt {attempt} failed: {why}"
+        return
+    status["completionTime"] = ts
+    plan.transition("Failed", "RestartBudgetExhausted",
+                    f"attempt {attempt} failed and the restart budget ({max_restarts}) is "
+                    f"spent: {why}", "Warning")
+    set_condition(status, "Failed", True, "RestartBudgetExhausted", status["message"], ts,
+                  generation)
+
+
+def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str) -> None:
+    """The attempt is under way: suspend or resume its Job, report scheduling and running."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
+    suspend = bool(spec.get("suspend"))
     if job["suspended"] != suspend:
         plan.suspend_job = (job["name"], suspend)
     set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
                   "spec.suspend is true" if suspend else "", ts, generation)
     if suspend:
-        transition("Suspended", "Suspended", "the run is suspended; its pods are stopped")
+        plan.transition("Suspended", "Suspended", "the run is suspended; its pods are stopped")
         set_condition(status, "Running", False, "Suspended", "", ts, generation)
-        return plan
+        return
 
-    unschedulable = [p for p in current if p["unschedulable"]]
+    unschedulable = [p for p in pods if p["unschedulable"]]
     if unschedulable:
         why = unschedulable[0]["unschedulable"]
         msg = f"{len(unschedulable)} pod(s) cannot be scheduled: {why}"
         set_condition(status, "Scheduled", False, "Unschedulable", msg, ts, generation)
         if not any(c.get("reason") == "Unschedulable" and c["status"] == "False"
-                   for c in old.get("conditions", []) if c["type"] == "Scheduled"):
+                   for c in (run.get("status") or {}).get("conditions", [])
+                   if c["type"] == "Scheduled"):
             plan.events.append(("Warning", "Unschedulable", msg))
-    elif len(current) == nodes and all(p["node"] for p in current):
+    elif len(pods) == nodes and all(p["node"] for p in pods):
         set_condition(status, "Scheduled", True, "Scheduled",
-                      f"{nodes} pod(s) placed on {len({p['node'] for p in current})} node(s)",
+                      f"{nodes} pod(s) placed on {len({p['node'] for p in pods})} node(s)",
                       ts, generation)
 
     # A pod that already exited 0 (a worker rank finishing first) still counts as up.
-    running = [p for p in current if p["phase"] in ("Running", "Succeeded")]
+    running = [p for p in pods if p["phase"] in ("Running", "Succeeded")]
     if len(running) == nodes:
-        transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
+        plan.transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
         set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts, generation)
     else:
         message = (f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
                    + ("; unschedulable" if unschedulable else ""))
-        transition("Pending", "Pending", message)
+        plan.transition("Pending", "Pending", message)
         set_condition(status, "Running", False, "PodsPending", message, ts, generation)
-    return plan
 
 
 def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
-            config: OperatorConfig) -> Plan:
+            config: OperatorConfig) -> None:
     """The attempt's Job completed. Rank 0's summary decides: a valid one marks the run
     Succeeded and asks for its model's registration (`plan.register`); a missing or malformed
     one fails the run (InvalidSummary) and registers nothing."""
@@ -336,7 +348,7 @@ def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
         set_condition(status, "Succeeded", False, "InvalidSummary", str(err), ts, generation)
         set_condition(status, "Failed", True, "InvalidSummary", str(err), ts, generation)
         plan.events = [("Warning", "InvalidSummary", str(err))]
-        return plan
+        return
     plan.transition("Succeeded", "Succeeded", f"attempt {attempt} completed")
     set_condition(status, "Succeeded", True, "JobComplete",
                   f"all {spec['resources']['nodes']} node(s) of attempt {attempt} exited 0",
@@ -350,7 +362,6 @@ def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
         status["trackingUrl"] = summary.tracking.url
     if not status.get("modelVersion"):
         plan.register = summary
-    return plan
 
 
 def registered(plan: Plan, mv: dict) -> None:
