@@ -17,7 +17,7 @@ def test_committed_crds_match_models(folder):
     committed = {p.name: p.read_text() for p in (ROOT / folder).glob("*.y*ml")}
     assert set(committed) == set(crdgen.render_files()), f"{folder}: run `make crds`"
     for name, text in crdgen.render_files().items():
-        assert committed[name] == text, f"{folder}/{name} drifted from api.py: run `make crds`"
+        assert committed[name] == text, f"{folder}/{name} drifted from the models: run `make crds`"
 
 
 def _walk(node, path="$"):
