@@ -40,6 +40,9 @@ class Pool(_Model):
     gpuHourPrice: float = Field(default=0.0, ge=0, description="Price of one GPU-hour.")
     tokensPerSecondPerGpu: float | None = Field(
         default=None, gt=0, description="Throughput figure for preflight estimates.")
+    gpuMemoryGB: float | None = Field(
+        default=None, gt=0, description="Memory of one GPU in GB (decimal): preflight refuses a "
+        "run whose per-GPU memory estimate exceeds it.")
     resources: PodResources = Field(default_factory=PodResources)
 
 
@@ -51,7 +54,8 @@ PRESETS: dict[str, Pool] = {
         tolerations=[_GPU_TOLERATION],
         gpusPerNode=8,
         gpuHourPrice=3.5,
-        tokensPerSecondPerGpu=2000.0),
+        tokensPerSecondPerGpu=2000.0,
+        gpuMemoryGB=141.0),
     "cpu": Pool(nodeSelector={POOL_LABEL: "cpu"}),
     "local": Pool(
         nodeSelector={EXECUTOR_LABEL: "local"},

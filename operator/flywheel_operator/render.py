@@ -294,13 +294,15 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
     config_map = _config_map(run, cm_name, labels, trainer_config(run, None))
     env = [_env("FLYWHEEL_RUN_NAME", meta["name"]), _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG)]
     world_size = spec.resources.nodes * spec.resources.gpusPerNode
+    memory = config.pool(spec.resources.nodePool).gpuMemoryGB
     container = {
         "name": "preflight",
         "image": spec.image or config.defaultImage,
         "command": ["python"],
-        # Steps are planned for the training world size (the operator prices them).
+        # Steps and per-GPU memory are planned for the training world size and pool.
         "args": ["-m", "flywheel_trainer", "--preflight", "--config", CONFIG_PATH,
-                 "--world-size", str(world_size)],
+                 "--world-size", str(world_size),
+                 *(["--device-memory-gb", f"{memory:g}"] if memory else [])],
         "env": env,
         "resources": _resources(pool, 0),
         "volumeMounts": list(_MOUNTS),

@@ -282,6 +282,9 @@ def test_preflight_job():
         "/etc/flywheel/config.json",
         "--world-size",
         str(run["spec"]["resources"]["nodes"] * run["spec"]["resources"]["gpusPerNode"]),
+        # The run's pool (h200), not the preflight pool: its GPUs bound the memory plan.
+        "--device-memory-gb",
+        "141",
     ]
     assert c["image"] == _container(_objects(run)[2])["image"]
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
@@ -295,6 +298,9 @@ def test_preflight_job():
     assert _pod(render.preflight_objects(run, local)[1])["nodeSelector"] == {
         "flywheel.dev/executor": "local"
     }
+    # A pool without a GPU memory figure: the plan is made but not checked.
+    run["spec"]["resources"]["nodePool"] = "local"
+    assert "--device-memory-gb" not in _container(render.preflight_objects(run, CONFIG)[1])["args"]
 
 
 def test_estimates():
