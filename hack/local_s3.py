@@ -204,7 +204,8 @@ def apply_secret(namespace: str, s3: S3 | None = None, name: str = SECRET_NAME,
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["env"]:
-        print(ENV_FILE.read_text() if ENV_FILE.exists() else load() and "", end="")
+        load()  # exits naming the missing file when the cluster is down
+        print(ENV_FILE.read_text(), end="")
     elif argv[:1] == ["upload"] and len(argv) == 3:
         for key in upload_dir(argv[1], argv[2]):
             print(key)
