@@ -93,10 +93,10 @@ def test_pvc_run_reads_from_its_claims_mounted_as_named(cluster, operator, names
     (claims / "datasets").mkdir(parents=True)
     (claims / "datasets" / "train.jsonl").write_bytes(train.read_bytes())
     (claims / "datasets" / "eval.jsonl").write_bytes(eval_.read_bytes())
-    (claims / "models").mkdir()
+    (claims / "models" / "tiny").mkdir(parents=True)
     for f in model_dir.iterdir():
-        (claims / "models" / f.name).write_bytes(f.read_bytes())
-    run = _run("pvc-good", namespace, "pvc://models/", "pvc://datasets/train.jsonl",
+        (claims / "models" / "tiny" / f.name).write_bytes(f.read_bytes())
+    run = _run("pvc-good", namespace, "pvc://models/tiny", "pvc://datasets/train.jsonl",
                "pvc://datasets/eval.jsonl", "pvc://outputs/pvc-good/")
     cluster.apply(run)
     status = _preflight_done(cluster, namespace, "pvc-good")
