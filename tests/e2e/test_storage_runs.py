@@ -87,6 +87,23 @@ def test_wrong_keys_fail_preflight_with_the_stores_code_and_no_secret_anywhere(
         assert wrong not in text and s3.secret_key not in text
 
 
+def _bound_claim(cluster: Cluster, ns: str, claim: str) -> None:
+    """A PersistentVolumeClaim bound to a hostPath PersistentVolume (the scheduler places no
+    pod whose claim is unbound; the local cluster has no provisioner)."""
+    pv = f"{ns}-{claim}"
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                   "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                            "storageClassName": "", "persistentVolumeReclaimPolicy": "Retain",
+                            "hostPath": {"path": str(ROOT / ".cache" / "pvc" / ns / claim)},
+                            "claimRef": {"namespace": ns, "name": claim}}})
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": claim, "namespace": ns},
+                   "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
+                            "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}}})
+    wait_until(lambda: cluster.get("pvc", claim, "-n", ns).get("status", {}).get("phase")
+               == "Bound", timeout=60, message=f"claim {claim} bound")
+
+
 def test_pvc_run_reads_from_its_claims_mounted_as_named(cluster, operator, namespace, assets):
     model_dir, train, eval_ = assets
     claims = ROOT / ".cache" / "pvc" / namespace  # the local executor's folder per claim
@@ -96,6 +113,8 @@ def test_pvc_run_reads_from_its_claims_mounted_as_named(cluster, operator, names
     (claims / "models" / "tiny").mkdir(parents=True)
     for f in model_dir.iterdir():
         (claims / "models" / "tiny" / f.name).write_bytes(f.read_bytes())
+    for claim in ("models", "datasets", "outputs"):
+        _bound_claim(cluster, namespace, claim)
     run = _run("pvc-good", namespace, "pvc://models/tiny", "pvc://datasets/train.jsonl",
                "pvc://datasets/eval.jsonl", "pvc://outputs/pvc-good/")
     cluster.apply(run)
