@@ -34,7 +34,7 @@ build() {
   echo ">> built $tool in $((SECONDS - start))s" >&2
 }
 
-tools=${*:-etcd kubernetes kwok helm}
+tools=${*:-etcd kubernetes kwok helm versitygw}
 for tool in $tools; do
   case $tool in
     etcd)       build etcd "$BIN/etcd" "-s -w" go.etcd.io/etcd/server/v3 ;;
@@ -44,6 +44,7 @@ for tool in $tools; do
                   k8s.io/kubernetes/cmd/kube-scheduler ;;
     kwok)       build kwok "$BIN/kwok" "-s -w" sigs.k8s.io/kwok/cmd/kwok ;;
     helm)       build helm "$BIN/helm" "-s -w" helm.sh/helm/v3/cmd/helm ;;
+    versitygw)  build versitygw "$BIN/versitygw" "-s -w" github.com/versity/versitygw/cmd/versitygw ;;
     *) echo "unknown tool: $tool" >&2; exit 2 ;;
   esac
 done

@@ -1,4 +1,5 @@
-"""The local control plane: real etcd, kube-apiserver, controller-manager, scheduler and kwok.
+"""The local control plane: real etcd, kube-apiserver, controller-manager, scheduler and kwok,
+plus a real S3 server (versitygw, hack/local_s3.py) for the runs' models, data and outputs.
 
     python hack/cluster.py up      # idempotent: a no-op when the cluster is already healthy
     python hack/cluster.py down    # stops every process it started and removes the state
@@ -44,7 +45,7 @@ SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # Start order; down stops them in reverse.
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-              "kwok-local", "local-executor"]
+              "kwok-local", "local-executor", "versitygw"]
 
 
 def log(msg: str) -> None:
@@ -141,7 +142,8 @@ def pid_of(name: str) -> int | None:
     return int(pid_text) if cmdline.decode() == argv0 else None
 
 
-def start(name: str, args: list[str], argv0: str | None = None) -> None:
+def start(name: str, args: list[str], argv0: str | None = None,
+          env: dict[str, str] | None = None) -> None:
     """Start a component in its own session (it outlives this script), logging to LOGS."""
     if pid_of(name):
         return
@@ -152,6 +154,7 @@ def start(name: str, args: list[str], argv0: str | None = None) -> None:
         proc = subprocess.Popen(
             [argv0, *args], stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=STATE,
+            env={**os.environ, **env} if env else None,
         )
     (RUN / f"{name}.pid").write_text(f"{proc.pid} {argv0}")
     STARTED[name] = proc
@@ -278,6 +281,18 @@ def start_local_executor() -> None:
           argv0=sys.executable)
 
 
+def start_s3() -> None:
+    """The local S3 server (hack/local_s3.py): versitygw on loopback, generated root keys in
+    .cache/cluster/s3.json and s3.env, the demo's and the tests' buckets created."""
+    sys.path.insert(0, str(HACK))
+    import local_s3
+
+    s3, args, env = local_s3.cluster_server()
+    start("versitygw", args[1:], env=env)
+    wait_for("S3 server", lambda: local_s3.ready(s3), component="versitygw")
+    local_s3.create_buckets(s3)
+
+
 # --- nodes -------------------------------------------------------------------------------
 
 
@@ -348,7 +363,8 @@ def ensure_nodes() -> None:
 
 
 def up() -> None:
-    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok"], check=True)
+    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok", "versitygw"],
+                   check=True)
     if not (BIN / "kubectl").exists():
         raise SystemExit("cluster: .cache/bin/kubectl missing; run `make setup` first")
     if all(pid_of(c) for c in COMPONENTS) and apiserver_ready():
@@ -366,6 +382,7 @@ def up() -> None:
     start_kwok()
     ensure_nodes()
     start_local_executor()
+    start_s3()
     wait_for("default service account", lambda: kubectl("get", "sa", "default", "-n", "default"),
              component="kube-controller-manager")
     log(f"up; KUBECONFIG={KUBECONFIG}")

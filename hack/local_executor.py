@@ -3,7 +3,9 @@
 Pods scheduled to nodes labelled `flywheel.dev/executor=local` are executed on this machine:
 the container's own command, args and env (with `$(VAR)` expansion, fieldRef, secretKeyRef
 and configMapKeyRef resolved like the kubelet does), with ConfigMap volumes and emptyDirs
-materialised as local folders and every mount path in command, args and env pointed at them.
+materialised as local folders (a PersistentVolumeClaim as .cache/pvc/<namespace>/<claim>, so
+runs in a namespace share their claims) and every mount path in command, args and env
+pointed at them.
 The only other substitution is name resolution: the pod's stable DNS names (hostname +
 subdomain, as rank 0's rendezvous address) resolve to loopback via /etc/hosts entries that
 the executor adds and removes. Running, the exit code and the termination message are
@@ -31,6 +33,9 @@ from kubernetes.client.exceptions import ApiException
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "executor"
+PVC = ROOT / ".cache" / "pvc"  # claim C of namespace N is the folder .cache/pvc/N/C
+#: Storage credentials reach a pod only through its own spec (Secret refs), as on a real node.
+HOST_ONLY_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
 HOSTS = Path("/etc/hosts")
 HOSTS_MARK = "# flywheel-local-executor"
 NODE_LABEL = f"{EXECUTOR_LABEL}=local"
@@ -103,6 +108,9 @@ class Executor:
         volumes = self.materialise_volumes(pod, workdir)
         mounts = {m["mountPath"]: volumes[m["name"]]
                   for m in container.get("volumeMounts") or [] if m["name"] in volumes}
+        for mount_path, path in list(mounts.items()):
+            if path.parent.parent == PVC:  # claims mounted side by side: their root too
+                mounts.setdefault(str(Path(mount_path).parent), path.parent)
         term_path = container.get("terminationMessagePath", "/dev/termination-log")
         term_file = workdir / "termination-log"
         mounts[term_path] = term_file
@@ -118,7 +126,8 @@ class Executor:
             wait_port_free(port)
         hostnames = dns_names(pod)
         self.add_hosts(uid, hostnames)
-        full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        host_env = {k: v for k, v in os.environ.items() if not k.startswith(HOST_ONLY_ENV)}
+        full_env = {**host_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                     "HOSTNAME": spec.get("hostname", md["name"]), **env}
         log(f"start {md['namespace']}/{md['name']}: {' '.join(argv)}")
         with open(workdir / "output.log", "wb") as out:
@@ -192,6 +201,11 @@ class Executor:
         ns = pod["metadata"]["namespace"]
         paths = {}
         for vol in pod["spec"].get("volumes") or []:
+            if "persistentVolumeClaim" in vol:
+                path = PVC / ns / vol["persistentVolumeClaim"]["claimName"]
+                path.mkdir(parents=True, exist_ok=True)
+                paths[vol["name"]] = path
+                continue
             path = workdir / "volumes" / vol["name"]
             path.mkdir(parents=True)
             if "configMap" in vol:
@@ -273,12 +287,12 @@ def expand(value: str, env: dict[str, str]) -> str:
 
 
 def remap(value: str, mounts: dict[str, Path]) -> str:
-    """Point container paths under a mount at the mount's local folder."""
-    for mount_path in sorted(mounts, key=len, reverse=True):
-        if mount_path in ("/dev/shm",):
-            continue
-        value = value.replace(mount_path, str(mounts[mount_path]))
-    return value
+    """Point container paths under a mount at the mount's local folder (one pass, longest
+    mount path first, so a replaced path is never rewritten again)."""
+    paths = [p for p in sorted(mounts, key=len, reverse=True) if p != "/dev/shm"]
+    if not paths:
+        return value
+    return re.sub("|".join(map(re.escape, paths)), lambda m: str(mounts[m.group(0)]), value)
 
 
 def field_ref(pod: dict, path: str) -> str:

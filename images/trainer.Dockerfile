@@ -21,7 +21,7 @@ RUN PIP_CONSTRAINT=requirements.lock pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/flywheel \
  && /opt/flywheel/bin/pip install --only-binary=:all: -c requirements.lock \
       "$(ls /wheels/*.whl)[trainer]" \
- && /opt/flywheel/bin/python -c "import torch, transformers, comet_ml, flywheel_trainer.train" \
+ && /opt/flywheel/bin/python -c "import torch, transformers, comet_ml, s3fs, gcsfs, flywheel_trainer.train" \
  && test -x /opt/flywheel/bin/torchrun
 
 # --- final: the venv, RDMA user-space libraries for NCCL, a non-root user -----------------------

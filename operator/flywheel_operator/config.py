@@ -1,4 +1,4 @@
-"""Operator configuration: default image and node pool presets.
+"""Operator configuration: default image, node pool presets and storage defaults.
 
 Loaded from a YAML file (`--config` or env FLYWHEEL_OPERATOR_CONFIG); built-in defaults when
 neither is given. Pools in the file are added to (or replace, by name) the built-in presets.
@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .api import Toleration
+from .api import Storage, Toleration
 from .vocab import EXECUTOR_LABEL, POOL_LABEL
 
 ENV_VAR = "FLYWHEEL_OPERATOR_CONFIG"
@@ -72,6 +72,10 @@ class OperatorConfig(_Model):
     preflightPool: str = "cpu"
     preflightTimeoutSeconds: int = Field(default=1800, ge=60, description="Preflight deadline.")
     pools: dict[str, Pool] = Field(default_factory=lambda: dict(PRESETS))
+    storage: Storage = Field(
+        default_factory=Storage,
+        description="Cluster-wide storage defaults (S3 endpoint and region, credentials "
+        "Secret, GCS key, ServiceAccount) under every run's own `spec.storage`.")
 
     @model_validator(mode="after")
     def _known_pools(self) -> OperatorConfig:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from flywheel_trainer.config import TrainerConfig
 
-from .api import FineTuneRunSpec
+from .api import S3_SECRET_KEYS, FineTuneRunSpec, merge_storage
 from .config import GPU_RESOURCE, OperatorConfig, Pool
 from .vocab import (
     ATTEMPT_LABEL,
@@ -31,6 +31,8 @@ CONFIG_KEY = "config.json"
 TERMINATION_LOG = "/dev/termination-log"
 MASTER_PORT = 29500
 RUN_AS = 1000
+PVC_ROOT = "/pvc"  # the trainer's $FLYWHEEL_PVC_ROOT: claim C is mounted at /pvc/C
+GCS_KEY_DIR = "/var/run/secrets/flywheel/gcs"
 #: Longest base name: "<base>-a<attempt>-<index>" must stay a 63-char DNS label (pod hostname).
 MAX_BASE = 50
 
@@ -204,6 +206,59 @@ def _comet_env(spec: FineTuneRunSpec) -> list[dict[str, Any]]:
     return env
 
 
+# ---------------------------------------------------------------------------- storage
+
+
+def claims(spec: FineTuneRunSpec) -> dict[str, bool]:
+    """Every PersistentVolumeClaim a pvc:// URI of the run names -> read-only (the run only
+    reads from it: base model and datasets, never output or checkpoints)."""
+    uris = [(spec.baseModel, True), (spec.dataset.train, True), (spec.dataset.eval, True),
+            (spec.output.uri, False), (spec.checkpoint.uri, False)]
+    out: dict[str, bool] = {}
+    for uri, read_only in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = uri[len("pvc://"):].split("/", 1)[0]
+            out[claim] = out.get(claim, True) and read_only
+    return dict(sorted(out.items()))
+
+
+def storage_wiring(spec: FineTuneRunSpec, config: OperatorConfig) -> dict[str, Any]:
+    """Env, volumes, mounts and ServiceAccount that give the trainer and preflight pods the
+    run's storage: the run's `spec.storage` over the operator config's defaults, plus a mount
+    per pvc:// claim. Secrets are only named (secretKeyRef, secret volume), never read."""
+    st = merge_storage(spec.storage, config.storage)
+    env: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if st.s3:
+        if st.s3.endpoint:
+            env.append(_env("AWS_ENDPOINT_URL_S3", st.s3.endpoint))
+        if st.s3.region:
+            env.append(_env("AWS_REGION", st.s3.region))
+        if st.s3.credentialsSecret:
+            env += [{"name": key, "valueFrom": {"secretKeyRef": {
+                "name": st.s3.credentialsSecret, "key": key,
+                **({"optional": True} if optional else {})}}}
+                for key, optional in S3_SECRET_KEYS.items()]
+    if st.gcs and st.gcs.keySecretRef:
+        ref = st.gcs.keySecretRef
+        volumes.append({"name": "gcs-key", "secret": {
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "key.json"}],
+            "defaultMode": 0o440}})
+        mounts.append({"name": "gcs-key", "mountPath": GCS_KEY_DIR, "readOnly": True})
+        env.append(_env("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json"))
+    named = claims(spec)
+    if named:
+        env.append(_env("FLYWHEEL_PVC_ROOT", PVC_ROOT))
+    for i, (claim, read_only) in enumerate(named.items()):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {
+            "claimName": claim, **({"readOnly": True} if read_only else {})}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}",
+                       **({"readOnly": True} if read_only else {})})
+    return {"env": env, "volumes": volumes, "mounts": mounts,
+            "serviceAccountName": st.serviceAccountName}
+
+
 def _volumes(config_map: str) -> list[dict[str, Any]]:
     return [{"name": "config", "configMap": {"name": config_map}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
@@ -224,11 +279,17 @@ def _job(run: dict[str, Any], name: str, labels: dict[str, str], pod_spec: dict[
             "spec": spec}
 
 
-def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None
-              ) -> dict[str, Any]:
-    return {"restartPolicy": "Never", "enableServiceLinks": False,
-            "automountServiceAccountToken": False, "securityContext": _pod_security(),
-            **_scheduling(pool, spec), "containers": [container], "volumes": _volumes(config_map)}
+def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None,
+              storage: dict[str, Any]) -> dict[str, Any]:
+    container = {**container, "env": [*container["env"], *storage["env"]],
+                 "volumeMounts": [*container["volumeMounts"], *storage["mounts"]]}
+    pod = {"restartPolicy": "Never", "enableServiceLinks": False,
+           "automountServiceAccountToken": False, "securityContext": _pod_security(),
+           **_scheduling(pool, spec), "containers": [container],
+           "volumes": [*_volumes(config_map), *storage["volumes"]]}
+    if storage["serviceAccountName"]:
+        pod["serviceAccountName"] = storage["serviceAccountName"]
+    return pod
 
 
 # ---------------------------------------------------------------------------- public renderers
@@ -278,7 +339,8 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -
                  "resources": _resources(pool, gpus), "volumeMounts": list(_MOUNTS),
                  "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
                  "securityContext": _container_security()}
-    pod_spec = {"subdomain": name, **_pod_spec(container, cm_name, pool, spec)}
+    pod_spec = {"subdomain": name,
+                **_pod_spec(container, cm_name, pool, spec, storage_wiring(spec, config))}
     job = _job(run, name, labels, pod_spec, nodes, indexed=True)
     return [config_map, service, job]
 
@@ -310,6 +372,7 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
         "terminationMessagePolicy": "File",
         "securityContext": _container_security()}
     # Preflight runs on the CPU pool: only the pool's own scheduling, not the run's GPU extras.
-    job = _job(run, name, labels, _pod_spec(container, cm_name, pool, None), 1, indexed=False)
+    pod_spec = _pod_spec(container, cm_name, pool, None, storage_wiring(spec, config))
+    job = _job(run, name, labels, pod_spec, 1, indexed=False)
     job["spec"]["activeDeadlineSeconds"] = config.preflightTimeoutSeconds
     return [config_map, job]

@@ -109,7 +109,7 @@ def test_killed_trainer_resumes_as_attempt_two_with_the_same_digest(
     start_run(cluster, demo_ns, "interrupted", assets, output)
 
     # Wait for the first complete checkpoint, then kill node 1's trainer processes.
-    wait_until(lambda: list((output / "checkpoints").glob("step-*/.metadata")),
+    wait_until(lambda: list((output / "checkpoints").glob("step-*/.complete")),
                timeout=TRAIN_TIMEOUT, interval=0.05, message="first checkpoint")
     pids = trainer_pids(demo_ns, "interrupted-a1", 1)
     assert pids, "node 1's trainer is running"

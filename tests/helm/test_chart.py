@@ -263,6 +263,17 @@ def test_helm_test_pod_is_restricted_and_not_selected_by_the_service(default):
     assert not all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
 
 
+def test_storage_defaults_reach_the_operator_config():
+    storage = {"s3": {"endpoint": "https://minio.storage:9000", "region": "us-east-1",
+                      "credentialsSecret": "s3-keys"},
+               "gcs": {"keySecretRef": {"name": "gcp-sa", "key": "key.json"}},
+               "serviceAccountName": "flywheel-trainer"}
+    objs = render({"config": {"storage": storage}})
+    loaded = OperatorConfig.model_validate(
+        yaml.safe_load(one(objs, "ConfigMap")["data"]["operator.yaml"]))
+    assert loaded.storage.model_dump(exclude_none=True) == storage
+
+
 @pytest.mark.parametrize(("flag", "complaint"), [
     (["--set", "bogus=1"], "additional properties 'bogus' not allowed"),
     (["--set", "image.tags=latest"], "additional properties 'tags' not allowed"),
@@ -272,6 +283,8 @@ def test_helm_test_pod_is_restricted_and_not_selected_by_the_service(default):
     (["--set", "config.pools.h200.gpusPerNode=-1"], "/config/pools/h200/gpusPerNode"),
     (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     (["--set", "metrics.serviceMonitor.enabled=yes"], "/metrics/serviceMonitor/enabled"),
+    (["--set", "config.storage.s3.accessKey=AKIA"], "additional properties 'accessKey'"),
+    (["--set", "config.storage.s3.endpoint=ftp://x"], "/config/storage/s3/endpoint"),
 ])
 def test_schema_rejects_unknown_keys_and_wrong_types(flag, complaint):
     proc = helm("template", "fw", str(CHART), *flag, check=False)

@@ -52,13 +52,24 @@ def test_pack_isolation(toy):
     assert not torch.allclose(leaky, alone, atol=1e-3)
 
 
-def test_only_steps_with_metadata_are_trusted(tmp_path):
-    for step, complete in ((2, True), (4, True), (6, False), (10, True), (12, False)):
-        d = tmp_path / f"step-{step}"
+def test_only_steps_with_a_complete_marker_are_trusted(tmp_path):
+    import json
+
+    def step(n: int, marker: dict | None) -> None:
+        d = tmp_path / f"step-{n}"
         d.mkdir()
-        (d / "__0_0.distcp").write_bytes(b"x")
-        if complete:
-            (d / ".metadata").write_bytes(b"m")
+        (d / "__0_0.distcp").write_bytes(b"xx")
+        (d / ".metadata").write_bytes(b"m")
+        if marker is not None:
+            (d / ".complete").write_text(json.dumps({"step": n, "files": marker}))
+
+    full = {"__0_0.distcp": 2, ".metadata": 1}
+    step(2, full)
+    step(4, full)
+    step(6, None)  # DCP finished but the marker was never written: torn
+    step(8, {**full, "__1_0.distcp": 5})  # an object the marker lists is gone: torn
+    step(10, full)
+    step(12, {"__0_0.distcp": 3, ".metadata": 1})  # a shard of another size: torn
     (tmp_path / "not-a-step").mkdir()
     assert complete_steps(str(tmp_path)) == [2, 4, 10]
     assert complete_steps(f"file://{tmp_path}") == [2, 4, 10]

@@ -130,7 +130,7 @@ def test_kill_and_resume_is_bitwise_equal(trained, toy, tmp_path):
     cfg = make_config(toy, out, dataset={"train": str(toy.train), "eval": None},
                       tracking={"comet": None})
     proc = launch(tmp_path, cfg, FLYWHEEL_DEBUG_STEP_DELAY_S="0.5")
-    first = out / "checkpoints" / "step-2" / ".metadata"
+    first = out / "checkpoints" / "step-2" / ".complete"
     deadline = time.time() + 240
     try:
         while not first.exists():
@@ -146,9 +146,9 @@ def test_kill_and_resume_is_bitwise_equal(trained, toy, tmp_path):
     finally:
         kill_group(proc)
     assert not (out / "model.safetensors").exists()
-    complete = sorted(int(p.parent.name[5:]) for p in out.glob("checkpoints/*/.metadata"))
+    complete = sorted(int(p.parent.name[5:]) for p in out.glob("checkpoints/*/.complete"))
     assert complete and complete[-1] < 8
-    # a torn write newer than every complete checkpoint (no .metadata) must be ignored
+    # a torn write newer than every complete checkpoint (no marker) must be ignored
     torn = out / "checkpoints" / "step-7"
     torn.mkdir(exist_ok=True)
     (torn / "__0_0.distcp").write_bytes(b"half a shard")

@@ -12,10 +12,11 @@ static rendezvous at rank 0's stable DNS name, `<job>-0.<job>.<namespace>.svc`, 
 Environment: FLYWHEEL_SUMMARY_PATH (default /dev/termination-log), FLYWHEEL_EXPERIMENT_KEY,
 FLYWHEEL_RUN_NAME, FLYWHEEL_ATTEMPT, COMET_API_KEY (optional, from a Secret),
 COMET_WORKSPACE, COMET_PROJECT_NAME, COMET_OFFLINE_DIRECTORY (optional), HF_TOKEN (hf:// base
-models), FLYWHEEL_PVC_ROOT (where the trainer looks for pvc://claim/path URIs, default /pvc;
-the operator does not mount claims itself).
+models), FLYWHEEL_PVC_ROOT (where pvc://claim/path URIs are mounted, default /pvc; the
+operator mounts each claim a run names at /pvc/CLAIM).
 
-Modules: config (torch-free spec models), chat (chat templates: loss spans, tool-call formats),
-data, model (load + parallelize), memory (per-GPU memory plan), checkpoint, evaluate, export,
-tracking (Comet + summary), train (the loop), preflight, toy (test assets).
+Modules: config (torch-free spec models), storage (every URI: s3, gs, pvc, file, hf),
+chat (chat templates: loss spans, tool-call formats), data, model (load + parallelize), memory
+(per-GPU memory plan), checkpoint, evaluate, export, tracking (Comet + summary), train (the
+loop), preflight, toy (test assets).
 """

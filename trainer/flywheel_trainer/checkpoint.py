@@ -1,19 +1,22 @@
 """Distributed checkpoints (torch.distributed.checkpoint), in the manner of torchtitan's
-components/checkpoint.py.
+components/checkpoint.py, saved and loaded directly against the store (storage.py).
 
 Layout: `<checkpoint.uri>/step-<N>/` holds one DCP checkpoint: model and optimizer (sharded),
 LR scheduler, the data position (the step; the data order is a pure function of seed and step)
-and every rank's RNG state. DCP writes `.metadata` last, after all ranks wrote their shards,
-so a step is trusted only when its `.metadata` exists; anything else is a torn write and
-ignored. After each save the newest `keep` complete steps are kept and everything older goes.
+and every rank's RNG state. Object stores have no atomic rename, so DCP's `.metadata` alone
+does not prove a step complete: after every rank's shards and DCP's `.metadata` are on the
+store, rank 0 writes `.complete` last, listing each object of the step and its size. A step is
+trusted only when its `.complete` exists and every object it lists is there with that size;
+anything else is a torn write and ignored (and cleared before that step is written again).
+After each save the newest `keep` complete steps are kept; older ones lose `.complete` first.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
-import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -24,40 +27,45 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from . import storage
+
 log = logging.getLogger("flywheel.checkpoint")
 STEP_DIR = re.compile(r"^step-(\d+)$")
+MARKER = ".complete"
 
 
-def _fs(uri: str):
-    from .data import local_path
+def _steps(uri: str) -> dict[int, str]:
+    """Every step directory under `uri` (complete or not): step -> its URI."""
+    return {int(m.group(1)): storage.join(uri, e["name"]) for e in storage.listdir(uri)
+            if e["type"] == "directory" and (m := STEP_DIR.match(e["name"]))}
 
-    return fsspec.core.url_to_fs(local_path(uri))
+
+def is_complete(step_uri: str) -> bool:
+    """The step's marker exists and every object it lists is on the store with its size."""
+    files = {e["name"]: e["size"] for e in storage.listdir(step_uri) if e["type"] == "file"}
+    if MARKER not in files:
+        return False
+    try:
+        with storage.open_uri(storage.join(step_uri, MARKER), "rb") as f:
+            listed = json.loads(f.read())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(files.get(name) == size for name, size in listed.items())
 
 
 def complete_steps(uri: str) -> list[int]:
-    """Steps under `uri` whose DCP metadata exists, oldest first."""
-    fs, root = _fs(uri)
-    if not fs.exists(root):
-        return []
-    steps = []
-    for entry in fs.ls(root, detail=False):
-        m = STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        if m and fs.exists(f"{entry.rstrip('/')}/.metadata"):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    """Steps under `uri` that are complete on the store, oldest first."""
+    return sorted(step for step, path in _steps(uri).items() if is_complete(path))
 
 
-def _storage(uri: str, write: bool):
-    """DCP writer/reader: the plain filesystem one for local paths, fsspec for the rest."""
-    from .data import local_path
-
-    uri = local_path(uri)
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-
-    return FsspecWriter(uri) if write else FsspecReader(uri)
+def mark_complete(step_uri: str, step: int) -> None:
+    """Write the step's marker, last: it lists every object of the step and its size."""
+    files = {e["name"]: e["size"] for e in storage.listdir(step_uri)
+             if e["type"] == "file" and e["name"] != MARKER}
+    if ".metadata" not in files:
+        raise OSError(f"{step_uri}: DCP's .metadata is missing after the save")
+    storage.pipe(storage.join(step_uri, MARKER),
+                 json.dumps({"step": step, "files": files}, sort_keys=True).encode())
 
 
 class CheckpointManager:
@@ -70,7 +78,7 @@ class CheckpointManager:
         self.extra: dict = {}  # tokens seen and last loss, restored with the step
 
     def _path(self, step: int) -> str:
-        return f"{self.uri}/step-{step}"
+        return storage.join(self.uri, f"step-{step}")
 
     def _state(self, step: int) -> dict:
         return {
@@ -92,31 +100,42 @@ class CheckpointManager:
         return step % self.every == 0 or step == last_step
 
     def save(self, step: int) -> None:
-        if step in complete_steps(self.uri):
+        path = self._path(step)
+        done = is_complete(path) if self.rank == 0 else None
+        flag = [done]
+        dist.broadcast_object_list(flag, src=0)  # one rank decides, all agree
+        if flag[0]:
             return
-        dcp.save(self._state(step), storage_writer=_storage(self._path(step), write=True))
+        if self.rank == 0 and step in _steps(self.uri):
+            storage.rm(path, recursive=True)  # a torn write of this step: start clean
         dist.barrier()
+        dcp.save(self._state(step), storage_writer=storage.dcp_writer(path))
+        # dcp.save returns on every rank only after all shards and `.metadata` are written
         if self.rank == 0:
+            mark_complete(path, step)
             self._purge(step)
         dist.barrier()
-        log.info("saved checkpoint step %d to %s", step, self._path(step))
+        log.info("saved checkpoint step %d to %s", step, path)
 
     def _purge(self, newest: int) -> None:
-        fs, root = _fs(self.uri)
         keep = set(complete_steps(self.uri)[-self.keep:])
-        for entry in fs.ls(root, detail=False):
-            m = STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
-            if m and int(m.group(1)) not in keep and int(m.group(1)) <= newest:
-                fs.rm(entry, recursive=True)
+        for step, path in sorted(_steps(self.uri).items()):
+            if step not in keep and step <= newest:
+                marker = storage.join(path, MARKER)
+                if storage.exists(marker):
+                    storage.rm(marker)  # untrusted first, so a half-removed step is ignored
+                storage.rm(path, recursive=True)
 
     def load_latest(self) -> int:
         """Restore the newest complete checkpoint; returns its step (0 when there is none)."""
-        steps = complete_steps(self.uri)
-        if not steps:
+        steps = complete_steps(self.uri) if self.rank == 0 else None
+        flag = [steps[-1] if steps else 0]
+        dist.broadcast_object_list(flag, src=0)  # every rank loads the same step
+        step = flag[0]
+        if not step:
             return 0
-        step = steps[-1]
         state = self._state(step)
-        dcp.load(state, storage_reader=_storage(self._path(step), write=False))
+        dcp.load(state, storage_reader=storage.dcp_reader(self._path(step)))
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         self.scheduler.last_epoch = int(state["scheduler"]["last_epoch"])

@@ -15,16 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
 from .chat import ChatError, ChatFormat
+from .storage import open_uri
 
 IGNORE_INDEX = -100
 DEFAULT_CATEGORY = "uncategorized"
@@ -35,18 +33,6 @@ FILTERS = ("invalid_tool_arguments", "unknown_tool", "empty_assistant", "duplica
 
 class DataError(ValueError):
     """Malformed input lines; the message lists `file:line: what is wrong` for each."""
-
-
-def open_uri(uri: str, mode: str = "rt"):
-    """Open a data URI through fsspec (`file://`, plain paths, `s3://`, `hf://`, `pvc://`)."""
-    return fsspec.open(local_path(uri), mode).open()
-
-
-def local_path(uri: str) -> str:
-    """Map `pvc://claim/path` to where the operator mounts claims; other URIs pass through."""
-    if uri.startswith("pvc://"):
-        return os.path.join(os.environ.get("FLYWHEEL_PVC_ROOT", "/pvc"), uri[len("pvc://"):])
-    return uri
 
 
 # ----------------------------------------------------------------------------- validation

@@ -1,32 +1,39 @@
-"""Export: a consolidated Hugging Face directory written through fsspec, plus its digest.
+"""Export: a consolidated Hugging Face directory streamed to the store, plus its digest.
 
 Parameters are gathered one tensor at a time (`DTensor.full_tensor`, collective) and rank 0
-writes them into safetensors shards of at most `shard_bytes`, so no rank ever holds the whole
-model. Config, generation config and the tokenizer (with its chat template) go beside them.
+streams each straight into its safetensors shard on the store (the shard's header is known
+from the shapes before any tensor is gathered), so neither a rank nor the upload ever holds a
+whole shard, let alone the model: S3 gets a multipart upload, part by part. Config,
+generation config, the tokenizer (with its chat template) and any `extra_files` go beside.
 
 Digest: `sha256:` + sha256 over the lines `<sha256 of file>  <name>\\n` of every top-level file
-of the artifact directory, sorted by name (`sha256sum` format); subdirectories (checkpoints,
-comet-offline) are not part of the artifact.
+of the artifact directory, sorted by name (`sha256sum` format), each file hashed from exactly
+the bytes uploaded; subdirectories (checkpoints, comet-offline) are not part of the artifact.
+`digest_dir` recomputes it by reading the artifact back from the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
-import fsspec
 import torch
 import torch.distributed as dist
-from safetensors.torch import save as st_save
 from torch.distributed.tensor import DTensor
 
-from .data import local_path
+from . import storage
 from .model import _fqn
 
 SHARD_BYTES = 5 * 1024**3
+FORMAT = "huggingface-safetensors"
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int8: "I8",
+             torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def _export_dtype(config) -> torch.dtype:
@@ -41,15 +48,46 @@ def digest_lines(named_hashes: dict[str, str]) -> str:
     return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 
+def safetensors_header(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> bytes:
+    """The safetensors prefix (u64 length + JSON header, padded to 8 bytes) for tensors of
+    `dtype` laid out back to back in the order given."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _side_files(model, tokenizer, base_path: str, tmp: Path) -> None:
+    """Config (use_cache on for inference), tokenizer and generation config into `tmp`."""
+    config = model.config
+    use_cache, config.use_cache = config.use_cache, True
+    config.save_pretrained(tmp)
+    config.use_cache = use_cache
+    tokenizer.save_pretrained(tmp)
+    gen = Path(base_path) / "generation_config.json"
+    if gen.exists():
+        shutil.copy(gen, tmp / "generation_config.json")
+
+
 @torch.no_grad()
 def export_hf(model, tokenizer, base_path: str, uri: str, d,
-              shard_bytes: int = SHARD_BYTES) -> dict:
-    """Write the model to `uri`; returns {uri, digest, format} on rank 0 ({} elsewhere)."""
+              shard_bytes: int = SHARD_BYTES,
+              extra_files: dict[str, bytes] | None = None) -> dict:
+    """Write the model to `uri`; returns {uri, digest, format} on rank 0 ({} elsewhere).
+    `extra_files` (name -> content) are written beside it and covered by the digest."""
     dtype = _export_dtype(model.config)
     tied = getattr(model.config, "tie_word_embeddings", False)
     state = [(_fqn(k), v) for k, v in model.state_dict().items()
              if not (tied and _fqn(k) == "lm_head.weight")]
-    # plan shards by size (same on every rank), then gather and write shard by shard
+    # plan shards by size (same on every rank), then gather and stream shard by shard
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in state:
@@ -59,65 +97,48 @@ def export_hf(model, tokenizer, base_path: str, uri: str, d,
             size = 0
         shards[-1].append((name, t))
         size += nbytes
-    fs, root = fsspec.core.url_to_fs(local_path(uri))
-    root = root.rstrip("/")
     hashes: dict[str, str] = {}
     weight_map: dict[str, str] = {}
     if d.is_main:
-        fs.makedirs(root, exist_ok=True)
+        storage.makedirs(uri)
     for i, shard in enumerate(shards):
         fname = ("model.safetensors" if len(shards) == 1
                  else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-        tensors = {}
-        for name, t in shard:
-            full = t.full_tensor() if isinstance(t, DTensor) else t
-            if d.is_main:
-                tensors[name] = full.to(device="cpu", dtype=dtype).contiguous()
-                weight_map[name] = fname
-        if d.is_main:
-            blob = st_save(tensors, metadata={"format": "pt"})
-            with fs.open(f"{root}/{fname}", "wb") as f:
-                f.write(blob)
-            hashes[fname] = hashlib.sha256(blob).hexdigest()
-            del blob, tensors
+        writer = storage.write_hashed(storage.join(uri, fname)) if d.is_main else None
+        with writer or contextlib.nullcontext() as out:
+            if out:
+                out.write(safetensors_header([(n, tuple(t.shape)) for n, t in shard], dtype))
+            for name, t in shard:
+                full = t.full_tensor() if isinstance(t, DTensor) else t  # collective
+                if out:
+                    out.write(full.to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+                              .view(torch.uint8).numpy())
+                    weight_map[name] = fname
+                del full
+        if out:
+            hashes[fname] = out.hexdigest()
     result: dict = {}
     if d.is_main:
         with tempfile.TemporaryDirectory() as tmp:
-            config = model.config
-            use_cache, config.use_cache = config.use_cache, True
-            config.save_pretrained(tmp)
-            config.use_cache = use_cache
-            tokenizer.save_pretrained(tmp)
-            gen = Path(base_path) / "generation_config.json"
-            if gen.exists():
-                shutil.copy(gen, Path(tmp) / "generation_config.json")
+            _side_files(model, tokenizer, base_path, Path(tmp))
             if len(shards) > 1:
                 total = sum(t.numel() * dtype.itemsize for _, t in state)
                 (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(
                     {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            for name, content in (extra_files or {}).items():
+                (Path(tmp) / name).write_bytes(content)
             for p in sorted(Path(tmp).iterdir()):
-                data = p.read_bytes()
-                with fs.open(f"{root}/{p.name}", "wb") as f:
-                    f.write(data)
-                hashes[p.name] = hashlib.sha256(data).hexdigest()
+                hashes[p.name] = storage.upload_hashed(str(p), storage.join(uri, p.name))
         # stale top-level files from an earlier export would change the digest: remove them
-        for entry in fs.ls(root, detail=True):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] == "file" and name not in hashes:
-                fs.rm(entry["name"])
-        result = {"uri": uri, "digest": digest_lines(hashes),
-                  "format": "huggingface-safetensors"}
+        for entry in storage.listdir(uri):
+            if entry["type"] == "file" and entry["name"] not in hashes:
+                storage.rm(storage.join(uri, entry["name"]))
+        result = {"uri": uri, "digest": digest_lines(hashes), "format": FORMAT}
     dist.barrier()
     return result
 
 
 def digest_dir(uri: str) -> str:
-    """Recompute an artifact's digest from what is stored at `uri`."""
-    fs, root = fsspec.core.url_to_fs(local_path(uri))
-    hashes = {}
-    for entry in fs.ls(root.rstrip("/"), detail=True):
-        if entry["type"] == "file":
-            with fs.open(entry["name"], "rb") as f:
-                hashes[entry["name"].rstrip("/").rsplit("/", 1)[-1]] = hashlib.sha256(
-                    f.read()).hexdigest()
-    return digest_lines(hashes)
+    """Recompute an artifact's digest by reading every top-level file back from `uri`."""
+    return digest_lines({e["name"]: storage.sha256(storage.join(uri, e["name"]))
+                         for e in storage.listdir(uri) if e["type"] == "file"})

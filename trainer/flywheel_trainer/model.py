@@ -4,7 +4,6 @@ and parallelism, applied in one function (`parallelize`), torchtitan style."""
 from __future__ import annotations
 
 import datetime
-import fnmatch
 import json
 import os
 from dataclasses import dataclass
@@ -61,23 +60,21 @@ NO_WEIGHTS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*
 
 
 def resolve_model_path(uri: str, d: Dist | None = None, weights: bool = True) -> str:
-    """A local directory holding the base model: `file://`/plain paths as they are, `hf://org/name`
-    through the hub cache (HF_TOKEN from env), other fsspec URIs copied to a local cache once
-    per node (local rank 0 downloads, the rest wait). `weights=False` fetches only config and
-    tokenizer files (preflight)."""
-    from .data import local_path
+    """A local directory holding the base model: `file://`, `pvc://` and plain paths as they
+    are, `hf://org/name[@revision]` through the hub cache (HF_TOKEN from env), `s3://`/`gs://`
+    copied to a local cache once per node (local rank 0 downloads, the rest wait).
+    `weights=False` fetches only config and tokenizer files (preflight)."""
+    from . import storage
 
-    uri = local_path(uri)
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if "://" not in uri:
-        return uri
+    local = storage.local_path(uri)
+    if local is not None:
+        return local
     main_local = d is None or d.local_rank == 0
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
-        repo = uri[len("hf://"):]
-        kw = {"token": os.environ.get("HF_TOKEN"),
+        repo, revision = storage.parse_hf(uri)
+        kw = {"revision": revision, "token": os.environ.get("HF_TOKEN"),
               "allow_patterns": None if weights else NO_WEIGHTS}
         path = None
         if main_local:
@@ -85,19 +82,12 @@ def resolve_model_path(uri: str, d: Dist | None = None, weights: bool = True) ->
         if d is not None:
             dist.barrier()
         return path or snapshot_download(repo, **kw)
-    import fsspec
-
     cache = Path(os.environ.get("FLYWHEEL_MODEL_CACHE", "/tmp/flywheel-model"))
     target = cache / uri.replace("://", "/").strip("/")
     if not weights:
         target = target.with_name(target.name + "-noweights")
     if main_local and not (target / ".complete").exists():
-        fs, root = fsspec.core.url_to_fs(uri)
-        target.mkdir(parents=True, exist_ok=True)
-        for entry in fs.ls(root.rstrip("/"), detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if weights or any(fnmatch.fnmatch(name, p) for p in NO_WEIGHTS):
-                fs.get(entry, str(target / name), recursive=True)
+        storage.download_dir(uri, str(target), None if weights else NO_WEIGHTS)
         (target / ".complete").touch()
     if d is not None:
         dist.barrier()

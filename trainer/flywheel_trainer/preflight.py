@@ -24,6 +24,7 @@ import sys
 
 from .config import TrainerConfig
 from .data import DataError, Split, load_split, pack, plan_steps
+from .storage import preflight_result as check_run_storage
 
 LIMIT = 4096
 
@@ -145,7 +146,7 @@ def preflight(cfg: TrainerConfig, output: str | None, world_size: int | None = N
               show_examples: int = 0) -> int:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        result = plan(cfg, world, show_examples)
+        result = check_run_storage(cfg) or plan(cfg, world, show_examples)
     except (DataError, OSError, ValueError) as e:
         result = {"ok": False, "problems": [f"{type(e).__name__}: {e}"], "errors": []}
     text = _fit(result)

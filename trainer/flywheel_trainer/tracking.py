@@ -44,16 +44,14 @@ def comet_reachable(timeout: float = 3.0) -> bool:
 
 def _offline_dir(output_uri: str) -> tuple[str, str | None]:
     """(local archive directory, remote directory to copy it to at the end or None)."""
-    from .data import local_path
+    from . import storage
 
     if os.environ.get("COMET_OFFLINE_DIRECTORY"):
         return os.environ["COMET_OFFLINE_DIRECTORY"], None
-    out = local_path(output_uri).rstrip("/")
-    if out.startswith("file://"):
-        out = out[len("file://"):]
-    if "://" not in out:
-        return os.path.join(out, "comet-offline"), None
-    return tempfile.mkdtemp(prefix="comet-offline-"), out + "/comet-offline"
+    local = storage.local_path(output_uri)
+    if local is not None:
+        return os.path.join(local.rstrip("/"), "comet-offline"), None
+    return tempfile.mkdtemp(prefix="comet-offline-"), storage.join(output_uri, "comet-offline")
 
 
 class Tracker:
@@ -149,11 +147,11 @@ class Tracker:
         out = []
         for archive in archives:
             if self.remote_offline:
-                import fsspec
+                from . import storage
 
-                fs, root = fsspec.core.url_to_fs(self.remote_offline)
-                fs.put(archive, f"{root}/{os.path.basename(archive)}")
-                archive = f"{self.remote_offline}/{os.path.basename(archive)}"
+                remote = storage.join(self.remote_offline, os.path.basename(archive))
+                storage.put_file(archive, remote)
+                archive = remote
             log.warning("Comet offline archive: %s - upload it with: comet upload %s",
                         archive, archive)
             out.append(archive)

@@ -45,8 +45,16 @@ NO_QUERY_RULE = {
     "secrets; give the pods storage credentials instead"}
 
 
+#: pvc://CLAIM/path: CLAIM is the name of a PersistentVolumeClaim in the run's namespace.
+PVC_CLAIM_RULE = {
+    "rule": "!self.startsWith('pvc://') || "
+    "self.matches(r'^pvc://[a-z0-9]([-a-z0-9]{0,251}[a-z0-9])?/[^/?#]')",
+    "message": "pvc://CLAIM/path: CLAIM must name a PersistentVolumeClaim (lowercase letters, "
+    "digits and '-', at most 253, starting and ending alphanumeric) and a path must follow"}
+
+
 def uri_rules(kind: Literal["data", "model"]) -> list[dict[str, str]]:
-    """CEL rules for a URI field: scheme, no query string, no secret."""
+    """CEL rules for a URI field: scheme, pvc claim name, no query string, no secret."""
     if kind == "model":
         scheme = {
             "rule": f"self.matches(r'{MODEL_URI_RE}')",
@@ -57,7 +65,7 @@ def uri_rules(kind: Literal["data", "model"]) -> list[dict[str, str]]:
             "rule": f"self.matches(r'{DATA_URI_RE}')",
             "message": "must be s3://bucket/path, gs://bucket/path, file:///path or "
             "pvc://claim/path (no credentials)"}
-    return [scheme, NO_QUERY_RULE, NO_SECRET_RULE]
+    return [scheme, PVC_CLAIM_RULE, NO_QUERY_RULE, NO_SECRET_RULE]
 
 
 def cel(*rules: dict[str, str]) -> dict[str, Any]:

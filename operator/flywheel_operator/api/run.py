@@ -36,6 +36,7 @@ from .common import (
     conditions_field,
     uri_rules,
 )
+from .storage import Storage
 
 
 class Resources(SpecModel):
@@ -96,6 +97,10 @@ class FineTuneRunSpec(SpecModel):
     suspend: bool = Field(
         default=False, description="Stop the pods and set phase Suspended; false resumes.")
     preflight: Preflight = _obj(Preflight, "Preflight checks on CPU before training.")
+    storage: Storage | None = Field(
+        default=None,
+        description="Storage credentials and endpoints (Secret names, S3 endpoint, "
+        "ServiceAccount); unset fields come from the operator config's `storage`.")
 
 
 class Progress(BaseModel):
