@@ -4,10 +4,14 @@ Pods scheduled to nodes labelled `flywheel.dev/executor=local` are executed on t
 the container's own command, args and env (with `$(VAR)` expansion, fieldRef, secretKeyRef
 and configMapKeyRef resolved like the kubelet does), with ConfigMap volumes and emptyDirs
 materialised as local folders and every mount path in command, args and env pointed at them.
-The only other substitution is name resolution: the pod's stable DNS names (hostname +
-subdomain, as rank 0's rendezvous address) resolve to loopback via /etc/hosts entries that
-the executor adds and removes. Running, the exit code and the termination message are
-reported through the Pod status, as a kubelet would. Deleting a pod kills its process group.
+The only other substitution is the network: each pod gets its own loopback address
+(127.10.x.y) as `status.podIP`, and its stable DNS names (hostname + subdomain, as rank 0's
+rendezvous address) resolve to it via /etc/hosts entries that the executor adds and removes.
+Servers in the pod that bind `$FLYWHEEL_BIND_HOST` (the trainer's progress endpoint) listen on
+the pod's own address, so several pods serve the same container port at once, and a client
+reaches them at podIP:containerPort exactly as on a real cluster. Running, the exit code and
+the termination message are reported through the Pod status, as a kubelet would. Deleting a
+pod kills its process group.
 
 Development and tests only; started by `hack/cluster.py up` with the other components.
 """
@@ -51,6 +55,8 @@ class Executor:
         self.core = kubernetes.client.CoreV1Api(kube.client())
         self.procs: dict[str, subprocess.Popen | None] = {}  # pod uid -> process (None: starting)
         self.lock = threading.Lock()
+        self.ips: dict[str, str] = {}  # pod uid -> its loopback address
+        self.next_ip = 0
 
     # --- Kubernetes I/O: the operator's own REST helpers (flywheel_operator.kube) ---
     def patch_status(self, pod: dict, status: dict) -> None:
@@ -59,6 +65,7 @@ class Executor:
 
     def resolve_env(self, pod: dict, container: dict) -> dict[str, str]:
         ns = pod["metadata"]["namespace"]
+        pod_ip = self.ips.get(pod["metadata"]["uid"], "127.0.0.1")
         env: dict[str, str] = {}
         for src in container.get("envFrom") or []:
             if "configMapRef" in src:
@@ -71,7 +78,7 @@ class Executor:
                 continue
             ref = var.get("valueFrom") or {}
             if "fieldRef" in ref:
-                env[var["name"]] = field_ref(pod, ref["fieldRef"]["fieldPath"])
+                env[var["name"]] = field_ref(pod, ref["fieldRef"]["fieldPath"], pod_ip)
             elif "secretKeyRef" in ref:
                 env[var["name"]] = self.key_ref("secrets", ns, ref["secretKeyRef"], secret=True)
             elif "configMapKeyRef" in ref:
@@ -106,6 +113,7 @@ class Executor:
         term_path = container.get("terminationMessagePath", "/dev/termination-log")
         term_file = workdir / "termination-log"
         mounts[term_path] = term_file
+        pod_ip = self.allocate_ip(uid)
         env = self.resolve_env(pod, container)
         env = {k: remap(v, mounts) for k, v in env.items()}
         argv = [remap(expand(a, env), mounts)
@@ -117,9 +125,10 @@ class Executor:
         if port and any(re.fullmatch(r"--node[-_]rank=0", a) for a in argv):
             wait_port_free(port)
         hostnames = dns_names(pod)
-        self.add_hosts(uid, hostnames)
+        self.add_hosts(uid, hostnames, pod_ip)
         full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                    "HOSTNAME": spec.get("hostname", md["name"]), **env}
+                    "HOSTNAME": spec.get("hostname", md["name"]), "FLYWHEEL_BIND_HOST": pod_ip,
+                    **env}
         log(f"start {md['namespace']}/{md['name']}: {' '.join(argv)}")
         with open(workdir / "output.log", "wb") as out:
             proc = subprocess.Popen(argv, env=full_env, cwd=workdir, stdout=out,
@@ -132,8 +141,8 @@ class Executor:
             self.procs[uid] = proc
         started = now()
         self.patch_status(pod, {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}], "startTime": started,
+            "phase": "Running", "hostIP": "127.0.0.1", "podIP": pod_ip,
+            "podIPs": [{"ip": pod_ip}], "startTime": started,
             "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
                            for t in ("Initialized", "Ready", "ContainersReady")],
             "containerStatuses": [{"name": container["name"], "image": container["image"],
@@ -146,6 +155,7 @@ class Executor:
     def wait(self, pod: dict, proc: subprocess.Popen, term_file: Path, started: str) -> None:
         code = proc.wait()
         self.remove_hosts(pod["metadata"]["uid"])
+        self.release_ip(pod["metadata"]["uid"])
         message = term_file.read_bytes()[:4096].decode(errors="replace") if (
             term_file.exists()) else ""
         if code < 0:  # killed by a signal: report it the way a container runtime does
@@ -179,6 +189,7 @@ class Executor:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         self.remove_hosts(md["uid"])
+        self.release_ip(md["uid"])
         try:
             kube.request("DELETE", f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
                       {"gracePeriodSeconds": 0, "preconditions": {"uid": md["uid"]}})
@@ -206,11 +217,28 @@ class Executor:
             paths[vol["name"]] = path
         return paths
 
-    # --- /etc/hosts: the pod's stable DNS names resolve to loopback ---
-    def add_hosts(self, uid: str, names: list[str]) -> None:
+    # --- pod addresses: one loopback address per pod, its DNS names in /etc/hosts ---
+    def allocate_ip(self, uid: str) -> str:
+        """A loopback address no live pod holds; rotating, so a freed one is not reused soon."""
+        with self.lock:
+            if uid in self.ips:
+                return self.ips[uid]
+            taken = set(self.ips.values())
+            while True:
+                self.next_ip = self.next_ip % (250 * 250) + 1
+                ip = f"127.10.{self.next_ip // 250 + 1}.{self.next_ip % 250 + 1}"
+                if ip not in taken:
+                    self.ips[uid] = ip
+                    return ip
+
+    def release_ip(self, uid: str) -> None:
+        with self.lock:
+            self.ips.pop(uid, None)
+
+    def add_hosts(self, uid: str, names: list[str], ip: str = "127.0.0.1") -> None:
         with _hosts_lock:
             lines = HOSTS.read_text().splitlines()
-            lines.append(f"127.0.0.1 {' '.join(names)} {HOSTS_MARK} {uid}")
+            lines.append(f"{ip} {' '.join(names)} {HOSTS_MARK} {uid}")
             HOSTS.write_text("\n".join(lines) + "\n")
 
     def remove_hosts(self, uid: str | None = None) -> None:
@@ -246,6 +274,7 @@ class Executor:
                 proc = self.procs.pop(uid, None)
             if proc and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+            self.release_ip(uid)
             return
         if pod["metadata"].get("deletionTimestamp"):
             threading.Thread(target=self.stop, args=(pod,), daemon=True).start()
@@ -261,6 +290,7 @@ class Executor:
             self.start(pod)
         except Exception as err:  # report it on the pod, as a kubelet would
             log(f"cannot start {pod['metadata']['name']}: {err!r}")
+            self.release_ip(pod["metadata"]["uid"])
             self.patch_status(pod, {"phase": "Failed", "reason": "ExecutorError",
                                     "message": str(err)[:1024]})
 
@@ -281,7 +311,7 @@ def remap(value: str, mounts: dict[str, Path]) -> str:
     return value
 
 
-def field_ref(pod: dict, path: str) -> str:
+def field_ref(pod: dict, path: str, pod_ip: str = "127.0.0.1") -> str:
     md = pod["metadata"]
     match = re.fullmatch(r"metadata\.(annotations|labels)\['(.+)'\]", path)
     if match:
@@ -289,7 +319,7 @@ def field_ref(pod: dict, path: str) -> str:
     simple = {"metadata.name": md["name"], "metadata.namespace": md["namespace"],
               "metadata.uid": md["uid"], "spec.nodeName": pod["spec"].get("nodeName", ""),
               "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
-              "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
+              "status.podIP": pod_ip, "status.hostIP": "127.0.0.1"}
     return simple.get(path, "")
 
 
