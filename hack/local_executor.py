@@ -69,8 +69,13 @@ class Executor:
         env: dict[str, str] = {}
         for src in container.get("envFrom") or []:
             if "configMapRef" in src:
-                cm = kube.request("GET", f"/api/v1/namespaces/{ns}/configmaps/"
-                               f"{src['configMapRef']['name']}")
+                ref = src["configMapRef"]
+                try:
+                    cm = kube.request("GET", f"/api/v1/namespaces/{ns}/configmaps/{ref['name']}")
+                except kube.NotFound:
+                    if ref.get("optional"):
+                        continue
+                    raise ContainerConfigError(f'configmap "{ref["name"]}" not found') from None
                 env.update(cm.get("data") or {})
         for var in container.get("env") or []:
             if "value" in var:
@@ -86,18 +91,26 @@ class Executor:
         return {k: v for k, v in env.items() if v is not None}
 
     def key_ref(self, plural: str, ns: str, ref: dict, secret: bool = False) -> str | None:
+        """A Secret's or ConfigMap's key; a missing one is the kubelet's
+        CreateContainerConfigError, in the kubelet's words (unless the ref is optional)."""
+        kind = "Secret" if secret else "ConfigMap"
         try:
             obj = kube.request("GET", f"/api/v1/namespaces/{ns}/{plural}/{ref['name']}")
-        except (kube.NotFound, ApiException):
+        except kube.NotFound:
             if ref.get("optional"):
                 return None
-            raise
+            raise ContainerConfigError(f'{kind.lower()} "{ref["name"]}" not found') from None
+        raw = (obj.get("data") or {}).get(ref["key"])
+        if raw is None:
+            if ref.get("optional"):
+                return None
+            raise ContainerConfigError(f"couldn't find key {ref['key']} in {kind} "
+                                       f"{ns}/{ref['name']}")
         if secret:
             import base64
 
-            raw = (obj.get("data") or {}).get(ref["key"])
-            return base64.b64decode(raw).decode() if raw is not None else None
-        return (obj.get("data") or {}).get(ref["key"])
+            return base64.b64decode(raw).decode()
+        return raw
 
     # --- pod lifecycle ---
     def start(self, pod: dict) -> None:
@@ -217,6 +230,37 @@ class Executor:
             paths[vol["name"]] = path
         return paths
 
+    def waiting(self, pod: dict, reason: str, message: str, retry_s: float = 10) -> None:
+        """Pending with the container waiting for `reason`, as a kubelet reports it; tried
+        again after `retry_s` unless the pod has gone."""
+        uid = pod["metadata"]["uid"]
+        with self.lock:
+            if self.procs.get(uid, 0) is not None:  # deleted (popped) or started meanwhile
+                return
+        log(f"waiting {pod['metadata']['name']}: {reason}: {message}")
+        container = pod["spec"]["containers"][0]
+        self.patch_status(pod, {"phase": "Pending", "containerStatuses": [{
+            "name": container["name"], "image": container["image"], "ready": False,
+            "restartCount": 0, "started": False,
+            "state": {"waiting": {"reason": reason, "message": message}}}]})
+
+        def retry() -> None:
+            with self.lock:
+                if uid not in self.procs:
+                    return
+            try:
+                current = kube.request("GET", f"/api/v1/namespaces/{pod['metadata']['namespace']}"
+                                       f"/pods/{pod['metadata']['name']}")
+            except kube.NotFound:
+                return
+            if current["metadata"]["uid"] == uid and not current["metadata"].get(
+                    "deletionTimestamp"):
+                self.start_logged(current)
+
+        timer = threading.Timer(retry_s, retry)
+        timer.daemon = True
+        timer.start()
+
     # --- pod addresses: one loopback address per pod, its DNS names in /etc/hosts ---
     def allocate_ip(self, uid: str) -> str:
         """A loopback address no live pod holds; rotating, so a freed one is not reused soon."""
@@ -288,11 +332,18 @@ class Executor:
     def start_logged(self, pod: dict) -> None:
         try:
             self.start(pod)
+        except ContainerConfigError as err:  # the kubelet's wait-and-retry, in its words
+            self.release_ip(pod["metadata"]["uid"])
+            self.waiting(pod, "CreateContainerConfigError", str(err))
         except Exception as err:  # report it on the pod, as a kubelet would
             log(f"cannot start {pod['metadata']['name']}: {err!r}")
             self.release_ip(pod["metadata"]["uid"])
             self.patch_status(pod, {"phase": "Failed", "reason": "ExecutorError",
                                     "message": str(err)[:1024]})
+
+
+class ContainerConfigError(Exception):
+    """A Secret or ConfigMap the container's env needs is missing."""
 
 
 def expand(value: str, env: dict[str, str]) -> str:

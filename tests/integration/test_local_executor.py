@@ -63,3 +63,24 @@ def test_pods_serve_the_same_port_on_their_own_addresses(cluster, namespace):
     ips = {n: p["status"]["podIP"] for n, p in pods.items()}
     assert ips["a"] != ips["b"]
     assert all(p["status"]["podIPs"] == [{"ip": ips[n]}] for n, p in pods.items())
+
+
+def test_a_missing_secret_is_the_kubelets_create_container_config_error(cluster, namespace):
+    pod = progress_pod("needs-secret", "training")
+    pod["spec"]["containers"][0]["env"].append(
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "token"}}})
+    cluster.apply(pod, namespace)
+
+    def waiting():
+        status = cluster.get("pod", "needs-secret", "-n", namespace)["status"]
+        states = [cs["state"].get("waiting") for cs in status.get("containerStatuses") or []]
+        return status["phase"] == "Pending" and states and states[0]
+
+    state = wait_until(waiting, timeout=60, message="the container waits")
+    assert state == {"reason": "CreateContainerConfigError",
+                     "message": 'secret "absent" not found'}
+    # like the kubelet, it tries again: once the Secret exists, the pod runs
+    cluster.kubectl("create", "secret", "generic", "absent", "--from-literal=token=t",
+                    "-n", namespace)
+    wait_until(lambda: cluster.get("pod", "needs-secret", "-n", namespace)["status"]["phase"]
+               == "Running", timeout=60, message="runs once the Secret exists")
