@@ -171,6 +171,9 @@ class Executor:
         self.release_ip(pod["metadata"]["uid"])
         message = term_file.read_bytes()[:4096].decode(errors="replace") if (
             term_file.exists()) else ""
+        policy = pod["spec"]["containers"][0].get("terminationMessagePolicy")
+        if not message.strip() and code != 0 and policy == "FallbackToLogsOnError":
+            message = log_tail(term_file.parent / "output.log")  # the kubelet's fallback
         if code < 0:  # killed by a signal: report it the way a container runtime does
             code = 128 - code
         log(f"exit {pod['metadata']['namespace']}/{pod['metadata']['name']}: {code}")
@@ -372,6 +375,16 @@ def field_ref(pod: dict, path: str, pod_ip: str = "127.0.0.1") -> str:
               "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
               "status.podIP": pod_ip, "status.hostIP": "127.0.0.1"}
     return simple.get(path, "")
+
+
+def log_tail(path: Path, max_bytes: int = 2048, max_lines: int = 80) -> str:
+    """The end of a container log, as the kubelet's FallbackToLogsOnError takes it."""
+    if not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - max_bytes))
+        lines = f.read().decode(errors="replace").splitlines()
+    return "\n".join(lines[-max_lines:])
 
 
 def wait_port_free(port: int, timeout: float = 60) -> None:
