@@ -60,5 +60,9 @@ def test_progress_while_training_and_a_stopped_rank(toy, tmp_path):
         for before, after in zip(doc["ranks"], later["ranks"], strict=True):
             assert after["step"] == 3 and after["stepTime"] == before["stepTime"]
             assert after["heartbeatTime"] > before["heartbeatTime"]
+        # ... and say where they are: rank 0 waits in step 4's collective, rank 1 does not
+        rank0, rank1 = later["ranks"]
+        assert "forward_backward (train.py:" in rank0["where"], rank0
+        assert rank1["where"].startswith("_debug_stop (progress.py:"), rank1
     finally:
         kill_group(proc)

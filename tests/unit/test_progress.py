@@ -56,7 +56,8 @@ def test_snapshot_follows_stages_steps_and_checkpoints(monkeypatch):
     # rank 1 never heard from: listed, with no heartbeat
     assert doc["ranks"][0]["step"] == 7
     assert doc["ranks"][1] == {"rank": 1, "stage": None, "step": None, "stepTime": None,
-                               "heartbeatTime": None}
+                               "heartbeatTime": None, "where": None}
+    assert doc["ranks"][0]["where"]
     rep.heard({"rank": 1, "stage": "training", "step": 6, "stepTime": clock.t - 2,
                "heartbeatTime": clock.t - 1})
     assert progress.Reporter.snapshot(rep)["ranks"][1]["step"] == 6
@@ -135,3 +136,17 @@ def test_debug_stop_applies_to_its_attempt_and_rank_only(monkeypatch):
     progress._debug_stop(2, 1)  # another step
     with pytest.raises(Stopped):
         progress._debug_stop(3, 1)
+
+
+def test_heartbeat_says_where_the_main_thread_waits():
+    import threading
+
+    seen, done = {}, threading.Event()
+
+    def sample():
+        seen["where"] = progress.where_main()
+        done.set()
+
+    threading.Thread(target=sample).start()
+    done.wait(5)  # the main thread waits here while the other thread looks at it
+    assert seen["where"].startswith("wait (threading.py:")

@@ -19,7 +19,9 @@ to `FLYWHEEL_BIND_HOST` (default all interfaces):
     GET /metrics    the same as Prometheus text (flywheel_trainer_*)
 
 No Kubernetes API permission is involved: the operator reads the pod IP and the port.
-Stages: loading-model, tokenizing, training, evaluating, exporting.
+Stages: loading-model, tokenizing, training, evaluating, exporting. Each rank's heartbeat
+also says where its main thread is (a stack frame, sampled by the heartbeat thread), so a
+rank stuck outside the collectives the others wait in stands out.
 
 Test-only switch: `FLYWHEEL_DEBUG_STOP_AT_STEP=N` makes the trainer stop stepping (sleep
 forever, heartbeats going on) after step N, in attempt `FLYWHEEL_DEBUG_STOP_ATTEMPT` (default
@@ -111,9 +113,11 @@ class Reporter:
         return sum(s for _, s in self.window) / len(self.window) if self.window else None
 
     def own_state(self) -> dict:
-        """What this rank publishes (times as Unix seconds)."""
+        """What this rank publishes (times as Unix seconds), with where its main thread is
+        (e.g. waiting in a collective, or stuck in data loading)."""
         return {"rank": self.rank, "stage": self.stage_name, "step": self.step_no,
-                "stepTime": self.step_time, "heartbeatTime": self.clock()}
+                "stepTime": self.step_time, "heartbeatTime": self.clock(),
+                "where": where_main()}
 
     def heard(self, state: dict) -> None:
         with self.lock:
@@ -141,9 +145,10 @@ class Reporter:
             s = heard.get(r)
             ranks.append({"rank": r, "stage": s["stage"], "step": s["step"],
                           "stepTime": iso(s.get("stepTime")),
-                          "heartbeatTime": iso(s.get("heartbeatTime"))}
+                          "heartbeatTime": iso(s.get("heartbeatTime")),
+                          "where": s.get("where")}
                          if s else {"rank": r, "stage": None, "step": None, "stepTime": None,
-                                    "heartbeatTime": None})
+                                    "heartbeatTime": None, "where": None})
         return {
             "stage": self.stage_name, "stageTime": iso(self.stage_time),
             "step": self.step_no, "totalSteps": total,
@@ -158,6 +163,27 @@ class Reporter:
             "startTime": iso(self.start_time), "attempt": self.attempt,
             "worldSize": self.world_size, "ranks": ranks,
         }
+
+
+def where_main() -> str | None:
+    """Where the main thread is: its innermost frame and, when that is library code, the
+    trainer's own frame that called it, e.g. `wait (distributed_c10d.py:2810) <-
+    forward_backward (train.py:78)`."""
+    import sys
+
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return None
+
+    def name(f) -> str:
+        return f"{f.f_code.co_name} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})"
+
+    inner, own = frame, None
+    while frame is not None and own is None:
+        if "flywheel_trainer" in frame.f_code.co_filename:
+            own = frame
+        frame = frame.f_back
+    return name(inner) if own in (None, inner) else f"{name(inner)} <- {name(own)}"
 
 
 def prometheus_text(doc: dict) -> bytes:
