@@ -1,4 +1,5 @@
-"""`torchrun ... -m flywheel_trainer --config CONFIG.json [--preflight [--output PATH]]`.
+"""`torchrun ... -m flywheel_trainer --config CONFIG.json [--preflight [--output PATH]
+[--world-size N] [--device-memory-gb GB] [--show-examples N]]`.
 
 Exit codes: 0 done, 2 data or configuration error (no retry helps; see launch.py), else 1."""
 
@@ -20,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
                              "$FLYWHEEL_SUMMARY_PATH when set)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="preflight: ranks to plan optimizer steps for (default $WORLD_SIZE)")
+    parser.add_argument("--device-memory-gb", type=float, default=None,
+                        help="preflight: memory of one GPU in GB; refuse runs that cannot fit "
+                             "(default: deviceMemoryGB from the config)")
+    parser.add_argument("--show-examples", type=int, default=0, metavar="N",
+                        help="preflight: print the first N conversations as rendered, with the "
+                             "loss spans in « »")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -42,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
             write_summary({"error": f"ConfigError: {args.config}: {err}"})
         logging.getLogger("flywheel").error("config %s: %s", args.config, err)
         return EXIT_DATA_ERROR
+    if args.device_memory_gb:
+        cfg.deviceMemoryGB = args.device_memory_gb
     if args.preflight:
         from .preflight import preflight
 
-        return preflight(cfg, args.output, args.world_size)
+        return preflight(cfg, args.output, args.world_size, args.show_examples)
     from .train import run
 
     try:
