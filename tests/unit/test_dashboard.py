@@ -78,15 +78,17 @@ def test_dashboard_is_valid_and_queries_only_exported_metrics(dashboard):
         assert names, f"no metric in {expr!r}"
         used |= names
     assert used - exported == set(), f"not exported by the operator: {sorted(used - exported)}"
-    assert {"flywheel_runs", "flywheel_gpu_hours_total", "flywheel_estimated_cost_total"} <= used
+    assert {"flywheel_runs", "flywheel_gpu_hours_total", "flywheel_estimated_cost_total",
+            "flywheel_run_progress_percent", "flywheel_run_tokens_per_second",
+            "flywheel_run_eta_seconds", "flywheel_run_mfu", "flywheel_run_stalls_total"} <= used
 
 
 def test_dashboard_panels(dashboard):
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     titles = {p["title"] for p in dashboard["panels"]}
-    assert {"Runs by phase", "GPU-hours per model (time range)",
-            "Estimated cost per model (time range)"} <= titles
+    assert {"Runs by phase", "Progress", "Throughput (tokens/s)",
+            "GPU-hours per model (time range)", "Estimated cost per model (time range)"} <= titles
     for p in dashboard["panels"]:
         if p["type"] != "row":
             assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]

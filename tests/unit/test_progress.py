@@ -29,7 +29,7 @@ def test_snapshot_follows_stages_steps_and_checkpoints(monkeypatch):
     rep.stage("tokenizing")
     clock.t += 5
     rep.training(total_steps=10, start_step=4, steps_per_epoch=4,
-                 flops_per_token=1e9, peak_flops=1e12)
+                 mfu=lambda tps: tps / 2 * 1e9 / 1e12)
     doc = rep.snapshot()
     assert doc["stage"] == "training" and doc["step"] == 4 and doc["totalSteps"] == 10
     assert doc["lastCheckpoint"]["step"] == 4  # resumed from it, so it is complete

@@ -65,7 +65,7 @@ class Reporter:
         self.step_no, self.step_time = 0, None
         self.total_steps = self.steps_per_epoch = None
         self.loss = None
-        self.flops_per_token = self.peak_flops = None
+        self.mfu_of = None  # tokens/s -> model FLOPs utilisation (model.mfu), when known
         self.window: deque[tuple[int, float]] = deque(maxlen=WINDOW)  # (tokens, seconds)
         self.last_step_mono: float | None = None
         self.warm = False
@@ -80,11 +80,11 @@ class Reporter:
         self.stage_name, self.stage_time = name, self.clock()
 
     def training(self, total_steps: int, start_step: int, steps_per_epoch: int,
-                 flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
+                 mfu=None) -> None:
         self.stage("training")
         self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
         self.step_no, self.step_time = start_step, self.clock()
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.mfu_of = mfu
         if start_step:  # resumed: the checkpoint it resumed from is complete
             self.checkpoint_step = self.checkpoint_step or start_step
         self.last_step_mono, self.warm = time.monotonic(), False
@@ -128,8 +128,7 @@ class Reporter:
         own = self.own_state()
         self.heard(own)
         tps, sps = self.tokens_per_second(), self.seconds_per_step()
-        mfu = (tps / self.world_size * self.flops_per_token / self.peak_flops
-               if tps and self.flops_per_token and self.peak_flops else None)
+        mfu = self.mfu_of(tps) if self.mfu_of and tps else None
         total = self.total_steps
         eta = (max(0, total - self.step_no) * sps
                if total is not None and sps is not None and self.stage_name == "training"
@@ -343,11 +342,10 @@ def stage(name: str) -> None:
         _reporter.stage(name)
 
 
-def training(total_steps: int, start_step: int, steps_per_epoch: int,
-             flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
+def training(total_steps: int, start_step: int, steps_per_epoch: int, mfu=None) -> None:
+    """Training begins at `start_step`; `mfu(tokens_per_s)` gives the MFU (GPU runs)."""
     if _reporter:
-        _reporter.training(total_steps, start_step, steps_per_epoch, flops_per_token,
-                           peak_flops)
+        _reporter.training(total_steps, start_step, steps_per_epoch, mfu)
 
 
 def step(step: int, loss: float | None, tokens: int) -> None:

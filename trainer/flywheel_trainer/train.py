@@ -182,7 +182,8 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     tps = None
     window_tokens, window_t0 = 0, time.perf_counter()
     measured_tokens, measured_time = 0, 0.0
-    progress.training(total_steps, start_step, plan.steps_per_epoch, fpt, peak)
+    progress.training(total_steps, start_step, plan.steps_per_epoch,
+                      lambda tps: mfu(tps, d.world_size, fpt, peak))
 
     # ---- train
     model.train()
