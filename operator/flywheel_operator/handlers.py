@@ -9,6 +9,7 @@ arrives at start-up in kopf's memo (`memo.config`, see __main__)."""
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import heapq
 import logging
@@ -83,6 +84,8 @@ class Waker(threading.Thread):
         """The reconcile to call (the first binding wins: kopf's indexes never change)."""
         if self.reconcile is None:
             self.reconcile = reconcile
+            # kopf's context (its settings, which kopf.event needs) for this thread's reconciles
+            self.context = contextvars.copy_context()
             self.start()
 
     def wake(self, key: Key, after: float = 0.0) -> None:
@@ -113,7 +116,7 @@ class Waker(threading.Thread):
                 # Collapse duplicate wake-ups for the same key that are already due.
                 while self.heap and self.heap[0][1] == key and self.heap[0][0] <= time.monotonic():
                     heapq.heappop(self.heap)
-            self.attempt(key)
+            self.context.run(self.attempt, key)
 
 
 RUNS = Waker("run")
