@@ -31,6 +31,7 @@ from .vocab import (
     PLURALS,
     RUN_LABEL,
     SCHEDULE_LABEL,
+    TERMINAL,
     VERSION,
     format_time,
 )
@@ -196,7 +197,11 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
         if run["metadata"].get("deletionTimestamp"):
             return
         written = _written.get(key)
-        if written and written[0] == run["metadata"]["resourceVersion"]:
+        # A terminal status we wrote is final, even when the index meanwhile delivered an
+        # older write of ours (several status writes in a row: progress, then a failure).
+        if written and (written[0] == run["metadata"]["resourceVersion"] or (
+                written[1].get("phase") in TERMINAL
+                and (run.get("status") or {}).get("phase") not in TERMINAL)):
             run = {**run, "status": written[1]}
         started = time.monotonic()
         pods = list(run_pods.get(key, []))
