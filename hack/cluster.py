@@ -267,7 +267,9 @@ def start_kwok() -> None:
     start("kwok", [
         *common, f"--config={HACK / 'kwok' / 'pod-stages.yaml'}",
         "--manage-nodes-with-label-selector=type=kwok",
-        "--server-address=127.0.0.1:17247", "--cidr=10.244.0.0/16",
+        "--server-address=127.0.0.1:17247",
+        # fake pods' IPs (bench/operator_scale.py --training gives them loopback ones)
+        f"--cidr={os.environ.get('FLYWHEEL_FAKE_POD_CIDR', '10.244.0.0/16')}",
     ])
     # The local pool: kwok keeps the nodes alive; their pods belong to the local executor.
     start("kwok-local", [

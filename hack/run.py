@@ -181,18 +181,34 @@ def start_operator() -> subprocess.Popen | None:
 
 def follow(name: str, timeout: float = 900) -> dict:
     say(f"following FineTuneRun {NAMESPACE}/{name} (Ctrl-C stops watching, not the run)")
-    last, deadline = None, time.monotonic() + timeout
+    last, deadline, tty = None, time.monotonic() + timeout, sys.stdout.isatty()
     while time.monotonic() < deadline:
         status = get("ftr", name, "-n", NAMESPACE).get("status") or {}
         progress = status.get("progress") or {}
         pre = (status.get("preflight") or {}).get("phase")
-        line = (f"phase={status.get('phase', '-'):<10} attempt={status.get('attempt', '-')}"
-                + (f" preflight={pre}" if pre else "")
-                + (f" step={progress.get('step')}/{progress.get('totalSteps')}"
-                   if progress.get("step") is not None else "")
-                + (f"  {status['message']}" if status.get("message") else ""))
+        if status.get("phase") == "Running" and progress.get("totalSteps"):
+            # the live bar: stage, step/total, loss, tokens/s, ETA (status.progress)
+            done = progress.get("step", 0) / progress["totalSteps"]
+            line = (f"[{'#' * int(24 * done):.<24}] {progress.get('percent', '')} "
+                    f"attempt {status.get('attempt')} {progress.get('stage', '')} step "
+                    f"{progress.get('step')}/{progress['totalSteps']}"
+                    + (f" loss {progress['loss']:.3f}" if progress.get("loss") else "")
+                    + (f" {progress['tokensPerSecond']:.0f} tok/s"
+                       if progress.get("tokensPerSecond") else "")
+                    + (f" ETA {progress['eta'][11:19]}" if progress.get("eta") else ""))
+        else:
+            line = (f"phase={status.get('phase', '-'):<10} attempt={status.get('attempt', '-')}"
+                    + (f" preflight={pre}" if pre else "")
+                    + (f" step={progress.get('step')}/{progress.get('totalSteps')}"
+                       if progress.get("step") is not None else "")
+                    + (f"  {status['message']}" if status.get("message") else ""))
         if line != last:
-            print(f"  {datetime.now(UTC):%H:%M:%S}  {line}", flush=True)
+            bar = line.startswith("[") and tty  # redraw the bar in place on a terminal
+            if tty and not bar and (last or "").startswith("["):
+                print()
+            print(f"\r  {datetime.now(UTC):%H:%M:%S}  {line:<100}" if bar
+                  else f"  {datetime.now(UTC):%H:%M:%S}  {line}", end="" if bar else "\n",
+                  flush=True)
             last = line
         if status.get("phase") in ("Succeeded", "Failed"):
             return status

@@ -76,6 +76,21 @@ class OperatorConfig(_Model):
         default_factory=Storage,
         description="Cluster-wide storage defaults (S3 endpoint and region, credentials "
         "Secret, GCS key, ServiceAccount) under every run's own `spec.storage`.")
+    # watching runs (observe.py, poller.py)
+    progressIntervalSeconds: float = Field(
+        default=30, ge=1, description="Poll each training run's rank 0 at most this often.")
+    stallTimeoutSeconds: int = Field(
+        default=1800, ge=10, description="No heartbeat or no step for this long: Stalled "
+        "(a run's spec.stallTimeoutSeconds overrides it).")
+    loadingTimeoutSeconds: int = Field(
+        default=3600, ge=10, description="Allowance for start-up, model loading, tokenizing.")
+    evaluationTimeoutSeconds: int = Field(
+        default=3600, ge=10, description="Allowance for evaluation and export.")
+    startFailureGraceSeconds: int = Field(
+        default=120, ge=0, description="How long a container may wait in ImagePullBackOff, "
+        "ErrImagePull or CreateContainerConfigError before the run fails.")
+    ncclHeartbeatTimeoutSeconds: int = Field(
+        default=600, ge=10, description="TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC in trainer pods.")
 
     @model_validator(mode="after")
     def _known_pools(self) -> OperatorConfig:

@@ -84,6 +84,7 @@ KINDS = [
             _col("GPUs", ".spec.resources.gpusPerNode", "integer", desc="GPUs per node"),
             _col("Attempt", ".status.attempt", "integer"),
             _col("Progress", ".status.progress.percent"),
+            _col("ETA", ".status.progress.eta", desc="Estimated end of training"),
             AGE,
             _col("Model", ".spec.modelName", priority=1),
             _col("Version", ".status.modelVersion", priority=1),

@@ -9,6 +9,7 @@ arrives at start-up in kopf's memo (`memo.config`, see __main__)."""
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import heapq
 import logging
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 
 import kopf
 
-from . import kube, lifecycle, metrics, registry, render, schedules
+from . import kube, lifecycle, metrics, poller, registry, render, schedules
 from .config import OperatorConfig
 from .vocab import (
     API_VERSION,
@@ -30,6 +31,7 @@ from .vocab import (
     PLURALS,
     RUN_LABEL,
     SCHEDULE_LABEL,
+    TERMINAL,
     VERSION,
     format_time,
 )
@@ -45,6 +47,8 @@ CREATORS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-creat
 # The status we last wrote per run, with the resourceVersion it was based on: until the
 # watch delivers a newer version of the run, the index still holds the pre-write copy.
 _written: dict[Key, tuple[str, dict]] = {}
+#: Rank 0's progress of every training run, fetched by one shared thread (poller.py).
+POLLER: poller.Poller | None = None
 
 
 @kopf.on.startup()
@@ -55,6 +59,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 32
     memo.setdefault("config", OperatorConfig())
+    global POLLER
+    POLLER = poller.Poller(memo.config.progressIntervalSeconds, on_update=RUNS.wake)
     metrics.serve(memo.get("metrics_port", 0))
     log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(memo.config.pools)))
 
@@ -79,6 +85,8 @@ class Waker(threading.Thread):
         """The reconcile to call (the first binding wins: kopf's indexes never change)."""
         if self.reconcile is None:
             self.reconcile = reconcile
+            # kopf's context (its settings, which kopf.event needs) for this thread's reconciles
+            self.context = contextvars.copy_context()
             self.start()
 
     def wake(self, key: Key, after: float = 0.0) -> None:
@@ -109,7 +117,7 @@ class Waker(threading.Thread):
                 # Collapse duplicate wake-ups for the same key that are already due.
                 while self.heap and self.heap[0][1] == key and self.heap[0][0] <= time.monotonic():
                     heapq.heappop(self.heap)
-            self.attempt(key)
+            self.context.run(self.attempt, key)
 
 
 RUNS = Waker("run")
@@ -160,6 +168,8 @@ def run_event(type: str, namespace: str, name: str, body: kopf.Body, **kwargs) -
     if type == "DELETED":
         _written.pop((namespace, name), None)
         RUNS.failures.pop((namespace, name), None)
+        if POLLER:
+            POLLER.drop((namespace, name))
         return
     _reconcile_run((namespace, name), **kwargs)
 
@@ -187,13 +197,35 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
         if run["metadata"].get("deletionTimestamp"):
             return
         written = _written.get(key)
-        if written and written[0] == run["metadata"]["resourceVersion"]:
+        # A terminal status we wrote is final, even when the index meanwhile delivered an
+        # older write of ours (several status writes in a row: progress, then a failure).
+        if written and (written[0] == run["metadata"]["resourceVersion"] or (
+                written[1].get("phase") in TERMINAL
+                and (run.get("status") or {}).get("phase") not in TERMINAL)):
             run = {**run, "status": written[1]}
         started = time.monotonic()
-        plan = lifecycle.decide(run, list(run_jobs.get(key, [])), list(run_pods.get(key, [])),
-                                config=config)
+        pods = list(run_pods.get(key, []))
+        plan = lifecycle.decide(run, list(run_jobs.get(key, [])), pods, config=config,
+                                polled=POLLER.polled(key) if POLLER else None)
         execute(key, run, plan, config)
+        watch_progress(key, plan, pods)
+        if plan.recheck_after is not None:  # e.g. when a start failure's grace is up
+            RUNS.wake(key, plan.recheck_after + 1)
         metrics.RECONCILE.observe(time.monotonic() - started)
+
+
+def watch_progress(key: Key, plan: lifecycle.Plan, pods: list[dict]) -> None:
+    """Have the poller follow the current attempt's rank 0 while the run is Running."""
+    if POLLER is None:
+        return
+    attempt = plan.status.get("attempt")
+    rank0 = next((p for p in pods if p["component"] == "trainer" and p["attempt"] == attempt
+                  and p["index"] == 0 and p["phase"] == "Running"), None)
+    url = rank0 and poller.progress_url(rank0)
+    if plan.status.get("phase") == "Running" and url:
+        POLLER.want(key, attempt, url)
+    else:
+        POLLER.drop(key)
 
 
 def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -> None:
@@ -233,6 +265,8 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
     for event_type, reason, message in plan.events:
         kopf.event(run, type=event_type, reason=reason, message=message)
         log.info("%s/%s: %s: %s", namespace, name, reason, message)
+        if reason == "Stalled":
+            metrics.STALLS.labels(namespace, name, run["spec"]["modelName"]).inc()
 
 
 # --- registration -------------------------------------------------------------------------

@@ -18,13 +18,16 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from . import observe
 from .api import FineTuneRunStatus, checked
 from .config import OperatorConfig
+from .observe import DISRUPTION, FATAL, RETRY, Failure, Polled
 from .registry import Summary, SummaryError, parse_summary
 from .vocab import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
+    PROGRESS_PORT_NAME,
     TERMINAL,
     comet_experiment_url,
     estimate_cost,
@@ -48,6 +51,7 @@ def job_summary(body: dict) -> dict:
         "suspended": bool((body.get("spec") or {}).get("suspend")),
         "complete": "Complete" in conditions,
         "failed": conditions.get("Failed", {}).get("message") if "Failed" in conditions else None,
+        "failedReason": conditions.get("Failed", {}).get("reason"),
         "deleting": bool(body["metadata"].get("deletionTimestamp"))}
 
 
@@ -59,6 +63,12 @@ def pod_summary(body: dict) -> dict:
                        if (cs.get("state") or {}).get("terminated")), None)
     running = next((cs["state"]["running"] for cs in status.get("containerStatuses") or []
                     if (cs.get("state") or {}).get("running")), None)
+    waiting = next((cs["state"]["waiting"] for cs in status.get("containerStatuses") or []
+                    if (cs.get("state") or {}).get("waiting")), None)
+    disrupted = next((c for c in status.get("conditions") or []
+                      if c["type"] == "DisruptionTarget" and c["status"] == "True"), None)
+    port = next((p["containerPort"] for c in (body.get("spec") or {}).get("containers") or []
+                 for p in c.get("ports") or [] if p.get("name") == PROGRESS_PORT_NAME), None)
     return {
         "name": body["metadata"]["name"],
         "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
@@ -73,7 +83,14 @@ def pod_summary(body: dict) -> dict:
         "finishedAt": (terminated or {}).get("finishedAt"),
         "exitCode": (terminated or {}).get("exitCode"),
         "reason": (terminated or {}).get("reason"),
-        "message": (terminated or {}).get("message")}
+        "message": (terminated or {}).get("message"),
+        # what observe.py reads: disruption, stuck containers, rank 0's progress endpoint
+        "disruption": (disrupted.get("reason"), disrupted.get("message", ""))
+        if disrupted else None,
+        "waiting": (waiting.get("reason"), waiting.get("message", "")) if waiting else None,
+        "scheduledAt": scheduled.get("lastTransitionTime")
+        if scheduled and scheduled["status"] == "True" else None,
+        "ip": status.get("podIP"), "progressPort": port}
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -91,6 +108,7 @@ class Plan:
     delete_attempts: list[int] = field(default_factory=list)
     suspend_job: tuple[str, bool] | None = None  # (job name, suspend)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
+    recheck_after: float | None = None         # decide again in this many seconds
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal"):
         if phase != self.was:
@@ -120,7 +138,14 @@ def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict
                     "message": message[:1024], "gpuHours": pods_gpu_hours(pods, gpus, now)})
     status["attempts"] = sorted(({k: v for k, v in a.items() if v is not None}
                                  for a in records), key=lambda a: a["attempt"])
-    status["gpuHours"] = round(sum(a.get("gpuHours", 0.0) for a in status["attempts"]), 6)
+    add_gpu_hours(status, 0.0, spec, config)
+
+
+def add_gpu_hours(status: dict, running: float, spec: dict, config: OperatorConfig) -> None:
+    """gpuHours = the closed attempts' + `running` (the current attempt's so far), and its
+    estimatedCost: GPU-hours accumulate live while an attempt trains."""
+    status["gpuHours"] = round(running + sum(a.get("gpuHours", 0.0)
+                                             for a in status.get("attempts", [])), 6)
     try:
         pool = config.pool(spec["resources"].get("nodePool"))
         cost = estimate_cost(status["gpuHours"], pool.gpuHourPrice)
@@ -167,10 +192,11 @@ def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
 
 
 def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None,
-           config: OperatorConfig | None = None) -> Plan:
+           config: OperatorConfig | None = None, polled: Polled | None = None) -> Plan:
     """The run's next status and actions (status checked against FineTuneRunStatus). One step
     per stage: preflight, start_attempt, succeed, fail_attempt (restart or give up), else
-    follow_attempt (suspend, scheduling, running); a new stage is a new step here."""
+    follow_attempt (suspend, scheduling, running, progress, stalls); a new stage is a new
+    step here. `polled`: what the progress poller last heard from rank 0."""
     config, ts = config or OperatorConfig(), format_time(now)
     old = run.get("status") or {}
     plan = Plan(status=copy.deepcopy(old), was=old.get("phase"))
@@ -185,6 +211,8 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
     job = next((j for j in jobs if j["attempt"] == attempt), None)
     current = [p for p in pods if p["attempt"] == attempt]
     failed_pod = any(p["phase"] == "Failed" for p in current)
+    stuck, plan.recheck_after = observe.start_failure(current, ts,
+                                                      config.startFailureGraceSeconds)
     wants_preflight = (run["spec"].get("preflight") or {}).get("enabled", True)
 
     if plan.was in TERMINAL:
@@ -197,10 +225,11 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
         start_attempt(plan, run, ts)
     elif job["complete"] and not failed_pod:
         succeed(plan, run, job, current, ts, config)
-    elif job["failed"] is not None or failed_pod:
-        fail_attempt(plan, run, job, current, ts, config)
+    elif job["failed"] is not None or failed_pod or stuck:
+        fail_attempt(plan, run, job, current, ts, config, stuck or observe.classify(current, job))
     else:
-        follow_attempt(plan, run, job, current, ts)
+        follow_attempt(plan, run, job, current, ts, config,
+                       polled if polled and polled.attempt == attempt else None)
     checked(FineTuneRunStatus, plan.status)
     return plan
 
@@ -263,35 +292,51 @@ def start_attempt(plan: Plan, run: dict, ts: str) -> None:
 
 
 def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
-                 config: OperatorConfig) -> None:
-    """The attempt failed: start the next one (resuming from the checkpoint) while the restart
-    budget lasts, else fail the run."""
+                 config: OperatorConfig, failure: Failure) -> None:
+    """The attempt failed (observe.classify says how): start the next one, resuming from the
+    checkpoint, while its budget lasts (disruptions: maxDisruptions, other failures:
+    maxRestarts); fail the run at once on a data or start-up error, or when the budget is
+    spent."""
     status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    generation, max_restarts = run["metadata"].get("generation", 1), spec.get("maxRestarts", 3)
-    why = describe_failure(pods, job)
-    record_attempt(status, attempt, job, pods, "Failed", "AttemptFailed", why, spec, ts, config)
+    generation = run["metadata"].get("generation", 1)
+    why = f"{failure.reason}: {failure.message}"
+    record_attempt(status, attempt, job, pods, "Failed", failure.reason, failure.message, spec,
+                   ts, config)
     plan.delete_attempts.append(attempt)
-    set_condition(status, "Running", False, "AttemptFailed", why, ts, generation)
-    if attempt <= max_restarts:
+    set_condition(status, "Running", False, failure.reason, failure.message, ts, generation)
+    if failure.reason == "Stalled":
+        plan.events.append(("Warning", "Stalled", f"attempt {attempt}: {failure.message}"))
+    disrupted = sum(a.get("reason") in observe.DISRUPTED for a in status["attempts"])
+    failed = attempt - disrupted  # every attempt so far that was not disrupted failed
+    budget, used, name = ((spec.get("maxDisruptions", 10), disrupted, "disruption")
+                          if failure.kind == DISRUPTION
+                          else (spec.get("maxRestarts", 3), failed, "restart"))
+    if failure.kind != FATAL and used <= budget:
         status["attempt"] = attempt + 1
         plan.create_attempt = attempt + 1
-        plan.events.append(("Warning", "AttemptFailed",
-                            f"attempt {attempt} failed ({why}); starting attempt "
-                            f"{attempt + 1} of {max_restarts + 1}, resuming from the last "
-                            "complete checkpoint"))
+        plan.events.append(("Warning", "AttemptDisrupted" if failure.kind == DISRUPTION
+                            else "AttemptFailed",
+                            f"attempt {attempt} failed ({why}); starting attempt {attempt + 1} "
+                            f"({name} {used} of {budget}), resuming from the last complete "
+                            "checkpoint"))
         status["phase"] = "Pending"
-        status["message"] = f"attempt {attempt} failed: {why}"
+        status["message"] = f"attempt {attempt} failed: {why}"[:1024]
         return
     status["completionTime"] = ts
-    plan.transition("Failed", "RestartBudgetExhausted",
-                    f"attempt {attempt} failed and the restart budget ({max_restarts}) is "
-                    f"spent: {why}", "Warning")
-    set_condition(status, "Failed", True, "RestartBudgetExhausted", status["message"], ts,
-                  generation)
+    if failure.kind == FATAL:
+        reason, message = failure.reason, f"attempt {attempt} failed, not retried: {why}"
+    else:
+        reason = "DisruptionBudgetExhausted" if failure.kind == DISRUPTION else (
+            "RestartBudgetExhausted")
+        message = f"attempt {attempt} failed and the {name} budget ({budget}) is spent: {why}"
+    plan.transition("Failed", reason, message[:1024], "Warning")
+    set_condition(status, "Failed", True, reason, status["message"], ts, generation)
 
 
-def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str) -> None:
-    """The attempt is under way: suspend or resume its Job, report scheduling and running."""
+def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+                   config: OperatorConfig, polled: Polled | None = None) -> None:
+    """The attempt is under way: suspend or resume its Job, report scheduling and running;
+    while it trains, its progress and GPU-hours, or tear it down when it has stalled."""
     status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
     generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
     suspend = bool(spec.get("suspend"))
@@ -321,8 +366,24 @@ def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str) 
     # A pod that already exited 0 (a worker rank finishing first) still counts as up.
     running = [p for p in pods if p["phase"] in ("Running", "Succeeded")]
     if len(running) == nodes:
+        since = max((p["startedAt"] for p in running if p["startedAt"]), default=None)
+        stall = observe.stalled(polled, since, ts, observe.allowances(spec, config))
+        if stall:
+            set_condition(status, "Stalled", True, stall[0], stall[1][:1024], ts, generation)
+            fail_attempt(plan, run, job, pods, ts, config, Failure("Stalled", RETRY, stall[1]))
+            return
         plan.transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
         set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts, generation)
+        if any(c["type"] == "Stalled" for c in status.get("conditions", [])):
+            set_condition(status, "Stalled", False, "Training", f"attempt {attempt} is running",
+                          ts, generation)
+        if polled is not None:
+            status["progress"] = observe.progress_status(polled, status.get("progress"))
+            checkpoint = observe.last_checkpoint(polled, spec)
+            if checkpoint:
+                status["lastCheckpoint"] = checkpoint
+            add_gpu_hours(status, pods_gpu_hours(pods, spec["resources"]["gpusPerNode"],
+                                                 polled.polled_at), spec, config)
     else:
         message = (f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
                    + ("; unschedulable" if unschedulable else ""))
@@ -353,8 +414,9 @@ def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
     set_condition(status, "Succeeded", True, "JobComplete",
                   f"all {spec['resources']['nodes']} node(s) of attempt {attempt} exited 0",
                   ts, generation)
+    done = {k: v for k, v in (status.get("progress") or {}).items() if k not in ("eta", "stage")}
     status["progress"] = {
-        **(status.get("progress") or {}), "step": summary.steps, "totalSteps": summary.steps,
+        **done, "stage": "done", "step": summary.steps, "totalSteps": summary.steps,
         "percent": "100%", "tokens": summary.tokens,
         **({"tokensPerSecond": round(summary.throughput.tokensPerSecond, 1)}
            if summary.throughput.tokensPerSecond else {})}

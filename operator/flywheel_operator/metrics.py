@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Mapping
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from .vocab import RUN_PHASES
+from .vocab import RUN_PHASES, parse_time
 
 RECONCILE = Histogram(
     "flywheel_reconcile_duration_seconds", "Time to decide and act on one FineTuneRun event.",
@@ -16,7 +17,7 @@ RECONCILE = Histogram(
 ATTEMPTS = Counter("flywheel_attempts", "Attempts started (first attempts and restarts).",
                    ["namespace"])
 RESTARTS = Counter("flywheel_restarts", "Attempts started after a failed attempt.", ["namespace"])
-GPU_HOURS = Counter("flywheel_gpu_hours", "GPU-hours consumed by finished attempts.",
+GPU_HOURS = Counter("flywheel_gpu_hours", "GPU-hours consumed (live while attempts train).",
                     ["namespace", "model"])
 COST = Counter("flywheel_estimated_cost", "Estimated cost of finished attempts (GPU-hours x "
                "the pool's gpuHourPrice).", ["namespace", "model"])
@@ -24,12 +25,32 @@ PROMOTIONS = Counter("flywheel_promotions", "Aliases moved by a promotion decisi
                      ["namespace", "model", "alias"])
 API_REQUESTS = Counter("flywheel_api_requests", "Kubernetes API requests made by the operator "
                        "(kopf's own watch streams and event posts excluded).", ["verb"])
+STALLS = Counter("flywheel_run_stalls", "Attempts torn down as Stalled (no heartbeat or no "
+                 "step advance).", ["namespace", "run", "model"])
 GATE_FAILURES = Counter("flywheel_gate_failures", "Promotion gates that blocked a candidate.",
                         ["namespace", "model", "gate"])
 
 
+#: Per training run, from status.progress: (metric, help, how to read it from status).
+RUN_GAUGES = [
+    ("flywheel_run_progress_percent", "Optimizer steps done, percent of planned.",
+     lambda p, now: 100.0 * p["step"] / p["totalSteps"] if p.get("totalSteps") else None),
+    ("flywheel_run_step", "Optimizer steps done.", lambda p, now: p.get("step")),
+    ("flywheel_run_loss", "Training loss (smoothed).", lambda p, now: p.get("loss")),
+    ("flywheel_run_tokens_per_second", "Non-padding tokens/s over all GPUs.",
+     lambda p, now: p.get("tokensPerSecond")),
+    ("flywheel_run_mfu", "Model FLOPs utilisation.", lambda p, now: p.get("mfu")),
+    ("flywheel_run_eta_seconds", "Seconds of training left (estimate).",
+     lambda p, now: max(0.0, parse_time(p["eta"]).timestamp() - now) if p.get("eta") else None),
+    ("flywheel_run_heartbeat_age_seconds", "Seconds since rank 0's last heartbeat.",
+     lambda p, now: now - parse_time(p["heartbeatTime"]).timestamp()
+     if p.get("heartbeatTime") else None),
+]
+
+
 class _RunsByPhase:
-    """`flywheel_runs{phase}` straight from the operator's index of runs: always exact."""
+    """`flywheel_runs{phase}` and the per-run `flywheel_run_*` gauges of Running runs, straight
+    from the operator's index of runs: always exact, and a finished run's series go away."""
 
     def __init__(self) -> None:
         self.index: Mapping | None = None
@@ -43,6 +64,23 @@ class _RunsByPhase:
         for phase in RUN_PHASES:
             family.add_metric([phase], tally[phase])
         yield family
+        labels = ["namespace", "run", "model"]
+        gauges = [(GaugeMetricFamily(name, text, labels=labels), read)
+                  for name, text, read in RUN_GAUGES]
+        now = time.time()
+        for store in (self.index or {}).values():
+            for run in store:
+                status = run.get("status") or {}
+                if status.get("phase") != "Running" or not status.get("progress"):
+                    continue
+                key = [run["metadata"].get("namespace", ""), run["metadata"]["name"],
+                       run["spec"].get("modelName", "")]
+                for family, read in gauges:
+                    value = read(status["progress"], now)
+                    if value is not None:
+                        family.add_metric(key, value)
+        for family, _ in gauges:
+            yield family
 
 
 _runs = _RunsByPhase()

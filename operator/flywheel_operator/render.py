@@ -15,11 +15,14 @@ from flywheel_trainer.config import TrainerConfig
 
 from .api import S3_SECRET_KEYS, FineTuneRunSpec, merge_storage
 from .config import GPU_RESOURCE, OperatorConfig, Pool
+from .observe import EXIT_DATA_ERROR
 from .vocab import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
     MANAGED_BY,
+    PROGRESS_PORT,
+    PROGRESS_PORT_NAME,
     RUN_LABEL,
     experiment_key,
     owner_reference,
@@ -328,20 +331,38 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -
         _env("FLYWHEEL_ATTEMPT", attempt),
         _env("FLYWHEEL_EXPERIMENT_KEY", experiment_key(meta["uid"])),
         _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
+        _env("FLYWHEEL_PROGRESS_PORT", PROGRESS_PORT),
+        # NCCL's own watchdog: a hung collective ends the process (and so the attempt)
+        _env("TORCH_NCCL_ASYNC_ERROR_HANDLING", 1),
+        _env("TORCH_NCCL_ENABLE_MONITORING", 1),
+        _env("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", config.ncclHeartbeatTimeoutSeconds),
         *_comet_env(spec)]
+    # torchrun through the launcher, which keeps the trainer's exit code 2 (data error)
     container = {"name": "trainer", "image": spec.image or config.defaultImage,
-                 "command": ["torchrun"], "args": [f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
-                                                   "--node-rank=$(JOB_COMPLETION_INDEX)",
-                                                   f"--master-addr={master_addr(run, attempt)}",
-                                                   f"--master-port={MASTER_PORT}", "-m",
-                                                   "flywheel_trainer", "--config", CONFIG_PATH],
-                 "env": env, "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+                 "command": ["python", "-m", "flywheel_trainer.launch"],
+                 "args": [f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
+                          "--node-rank=$(JOB_COMPLETION_INDEX)",
+                          f"--master-addr={master_addr(run, attempt)}",
+                          f"--master-port={MASTER_PORT}", "-m", "flywheel_trainer", "--config",
+                          CONFIG_PATH],
+                 "env": env,
+                 "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT},
+                           {"name": PROGRESS_PORT_NAME, "containerPort": PROGRESS_PORT}],
                  "resources": _resources(pool, gpus), "volumeMounts": list(_MOUNTS),
-                 "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
+                 # rank 0 writes its summary; any other failing pod leaves its log's tail
+                 "terminationMessagePath": TERMINATION_LOG,
+                 "terminationMessagePolicy": "FallbackToLogsOnError",
                  "securityContext": _container_security()}
     pod_spec = {"subdomain": name,
                 **_pod_spec(container, cm_name, pool, spec, storage_wiring(spec, config))}
     job = _job(run, name, labels, pod_spec, nodes, indexed=True)
+    # Lost nodes, evictions and preemptions (DisruptionTarget) and data errors (exit 2) fail
+    # the Job at once with a reason the operator classifies (observe.classify).
+    job["spec"]["podFailurePolicy"] = {"rules": [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget",
+                                                   "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                              "values": [EXIT_DATA_ERROR]}}]}
     return [config_map, service, job]
 
 

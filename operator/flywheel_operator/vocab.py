@@ -32,6 +32,8 @@ TRIGGER_ANNOTATION = f"{GROUP}/trigger"              # on a schedule: start a ru
 DIGEST_ANNOTATION = f"{GROUP}/model-digest"          # on a served Deployment's pod template
 MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel-operator"}
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+#: Rank 0's progress endpoint: the trainer pod's named container port (GET /progress).
+PROGRESS_PORT_NAME, PROGRESS_PORT = "progress", 9400
 
 # --- phases ----------------------------------------------------------------------------------
 RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]

@@ -4,6 +4,7 @@ register a ModelVersion, move aliases and roll out a serving Deployment.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,19 +47,24 @@ def start_run(cluster: Cluster, ns: str, name: str, assets, output: Path) -> Non
     cluster.apply(run)
 
 
-def wait_done(cluster: Cluster, ns: str, name: str) -> dict:
-    return wait_until(
-        lambda: (s := cluster.get("ftr", name, "-n", ns).get("status") or {}).get("phase")
-        in ("Succeeded", "Failed") and s,
-        timeout=TRAIN_TIMEOUT, interval=1, message=f"{name} finishes")
+def wait_done(cluster: Cluster, ns: str, name: str, seen: list | None = None) -> dict:
+    """The run's final status; `seen` collects status.progress while it is Running."""
+    def done():
+        s = cluster.get("ftr", name, "-n", ns).get("status") or {}
+        if seen is not None and s.get("phase") == "Running" and s.get("progress"):
+            seen.append(s["progress"])
+        return s.get("phase") in ("Succeeded", "Failed") and s
+
+    return wait_until(done, timeout=TRAIN_TIMEOUT, interval=1, message=f"{name} finishes")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, demo_ns, assets, tmp_path_factory) -> dict:
     output = tmp_path_factory.mktemp("out") / "uninterrupted"
     start_run(cluster, demo_ns, "uninterrupted", assets, output)
-    status = wait_done(cluster, demo_ns, "uninterrupted")
-    return {"status": status, "output": output}
+    seen: list[dict] = []
+    status = wait_done(cluster, demo_ns, "uninterrupted", seen)
+    return {"status": status, "output": output, "progress": seen, "namespace": demo_ns}
 
 
 def test_run_trains_registers_and_rolls_out(cluster, demo_ns, uninterrupted):
@@ -96,6 +102,20 @@ def test_run_trains_registers_and_rolls_out(cluster, demo_ns, uninterrupted):
                message="serving Deployment rolled out")
 
 
+def test_progress_shows_in_status_while_it_trains(uninterrupted):
+    seen = uninterrupted["progress"]
+    training = [p for p in seen if p.get("stage") == "training"]
+    steps = sorted({p["step"] for p in training})
+    total = training[-1]["totalSteps"] if training else None
+    assert len(steps) >= 2 and steps[-1] < total, seen  # it advanced before it finished
+    assert any(p.get("eta") and p.get("tokensPerSecond") and p.get("loss") for p in training)
+    assert all(p.get("heartbeatTime") for p in training)
+    status = uninterrupted["status"]
+    assert status["progress"]["percent"] == "100%" and status["progress"]["stage"] == "done"
+    assert status["lastCheckpoint"]["step"] >= 4
+    assert status["lastCheckpoint"]["uri"].startswith(f"file://{uninterrupted['output']}")
+
+
 def trainer_pids(ns: str, pod_prefix: str, index: int) -> list[int]:
     """Processes the local executor started for the pod of `index` (torchrun + workers)."""
     pattern = f"{ROOT}/.cache/executor/{ns}/{pod_prefix}-{index}-"
@@ -127,6 +147,43 @@ def test_killed_trainer_resumes_as_attempt_two_with_the_same_digest(
     mv = cluster.get("mv", status["modelVersion"], "-n", demo_ns)
     baseline = cluster.get("mv", uninterrupted["status"]["modelVersion"], "-n", demo_ns)
     assert mv["spec"]["artifact"]["digest"] == baseline["spec"]["artifact"]["digest"]
+
+
+def test_a_stalled_trainer_is_restarted_from_its_checkpoint(
+        cluster, operator, assets, uninterrupted, tmp_path_factory):
+    # Its own namespace: the executor's test hook gives every pod there the trainer's switch
+    # to stop stepping after step 4 (the first checkpoint), in attempt 1 only.
+    ns = f"e2e-hang-{os.getpid()}"
+    cluster.kubectl("create", "namespace", ns)
+    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=30s")
+    hook = ROOT / ".cache" / "executor" / "env" / f"{ns}.json"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(json.dumps({"FLYWHEEL_DEBUG_STOP_AT_STEP": "4",
+                                "FLYWHEEL_DEBUG_STOP_ATTEMPT": "1"}))
+    try:
+        output = tmp_path_factory.mktemp("out") / "hang"
+        run = demo.run_manifest("hang", *assets, output)
+        run["metadata"]["namespace"] = ns
+        run["spec"]["hyperparameters"]["epochs"] = 3
+        run["spec"]["stallTimeoutSeconds"] = 20
+        cluster.apply(run)
+        status = wait_done(cluster, ns, "hang")
+        assert status["phase"] == "Succeeded", status.get("message")
+        assert [a["reason"] for a in status["attempts"]] == ["Stalled", "Completed"]
+        stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+        assert stalled["status"] == "False"  # attempt 2 trained
+        events = cluster.get("events", "-n", ns, "--field-selector",
+                             "involvedObject.name=hang")["items"]
+        stall = [e["message"] for e in events if e["reason"] == "Stalled"]
+        assert stall and "stage training, step 4/" in stall[0], stall
+        assert "rank 0 step 4" in stall[0] and "rank 1 step 4" in stall[0]
+        mv = cluster.get("mv", status["modelVersion"], "-n", ns)
+        baseline = cluster.get("mv", uninterrupted["status"]["modelVersion"], "-n",
+                               uninterrupted["namespace"])
+        assert mv["spec"]["artifact"]["digest"] == baseline["spec"]["artifact"]["digest"]
+    finally:
+        hook.unlink(missing_ok=True)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_deleting_a_run_keeps_its_model_version(cluster, demo_ns, uninterrupted):

@@ -118,7 +118,7 @@ def test_happy_path_runs_on_h200_and_succeeds(cluster, operator, namespace):
         assert env["COMET_WORKSPACE"]["value"] == "acme"
         assert len(env["FLYWHEEL_EXPERIMENT_KEY"]["value"]) == 32
         command = " ".join(container.get("command", []) + container.get("args", []))
-        assert "torchrun" in command and "--nnodes=2" in command
+        assert "flywheel_trainer.launch" in command and "--nnodes=2" in command
         assert "--nproc-per-node=8" in command
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
 

@@ -245,7 +245,8 @@ def test_success_asks_to_register_rank_0s_model_and_records_its_figures():
     plan = decide(run({"phase": "Running", "attempt": 1}), [job(1, complete=True)],
                   [pod(1, 0, "Succeeded", message=SUMMARY), pod(1, 1, "Succeeded")], NOW)
     assert plan.register is not None and plan.register.artifact.digest == DIGEST
-    assert plan.status["progress"] == {"step": 12, "totalSteps": 12, "percent": "100%",
+    assert plan.status["progress"] == {"stage": "done", "step": 12, "totalSteps": 12,
+                                       "percent": "100%",
                                        "tokens": 3_600_000, "tokensPerSecond": 1234.6}
     assert plan.status["trackingUrl"] == "https://www.comet.com/acme/p/k"
     assert [e[1] for e in plan.events] == ["Succeeded"]

@@ -99,7 +99,8 @@ def test_headless_service_selects_the_attempt():
 def test_torchrun_command():
     job = _objects()[2]
     c = _container(job)
-    assert c["command"] == ["torchrun"]
+    # torchrun through the launcher that keeps the trainer's exit code 2 (data error)
+    assert c["command"] == ["python", "-m", "flywheel_trainer.launch"]
     assert c["args"] == [
         "--nnodes=4",
         "--nproc-per-node=8",
@@ -177,7 +178,8 @@ def test_volumes_shm_config_and_termination_message():
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts == {"/dev/shm": "dshm", "/etc/flywheel": "config"}
     assert c["terminationMessagePath"] == "/dev/termination-log"
-    assert c["terminationMessagePolicy"] == "File"
+    # rank 0's summary, else (a failing rank without one) the log's tail
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert _env(job)["FLYWHEEL_SUMMARY_PATH"]["value"] == "/dev/termination-log"
 
 
@@ -309,3 +311,18 @@ def test_estimates():
     assert hours == pytest.approx(1.0)
     assert vocab.estimate_cost(hours, pool.gpuHourPrice) == pytest.approx(pool.gpuHourPrice)
     assert vocab.estimate_gpu_hours(10, CONFIG.pool("cpu").tokensPerSecondPerGpu) is None
+
+
+def test_progress_port_watchdog_env_and_pod_failure_policy():
+    job = _objects()[2]
+    c = _container(job)
+    assert {"name": "progress", "containerPort": 9400} in c["ports"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["FLYWHEEL_PROGRESS_PORT"] == "9400"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == "600"
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onPodConditions": [
+        {"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In",
+                                       "values": [2]}

@@ -1,5 +1,7 @@
 """`torchrun ... -m flywheel_trainer --config CONFIG.json [--preflight [--output PATH]
-[--world-size N] [--device-memory-gb GB] [--show-examples N]]`."""
+[--world-size N] [--device-memory-gb GB] [--show-examples N]]`.
+
+Exit codes: 0 done, 2 data or configuration error (no retry helps; see launch.py), else 1."""
 
 from __future__ import annotations
 
@@ -32,9 +34,21 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank{rank}] %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from .config import TrainerConfig
+    from pydantic import ValidationError
 
-    cfg = TrainerConfig.load(args.config)
+    from .config import TrainerConfig
+    from .data import DataError
+    from .launch import EXIT_DATA_ERROR
+
+    try:
+        cfg = TrainerConfig.load(args.config)
+    except (OSError, ValueError, ValidationError) as err:  # the same config fails again
+        if rank == 0 and not args.preflight:
+            from .tracking import write_summary
+
+            write_summary({"error": f"ConfigError: {args.config}: {err}"})
+        logging.getLogger("flywheel").error("config %s: %s", args.config, err)
+        return EXIT_DATA_ERROR
     if args.device_memory_gb:
         cfg.deviceMemoryGB = args.device_memory_gb
     if args.preflight:
@@ -43,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         return preflight(cfg, args.output, args.world_size, args.show_examples)
     from .train import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except DataError as err:  # rank 0 wrote the summary; the same data fails again
+        logging.getLogger("flywheel").error("%s", err)
+        return EXIT_DATA_ERROR
     return 0
 
 

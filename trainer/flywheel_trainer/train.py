@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from . import progress
 from .chat import ChatFormat
 from .checkpoint import CheckpointManager
 from .config import TrainerConfig
@@ -102,6 +103,7 @@ def _scalar(t) -> float:
 
 def run(cfg: TrainerConfig) -> dict:
     d = init_distributed()
+    progress.start(d.rank, d.world_size)
     hp = cfg.hyperparameters
     torch.manual_seed(hp.seed)
     tracker = Tracker(cfg, d.is_main)
@@ -117,6 +119,7 @@ def run(cfg: TrainerConfig) -> dict:
                 **({"offlineArchive": archive} if archive else {})}})
         raise
     finally:
+        progress.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -125,6 +128,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     from transformers import AutoTokenizer
 
     hp = cfg.hyperparameters
+    progress.stage("loading-model")
     model_path = resolve_model_path(cfg.baseModel, d)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     fmt = ChatFormat(tokenizer)
@@ -140,6 +144,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         return load_split(uri, fmt, hp.maxSeqLength, cfg.dataset.skipInvalid,
                           d.rank, d.world_size, gather)
 
+    progress.stage("tokenizing")
     train = load(cfg.dataset.train)
     evals = load(cfg.dataset.eval) if cfg.dataset.eval else None
     if not train.examples:
@@ -155,6 +160,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         log.info("data: %s", report)
 
     # ---- model, optimizer, schedule, checkpoints
+    progress.stage("loading-model")
     model = load_model(model_path, d, cfg.fsdp, cfg.attnImplementation)
     optimizer = build_optimizer(model, hp, d.on_gpu)
     warmup = int(hp.warmupRatio * total_steps)
@@ -176,6 +182,8 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     tps = None
     window_tokens, window_t0 = 0, time.perf_counter()
     measured_tokens, measured_time = 0, 0.0
+    progress.training(total_steps, start_step, plan.steps_per_epoch,
+                      lambda tps: mfu(tps, d.world_size, fpt, peak))
 
     # ---- train
     model.train()
@@ -216,7 +224,9 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         if ckpt.should_save(step, total_steps):
             ckpt.extra = {"tokens": tokens_total, "loss": train_loss}
             ckpt.save(step)
+            progress.checkpoint(step)
             window_t0 = time.perf_counter()
+        progress.step(step, train_loss, n_tokens)
         _debug_delay()
     if measured_time > 0:
         tps = measured_tokens / measured_time
@@ -225,6 +235,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     metrics = {"train_loss": train_loss}
     warnings = []
     if evals is not None and evals.examples:
+        progress.stage("evaluating")
         loss, per_cat = eval_loss(model, evals, d, hp.maxSeqLength, hp.microBatchSize, pad_id)
         acc, acc_cat, warning = tool_call_accuracy(model, fmt, evals.conversations, d,
                                                    cfg.evalMaxNewTokens,
@@ -237,6 +248,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                    for k, v in metrics.items()}
         tracker.log_metrics(metrics, step)
+    progress.stage("exporting")
     artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d)
     summary = {}
     if d.is_main:

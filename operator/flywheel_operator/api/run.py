@@ -93,7 +93,16 @@ class FineTuneRunSpec(SpecModel):
         description="Trainer container image; default from the operator's config.",
         json_schema_extra=cel(NO_SECRET_RULE))
     maxRestarts: int = Field(
-        default=3, ge=0, le=100, description="Attempts after the first before the run fails.")
+        default=3, ge=0, le=100, description="Attempts after failed ones (a crash, OOMKilled, "
+        "a communication or CUDA error, a stall) before the run fails.")
+    maxDisruptions: int = Field(
+        default=10, ge=0, le=1000, description="Attempts after disrupted ones (node lost, pod "
+        "evicted or preempted); they do not spend maxRestarts.")
+    stallTimeoutSeconds: int | None = Field(
+        default=None, ge=10, le=7 * 86400, description="No heartbeat or no optimizer step for "
+        "this long while training: the attempt is Stalled, torn down and restarted from its "
+        "checkpoint. Default: the operator's (30 min); model loading and evaluation have "
+        "their own allowances.")
     suspend: bool = Field(
         default=False, description="Stop the pods and set phase Suspended; false resumes.")
     preflight: Preflight = _obj(Preflight, "Preflight checks on CPU before training.")
@@ -104,18 +113,36 @@ class FineTuneRunSpec(SpecModel):
 
 
 class Progress(BaseModel):
-    """Training progress as reported by the trainer."""
+    """Training progress as rank 0 reports it (polled while the run trains)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    stage: str | None = Field(
+        default=None, max_length=32, description="starting, loading-model, tokenizing, "
+        "training, evaluating, exporting; done at the end.")
     step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
     totalSteps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
     percent: str | None = Field(
         default=None, max_length=8, description="step / totalSteps as text, e.g. `42%`.")
+    epoch: int | None = Field(default=None, ge=0, description="Current epoch (1-based).")
+    loss: float | None = Field(default=None, description="Training loss (smoothed).")
     tokensPerSecond: float | None = Field(
         default=None, ge=0, description="Non-padding tokens/s over all GPUs.")
+    mfu: float | None = Field(default=None, ge=0, description="Model FLOPs utilisation (GPU).")
     tokens: int | None = Field(default=None, ge=0, description="Training tokens processed.")
-    eta: Timestamp | None = Field(default=None, description="Estimated completion time.")
+    eta: Timestamp | None = Field(default=None, description="Estimated end of training.")
+    heartbeatTime: Timestamp | None = Field(
+        default=None, description="Rank 0's last heartbeat the operator heard.")
+
+
+class LastCheckpoint(BaseModel):
+    """The newest complete distributed checkpoint (the next attempt resumes from it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0, description="Optimizer step it holds.")
+    time: Timestamp | None = Field(default=None, description="When it completed.")
+    uri: str | None = Field(default=None, description="Where it is.")
 
 
 class AttemptStatus(BaseModel):
@@ -130,7 +157,10 @@ class AttemptStatus(BaseModel):
     startTime: Timestamp | None = Field(default=None, description="First pod start.")
     completionTime: Timestamp | None = Field(default=None, description="Last pod finish.")
     gpuHours: float | None = Field(default=None, ge=0, description="GPU-hours it used.")
-    reason: str | None = Field(default=None, description="Why it ended, CamelCase.")
+    reason: str | None = Field(
+        default=None, description="Why it ended: Completed, OOMKilled, CommunicationError, "
+        "CUDAError, CUDAOutOfMemory, DataError, Stalled, NodeLost, Evicted, Preempted, "
+        "ImagePullBackOff, CreateContainerConfigError, ... or AttemptFailed.")
     message: StatusText | None = Field(default=None, description="Failing pod's message.")
 
 
@@ -179,8 +209,8 @@ class FineTuneRunStatus(BaseModel):
     trackingUrl: str | None = Field(default=None, description="Comet experiment URL.")
     experimentKey: str | None = Field(
         default=None, description="Comet experiment key (same for every attempt).")
-    lastCheckpoint: str | None = Field(
-        default=None, description="URI of the last complete checkpoint.")
+    lastCheckpoint: LastCheckpoint | None = Field(
+        default=None, description="The last complete checkpoint.")
     modelVersion: str | None = Field(
         default=None, description="Name of the ModelVersion this run produced.")
     gpuHours: float | None = Field(
