@@ -43,8 +43,9 @@ def digest_lines(named_hashes: dict[str, str]) -> str:
 
 @torch.no_grad()
 def export_hf(model, tokenizer, base_path: str, uri: str, d,
-              shard_bytes: int = SHARD_BYTES) -> dict:
-    """Write the model to `uri`; returns {uri, digest, format} on rank 0 ({} elsewhere)."""
+              shard_bytes: int = SHARD_BYTES, extra_files: dict[str, bytes] | None = None) -> dict:
+    """Write the model to `uri`; returns {uri, digest, format} on rank 0 ({} elsewhere).
+    `extra_files` (name -> bytes, e.g. the model card) go beside it, inside the digest."""
     dtype = _export_dtype(model.config)
     tied = getattr(model.config, "tie_word_embeddings", False)
     state = [(_fqn(k), v) for k, v in model.state_dict().items()
@@ -95,6 +96,8 @@ def export_hf(model, tokenizer, base_path: str, uri: str, d,
                 total = sum(t.numel() * dtype.itemsize for _, t in state)
                 (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(
                     {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            for name, data in (extra_files or {}).items():
+                (Path(tmp) / name).write_bytes(data)
             for p in sorted(Path(tmp).iterdir()):
                 data = p.read_bytes()
                 with fs.open(f"{root}/{p.name}", "wb") as f:

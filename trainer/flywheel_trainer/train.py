@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from .card import CardInfo, card_files
 from .checkpoint import CheckpointManager
 from .config import TrainerConfig
 from .data import IGNORE_INDEX, Pack, collate, load_split, pack
@@ -178,6 +179,9 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     measured_tokens, measured_time = 0, 0.0
 
     # ---- train
+    curve: list[dict] = []
+    eval_every = max(1, total_steps // 5)
+    t_start = time.time()
     model.train()
     while step < total_steps:
         t0 = time.perf_counter()
@@ -193,6 +197,11 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_loss = loss_sum / n_loss_tokens
+        curve.append({"step": step, "train_loss": train_loss})  # for the model card's plot
+        if evals is not None and evals.examples and step % eval_every == 0 and step < total_steps:
+            curve[-1]["eval_loss"] = eval_loss(model, evals, d, hp.maxSeqLength,
+                                               hp.microBatchSize, pad_id)[0]
+            tracker.log_metrics({"eval_loss": curve[-1]["eval_loss"]}, step)
         tokens_total += n_tokens
         window_tokens += n_tokens
         if d.on_gpu:
@@ -235,8 +244,20 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                    for k, v in metrics.items()}
         tracker.log_metrics(metrics, step)
-    artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d)
-    summary = {}
+    summary, card = {}, None
+    if d.is_main:  # the model card and its plot go into the artifact (inside the digest)
+        splits = {"train": train, **({"eval": evals} if evals else {})}
+        card = CardInfo(
+            name=cfg.runName or "flywheel-run", base_model=cfg.baseModel,
+            datasets={k: getattr(cfg.dataset, k) for k in splits},
+            digests={k: v.report["digest"] for k, v in splits.items()},
+            examples={k: v.report["examples"] for k, v in splits.items()},
+            hyperparameters=hp.model_dump(), metrics=metrics, steps=step, tokens=tokens_total,
+            world_size=d.world_size, device_hours=d.world_size * (time.time() - t_start) / 3600,
+            tracking={"url": tracker.url, "experimentKey": tracker.key}, curve=curve,
+            baseline=cfg.baseline)
+    artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d,
+                         extra_files=card_files(card) if card else None)
     if d.is_main:
         archive = tracker.end()
         summary = {
@@ -254,6 +275,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
                            "tokensPerSecondPerDevice": tps / d.world_size if tps else None},
             "tracking": {"url": tracker.url, "experimentKey": tracker.key,
                          **({"offlineArchive": archive} if archive else {})},
+            "card": cfg.output.uri.rstrip("/") + "/README.md",
         }
         text = write_summary(summary)
         log.info("summary: %s", text)
