@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -53,12 +54,10 @@ def test_metadata_follows_the_hugging_face_card_conventions():
 
 def test_model_index_holds_exactly_the_model_versions_metrics():
     """What the registry records for a run with this summary is what the card says."""
-    summary = parse_summary(
-        '{"artifact": {"uri": "s3://m/", "digest": "%s"}, "steps": 120, "tokens": 4096, '
-        '"metrics": {"train_loss": 0.21, "eval_loss": 0.3, "eval_loss/email": 0.25, '
-        '"eval_loss/integration": 0.35, "tool_call_accuracy": 0.9, '
-        '"tool_call_accuracy/email": 1.0, "tool_call_accuracy/integration": 0.8, '
-        '"tool_call_accuracy/edit-workflow": null}}' % DIGEST)
+    summary = parse_summary(json.dumps({
+        "artifact": {"uri": "s3://m/", "digest": DIGEST}, "steps": 120, "tokens": 4096,
+        "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                    for k, v in METRICS.items()}}))
     run = {"metadata": {"name": "r", "uid": "u"},
            "spec": {"modelName": "tiny-agent", "baseModel": "file:///models/base",
                     "dataset": {"train": "s3://data/w2/train.jsonl"}}}

@@ -57,19 +57,12 @@ CHAT_TEMPLATE = (
 )
 
 CATEGORIES = ("edit-workflow", "email", "integration")
+# Tools by name only (their arguments are learned from the examples): a short system prompt
+# keeps the tiny model's attention on the request, and training cheap.
 TOOLS = {
-    "edit-workflow": {"type": "function", "function": {
-        "name": "update_workflow", "description": "Rename a workflow.",
-        "parameters": {"type": "object", "properties": {
-            "workflow_id": {"type": "string"}, "name": {"type": "string"}}}}},
-    "email": {"type": "function", "function": {
-        "name": "send_email", "description": "Send an e-mail.",
-        "parameters": {"type": "object", "properties": {
-            "to": {"type": "string"}, "subject": {"type": "string"}}}}},
-    "integration": {"type": "function", "function": {
-        "name": "connect_app", "description": "Connect a third-party app.",
-        "parameters": {"type": "object", "properties": {
-            "app": {"type": "string"}, "account": {"type": "string"}}}}},
+    "edit-workflow": {"type": "function", "function": {"name": "update_workflow"}},
+    "email": {"type": "function", "function": {"name": "send_email"}},
+    "integration": {"type": "function", "function": {"name": "connect_app"}},
 }
 WORDS = ["alpha", "beta", "gamma", "delta", "sales", "report", "weekly", "ops", "lead", "crm",
          "billing", "onboarding", "invoice", "review", "growth", "support", "launch", "triage",
@@ -173,12 +166,14 @@ def build_tokenizer(vocab_size: int = 600):
               "system user assistant # Tools Call functions inside tags."]
     for i in range(600):
         c = conversation(rng, CATEGORIES[i % 3], new_phrasings=True)
-        corpus.append(json.dumps(c))
         corpus += [m["content"] or "" for m in c["messages"]]
         corpus += [json.dumps(t) for t in c["tools"]]
+        corpus += [json.dumps({"name": t["function"]["name"],
+                               "arguments": json.loads(t["function"]["arguments"])})
+                   for m in c["messages"] for t in m.get("tool_calls") or []]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[A-Za-z]+"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r'[A-Za-z_]+": "|[A-Za-z]+'), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
@@ -202,7 +197,7 @@ SAMPLE_MODEL = {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "intermed
 
 def build_model_dir(path: str | Path, vocab_size: int, hidden: int = 64, layers: int = 2,
                     heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
-                    seed: int = 0, tokenizer=None) -> Path:
+                    head_dim: int | None = None, seed: int = 0, tokenizer=None) -> Path:
     """A randomly initialised tiny Qwen3 saved with save_pretrained (+ tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -210,8 +205,8 @@ def build_model_dir(path: str | Path, vocab_size: int, hidden: int = 64, layers:
     cfg = Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden // heads, max_position_embeddings=4096, tie_word_embeddings=True,
-        dtype="float32",
+        head_dim=head_dim or hidden // heads, max_position_embeddings=4096,
+        tie_word_embeddings=True, dtype="float32",
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
