@@ -150,7 +150,6 @@ def plot(info: CardInfo) -> bytes:
     if evals:
         ax_loss.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
     ax_loss.set(xlabel="optimizer step", ylabel="loss (assistant tokens)", title="Loss")
-    ax_loss.set_yscale("log")
     ax_loss.legend()
     cats = [ALL, *categories(info.metrics)]
     key = [("tool_call_accuracy" if c == ALL else f"tool_call_accuracy/{c}") for c in cats]
