@@ -153,6 +153,11 @@ class TrainerConfig(SpecModel):
         description="The promoted version to compare with in the model card: "
         "{name, metrics} (set by the operator from the promotion alias's ModelVersion).",
     )
+    deviceMemoryGB: float | None = Field(
+        default=None, gt=0,
+        description="Memory of one GPU in GB (1e9 bytes) of the pool the run will use "
+        "(H200: 141); preflight refuses a run whose per-GPU estimate exceeds it.",
+    )
     attnImplementation: str | None = Field(
         default=None,
         description="Hugging Face attention implementation; default sdpa.",
