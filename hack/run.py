@@ -344,7 +344,8 @@ def report(name: str, status: dict, output: Path, namespace: str = NAMESPACE) ->
     actual = digest_dir(uri(output) + "/")
     expected = mv["spec"]["artifact"]["digest"]
     say(f"artifacts: {output}  (digest {'matches' if actual == expected else 'MISMATCH'})")
-    say(f"model card: {output / CARD_FILE}  (plots: {output / PLOT_FILE})")
+    card = mv["spec"]["artifact"].get("card") or uri(output / CARD_FILE)
+    say(f"model card: {card}  (plots: {output / PLOT_FILE})")
     archive = sorted((output / "comet-offline").glob("*.zip")) if (
         output / "comet-offline").exists() else []
     for path in archive:
@@ -361,7 +362,7 @@ def report(name: str, status: dict, output: Path, namespace: str = NAMESPACE) ->
     say(f"serving: Deployment {MODEL}-server serves digest {str(served)[:23]}..."
         f" (generation {deployment['metadata']['generation']})")
     return {"ok": actual == expected, "modelVersion": mv, "promoted": promoted,
-            "card": output / CARD_FILE, "production": aliases.get("production"),
+            "card": card, "production": aliases.get("production"),
             "served": served}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -60,7 +61,10 @@ def test_model_card_is_in_the_artifact_and_matches_the_model_version(story):
 
     for week in ("1", "2"):
         mv = story[week]["modelVersion"]
-        card = story[week]["card"]
+        # The ModelVersion points to the card, inside its artifact.
+        assert mv["spec"]["artifact"]["card"] == story[week]["card"]
+        assert mv["spec"]["artifact"]["card"] == mv["spec"]["artifact"]["uri"] + "README.md"
+        card = Path(mv["spec"]["artifact"]["card"].removeprefix("file://"))
         text = card.read_text()
         meta = front_matter(text)
         assert meta["library_name"] == "transformers"

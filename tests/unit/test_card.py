@@ -96,3 +96,14 @@ def test_front_matter_rejects_a_card_without_metadata():
         front_matter("# just a title\n")
     with pytest.raises(ValueError, match="not closed"):
         front_matter("---\nbase_model: x\n")
+
+
+def test_model_version_points_to_the_card():
+    card = "s3://models/tiny-agent/run-1/README.md"
+    summary = parse_summary(json.dumps({
+        "artifact": {"uri": "s3://models/tiny-agent/run-1/", "digest": DIGEST, "card": card},
+        "steps": 1, "tokens": 1, "metrics": {}}))
+    run = {"metadata": {"name": "run-1", "uid": "u"},
+           "spec": {"modelName": "tiny-agent", "baseModel": "file:///models/base",
+                    "dataset": {"train": "s3://data/train.jsonl"}}}
+    assert model_version(run, summary, 1, None, "production")["spec"]["artifact"]["card"] == card

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .card import CardInfo, card_files
+from .card import CARD_FILE, CardInfo, card_files
 from .chat import ChatFormat
 from .checkpoint import CheckpointManager
 from .config import TrainerConfig
@@ -263,7 +263,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     if d.is_main:
         archive = tracker.end()
         summary = {
-            "artifact": artifact,
+            "artifact": {**artifact, "card": artifact["uri"].rstrip("/") + "/" + CARD_FILE},
             "metrics": metrics,
             "steps": step,
             "dataset": {
@@ -278,7 +278,6 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
                            "tokensPerSecondPerDevice": tps / d.world_size if tps else None},
             "tracking": {"url": tracker.url, "experimentKey": tracker.key,
                          **({"offlineArchive": archive} if archive else {})},
-            "card": cfg.output.uri.rstrip("/") + "/README.md",
         }
         text = write_summary(summary)
         log.info("summary: %s", text)
