@@ -77,6 +77,8 @@ def test_model_card_is_in_the_artifact_and_matches_the_model_version(story):
         assert mv["spec"]["sourceRun"]["name"] in text
         assert mv["spec"]["tracking"]["experimentKey"] in text
         assert (card.parent / PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+        if week == "2":  # compared with the production version of when it trained
+            assert f"production (`{story['1']['modelVersion']['metadata']['name']}`)" in text
         # The card is part of the registered artifact: its digest covers it.
         assert digest_dir(mv["spec"]["artifact"]["uri"]) == mv["spec"]["artifact"]["digest"]
 

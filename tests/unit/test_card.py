@@ -107,3 +107,16 @@ def test_model_version_points_to_the_card():
            "spec": {"modelName": "tiny-agent", "baseModel": "file:///models/base",
                     "dataset": {"train": "s3://data/train.jsonl"}}}
     assert model_version(run, summary, 1, None, "production")["spec"]["artifact"]["card"] == card
+
+
+def test_the_attempt_config_carries_the_promoted_version_to_the_card(tmp_path):
+    from flywheel_operator.render import trainer_config
+
+    from hack import run as demo
+
+    run = demo.run_manifest("week-2", tmp_path, tmp_path / "t.jsonl", tmp_path / "e.jsonl",
+                            tmp_path / "out")
+    run["metadata"]["uid"] = "0f0e"
+    baseline = {"name": "tiny-agent-v1", "metrics": {"tool_call_accuracy": 0.9}}
+    assert trainer_config(run, 1, baseline).baseline == baseline
+    assert trainer_config(run, 1).baseline is None
