@@ -69,9 +69,11 @@ WORDS = ["alpha", "beta", "gamma", "delta", "sales", "report", "weekly", "ops", 
          "payroll", "audit", "renewal", "churn", "pipeline", "digest", "sync", "backlog"]
 PEOPLE = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "ines", "jonas",
           "kate", "liam", "mia", "noah", "olga", "pablo", "rosa", "sam", "tara", "yuki"]
-DOMAINS = ["example", "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne"]
+DOMAINS = ["example", "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne",
+           "soylent", "vandelay", "cyberdyne", "tyrell", "wonka", "oscorp", "aperture", "massive"]
 APPS = ["slack", "github", "jira", "notion", "hubspot", "zendesk", "stripe", "asana", "trello",
-        "gitlab", "dropbox", "figma", "linear", "airtable", "intercom", "shopify"]
+        "gitlab", "dropbox", "figma", "linear", "airtable", "intercom", "shopify", "zoom", "okta",
+        "salesforce", "mailchimp", "twilio", "datadog", "sentry", "pagerduty"]
 
 # How users ask, per category. Week 1's data uses PHRASINGS; the next week's data also has
 # NEW_PHRASINGS (users started asking that way), which week 1 never saw.
