@@ -1,19 +1,28 @@
-"""`make run`: the main job, end to end on the local control plane.
+"""`make run`: the flywheel story on the local control plane, one "week" per invocation.
 
-1. builds a tiny Qwen3-architecture model, tokenizer and a tool-calling dataset with three
-   request categories locally (nothing is downloaded);
-2. installs the CRDs, starts the operator (unless one is already running) and registers the
-   `tiny-agent` Model with promotion gates and a serving Deployment;
-3. applies a 2-node FineTuneRun on the `local` pool: the local executor really runs
-   torchrun on this machine's CPU (gloo), one process per "node";
-4. follows the run live, then shows the registered ModelVersion, the alias decision, the
-   serving rollout, and where the artifacts and the Comet offline archive are.
+    make run            # the next week: week 1 the first time, then week 2, 3, ...
+    make run WEEK=bad   # a bad week: the data lost a required category
+    make run WEEK=2     # a given week (also `FLYWHEEL_WEEK=2` or `hack/run.py --week 2`)
 
-Run it again for the next "weekly" version: each run gets a fresh name.
+Each week it builds (once, locally, nothing is downloaded) a tiny Qwen3-architecture model,
+its tokenizer and that week's tool-calling data in three request categories, starts the
+operator (unless `make operator` runs one), registers the `tiny-agent` Model (promotion gates
+on tool-call accuracy, overall and per category, no per-category regression, a serving
+Deployment) and applies a 2-node FineTuneRun on the `local` pool, where the local executor
+really runs torchrun on this machine's CPU. It follows the run and prints what the model
+learned (per-category tool-call accuracy, with deltas against production), the promotion
+decision, the serving rollout and where the model card is.
 
-`make run-schedule` (`hack/run.py --schedule`) is the flywheel variant: it applies the weekly
-`FineTuneSchedule` of examples/finetuneschedule-local.yaml (dataset URIs with `{{ isoWeek }}`),
-starts this week's run at once through the `flywheel.dev/trigger` annotation, and follows it.
+Week 1 trains from scratch and is promoted. Week 2 and later train on more data, including a
+phrasing users started to use; the new version is promoted only if its gates hold. The bad
+week's data has no `edit-workflow` examples: preflight stops the run before any training and
+production stays where it was. The eval set is the same held-out file every week (none of its
+requests is in any week's training data), so versions are compared on the same questions.
+
+`make run-schedule` (`hack/run.py --schedule`) applies the weekly `FineTuneSchedule` of
+examples/finetuneschedule-local.yaml (dataset URIs with `{{ isoWeek }}`, pointing at this
+week's snapshot of week 1's data), starts this week's run at once through the
+`flywheel.dev/trigger` annotation, and follows it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,28 @@ NAMESPACE = "flywheel-demo"
 MODEL = "tiny-agent"
 CATEGORIES = ("edit-workflow", "email", "integration")
 
+# ---- the sample: sized so the tiny model learns to copy arguments (about 3000 optimizer
+# steps of two 512-token packs); more data rather than more epochs, so it generalizes.
+VOCAB = 1000
+EVAL_EXAMPLES = 45  # held out; the same file every week
+WEEK1_EXAMPLES = 3000  # x 6 epochs
+NEXT_WEEK_EXAMPLES = 3600  # week 2 and later: more data, with the new phrasing; x 5 epochs
+NEXT_WEEK_EPOCHS = 5
+BAD_WEEK_LOST = "edit-workflow"  # the category the bad week's data lost
+MIN_EXAMPLES = 50  # per required category, checked by preflight
+HYPERPARAMETERS = {"epochs": 6, "learningRate": 5.0e-3, "globalBatchSize": 2,
+                   "microBatchSize": 1, "maxSeqLength": 512, "warmupRatio": 0.05, "seed": 7}
+GATES = {"overall": 0.7, "category": 0.5, "noRegressionTolerance": 0.1}
+
+
+# ---- where the model, data and artifacts live: the one place that knows the store
+def store(*parts: str) -> Path:
+    return WORK.joinpath(*parts)
+
+
+def uri(path: Path) -> str:
+    return f"file://{path}"
+
 
 def say(msg: str) -> None:
     print(f"\033[1m==> {msg}\033[0m", flush=True)
@@ -59,66 +90,110 @@ def apply(obj: dict) -> None:
             "-f", "-", input=json.dumps(obj))
 
 
-def build_assets(work: Path) -> tuple[Path, Path, Path]:
-    """Tiny model + tokenizer and train/eval data, built once and reused."""
-    model_dir, data_dir = work / "base-model", work / "data"
-    if not (model_dir / "config.json").exists() or not (data_dir / "eval.jsonl").exists():
-        say("building a tiny Qwen3 model, tokenizer and tool-calling dataset (local, no download)")
+# ---------------------------------------------------------------------------- assets
+
+
+def build_base(work: Path) -> Path:
+    """The tiny base model with its tokenizer, built once and reused."""
+    model_dir = work / "base-model"
+    if not (model_dir / "model.safetensors").exists():
+        say("building a tiny Qwen3 model and its tokenizer (local, no download)")
         from flywheel_trainer import toy
 
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = toy.build_tokenizer()
-        toy.build_model_dir(model_dir, vocab_size=len(tokenizer), tokenizer=tokenizer)
-        toy.write_dataset(data_dir / "train.jsonl", 96, seed=1, categories=CATEGORIES)
-        toy.write_dataset(data_dir / "eval.jsonl", 24, seed=2, categories=CATEGORIES)
-    # This week's snapshot, where the weekly schedule's `{{ isoWeek }}` URIs point.
+        tokenizer = toy.build_tokenizer(VOCAB)
+        toy.build_model_dir(model_dir, vocab_size=len(tokenizer), tokenizer=tokenizer,
+                            **toy.SAMPLE_MODEL)
+    return model_dir
+
+
+def build_data(work: Path, week: str) -> tuple[Path, Path]:
+    """(train, eval) for a week: `1`, `2`, `3`, ... or `bad`. The eval set is shared."""
+    from flywheel_trainer import toy
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    eval_ = data / "eval.jsonl"
+    if not eval_.exists():
+        toy.write_dataset(eval_, EVAL_EXAMPLES, seed=2, new_phrasings=True)
+    train = data / f"week-{week}" / "train.jsonl"
+    if not train.exists():
+        train.parent.mkdir(exist_ok=True)
+        held_out = toy.requests(eval_)
+        if week == "1":
+            toy.write_dataset(train, WEEK1_EXAMPLES, seed=1, exclude=held_out)
+        elif week == "bad":
+            toy.write_dataset(train, NEXT_WEEK_EXAMPLES, seed=99, new_phrasings=True,
+                              exclude=held_out,
+                              categories=[c for c in CATEGORIES if c != BAD_WEEK_LOST])
+        else:
+            toy.write_dataset(train, NEXT_WEEK_EXAMPLES, seed=int(week), new_phrasings=True,
+                              exclude=held_out)
+    return train, eval_
+
+
+def build_assets(work: Path, week: str = "1") -> tuple[Path, Path, Path]:
+    """(base model, train, eval) of a week."""
+    model_dir = build_base(work)
+    return (model_dir, *build_data(work, week))
+
+
+def weekly_snapshot(train: Path, eval_: Path) -> Path:
+    """This ISO week's snapshot, where the weekly schedule's `{{ isoWeek }}` URIs point."""
     year, week, _ = datetime.now(UTC).isocalendar()
-    weekly = data_dir / f"{year}-w{week:02d}"
-    weekly.mkdir(exist_ok=True)
-    for split in ("train.jsonl", "eval.jsonl"):
-        shutil.copyfile(data_dir / split, weekly / split)
-    return model_dir, data_dir / "train.jsonl", data_dir / "eval.jsonl"
+    snapshot = train.parent.parent / f"{year}-w{week:02d}"
+    snapshot.mkdir(exist_ok=True)
+    shutil.copyfile(train, snapshot / "train.jsonl")
+    shutil.copyfile(eval_, snapshot / "eval.jsonl")
+    return snapshot.parent
+
+
+# ---------------------------------------------------------------------------- manifests
 
 
 def run_manifest(name: str, model_dir: Path, train: Path, eval_: Path, output: Path,
-                 nodes: int = 2) -> dict:
+                 nodes: int = 2, namespace: str = NAMESPACE, epochs: int | None = None) -> dict:
     return {
         "apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "baseModel": f"file://{model_dir}",
+            "baseModel": uri(model_dir),
             "modelName": MODEL,
-            "dataset": {"train": f"file://{train}", "eval": f"file://{eval_}",
-                        "requiredCategories": list(CATEGORIES), "minExamplesPerCategory": 8},
-            "hyperparameters": {"epochs": 1, "learningRate": 2.0e-3, "globalBatchSize": 8,
-                                "microBatchSize": 2, "maxSeqLength": 512, "warmupRatio": 0.1,
-                                "seed": 7},
+            "dataset": {"train": uri(train), "eval": uri(eval_),
+                        "requiredCategories": list(CATEGORIES),
+                        "minExamplesPerCategory": MIN_EXAMPLES},
+            "hyperparameters": {**HYPERPARAMETERS, **({"epochs": epochs} if epochs else {})},
             "resources": {"nodes": nodes, "gpusPerNode": 1, "nodePool": "local"},
-            "checkpoint": {"everySteps": 4, "keep": 2},
-            "output": {"uri": f"file://{output}/"},
+            "checkpoint": {"everySteps": 250, "keep": 2},
+            "output": {"uri": uri(output) + "/"},
             "tracking": {"comet": {"workspace": "local", "project": MODEL}},
             "maxRestarts": 2,
         },
     }
 
 
-def model_manifest() -> dict:
+def model_manifest(namespace: str = NAMESPACE) -> dict:
+    """Promotion: tool-call accuracy above a floor overall and in every category, and no
+    category worse than production's by more than the tolerance."""
+    per_category = [f"tool_call_accuracy/{c}" for c in CATEGORIES]
     return {
         "apiVersion": "flywheel.dev/v1alpha1", "kind": "Model",
-        "metadata": {"name": MODEL, "namespace": NAMESPACE},
+        "metadata": {"name": MODEL, "namespace": namespace},
         "spec": {
-            "promotion": {"alias": "production",
-                          "gates": [{"metric": "eval_loss", "max": 10.0}],
-                          "noRegression": {"metrics": ["eval_loss"], "tolerance": 0.5}},
+            "promotion": {
+                "alias": "production",
+                "gates": [{"metric": "tool_call_accuracy", "min": GATES["overall"]}]
+                + [{"metric": m, "min": GATES["category"]} for m in per_category],
+                "noRegression": {"metrics": per_category,
+                                 "tolerance": GATES["noRegressionTolerance"]}},
             "servingTargets": [{"deployment": f"{MODEL}-server", "container": "server"}],
         },
     }
 
 
-def serving_deployment() -> dict:
+def serving_deployment(namespace: str = NAMESPACE) -> dict:
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": f"{MODEL}-server", "namespace": NAMESPACE},
+        "metadata": {"name": f"{MODEL}-server", "namespace": namespace},
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app": f"{MODEL}-server"}},
@@ -138,7 +213,7 @@ def schedule_manifest(model_dir: Path, data_dir: Path) -> dict:
     text = (ROOT / "examples" / "finetuneschedule-local.yaml").read_text()
     schedule = yaml.safe_load(text.replace("/tmp/flywheel/models/tiny-qwen3", str(model_dir))
                               .replace("/tmp/flywheel/data", str(data_dir))
-                              .replace("/tmp/flywheel/artifacts", str(WORK / "artifacts")))
+                              .replace("/tmp/flywheel/artifacts", str(store("artifacts"))))
     schedule["metadata"]["namespace"] = NAMESPACE
     return schedule
 
@@ -179,11 +254,20 @@ def start_operator() -> subprocess.Popen | None:
     return proc
 
 
-def follow(name: str, timeout: float = 900) -> dict:
-    say(f"following FineTuneRun {NAMESPACE}/{name} (Ctrl-C stops watching, not the run)")
+# ---------------------------------------------------------------------------- the story
+
+
+def next_week(namespace: str = NAMESPACE) -> str:
+    """Week 1 while the Model has no version, then one more week per registered version."""
+    versions = get("mv", "-n", namespace, "-l", f"flywheel.dev/model={MODEL}")["items"]
+    return str(len(versions) + 1)
+
+
+def follow(name: str, namespace: str = NAMESPACE, timeout: float = 1800) -> dict:
+    say(f"following FineTuneRun {namespace}/{name} (Ctrl-C stops watching, not the run)")
     last, deadline, tty = None, time.monotonic() + timeout, sys.stdout.isatty()
     while time.monotonic() < deadline:
-        status = get("ftr", name, "-n", NAMESPACE).get("status") or {}
+        status = get("ftr", name, "-n", namespace).get("status") or {}
         progress = status.get("progress") or {}
         pre = (status.get("preflight") or {}).get("phase")
         if status.get("phase") == "Running" and progress.get("totalSteps"):
@@ -216,85 +300,146 @@ def follow(name: str, timeout: float = 900) -> dict:
     raise SystemExit(f"run {name} did not finish within {timeout:.0f}s")
 
 
-def report(name: str, status: dict, output: Path) -> int:
+def metrics_table(metrics: dict, deltas: dict | None) -> str:
+    """Tool-call accuracy and eval loss per category, with ▲/▼ deltas against production."""
+    def cell(key: str) -> str:
+        value = metrics.get(key)
+        text = "-" if value is None else f"{value:.3f}"
+        delta = (deltas or {}).get(key)
+        if delta is not None:
+            better = delta < 0 if "loss" in key else delta > 0
+            mark = "=" if abs(delta) < 5e-4 else ("▲" if better else "▼")
+            text += f" {mark}{delta:+.3f}"
+        return text
+
+    rows = [("category", "tool-call accuracy", "eval loss")]
+    for cat in ("all", *CATEGORIES):
+        suffix = "" if cat == "all" else f"/{cat}"
+        rows.append((cat, cell("tool_call_accuracy" + suffix), cell("eval_loss" + suffix)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+                     for r in rows)
+
+
+def production(namespace: str) -> dict | None:
+    model = get("model", MODEL, "-n", namespace)
+    return ((model.get("status") or {}).get("aliases") or {}).get("production")
+
+
+def report(name: str, status: dict, output: Path, namespace: str = NAMESPACE) -> dict:
+    """Print what the run produced; returns {ok, modelVersion, promoted, card, ...}."""
     if status["phase"] != "Succeeded":
-        say(f"run {name} failed: {status.get('message')}")
-        print(kubectl("describe", "ftr", name, "-n", NAMESPACE))
-        return 1
+        failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
+        missing = (status.get("preflight") or {}).get("missingCategories") or []
+        say(f"run {name} stopped: {failed.get('reason', '-')}: {status.get('message')}")
+        if missing:
+            print(f"  the data lost required categories: {', '.join(missing)}"
+                  " (preflight stopped the run before any training)")
+        prod = production(namespace)
+        say("production unchanged: " + (f"version {prod['version']} ({prod['modelVersion']})"
+                                        if prod else "no version yet"))
+        return {"ok": False, "reason": failed.get("reason"), "missing": missing,
+                "production": prod}
+    from flywheel_trainer.card import CARD_FILE, PLOT_FILE
     from flywheel_trainer.export import digest_dir
 
-    mv = get("mv", status["modelVersion"], "-n", NAMESPACE)
-    model = get("model", MODEL, "-n", NAMESPACE)
-    say(f"registered {mv['metadata']['name']}")
-    print(kubectl("get", "mv,model", "-n", NAMESPACE))
-    metrics = mv["spec"].get("metrics", {})
-    for key in sorted(metrics):
-        print(f"  {key:<40} {metrics[key]:.4f}")
+    mv = get("mv", status["modelVersion"], "-n", namespace)
+    model = get("model", MODEL, "-n", namespace)
     comparison = mv["spec"].get("comparison")
-    if comparison:
-        print(f"  deltas vs {comparison['alias']} (version {comparison['version']}): "
-              + ", ".join(f"{k} {v:+.4f}" for k, v in comparison["deltas"].items()
-                          if "/" not in k))
+    say(f"registered {mv['metadata']['name']}: what it learned (held-out eval, greedy)"
+        + (f", vs {comparison['alias']} version {comparison['version']}" if comparison else ""))
+    metrics = mv["spec"].get("metrics", {})
+    print(metrics_table(metrics, comparison and comparison["deltas"]))
     decision = next((c for c in (model.get("status") or {}).get("conditions", [])
                      if c["type"] == "Promoted"), None)
-    if decision:
-        say(f"promotion: {decision['reason']}: {decision['message']}")
     aliases = (model.get("status") or {}).get("aliases", {})
+    promoted = (aliases.get("production") or {}).get("modelVersion") == mv["metadata"]["name"]
+    if decision:
+        say(f"promotion: {'PROMOTED' if promoted else 'NOT promoted'} "
+            f"({decision['reason']}: {decision['message']})")
     for alias, target in sorted(aliases.items()):
         print(f"  {alias:<11} -> version {target['version']}  {target['digest'][:23]}...")
-    actual = digest_dir(f"file://{output}/")
+    actual = digest_dir(uri(output) + "/")
     expected = mv["spec"]["artifact"]["digest"]
     say(f"artifacts: {output}  (digest {'matches' if actual == expected else 'MISMATCH'})")
+    card = mv["spec"]["artifact"].get("card") or uri(output / CARD_FILE)
+    say(f"model card: {card}  (plots: {output / PLOT_FILE})")
     archive = sorted((output / "comet-offline").glob("*.zip")) if (
         output / "comet-offline").exists() else []
     for path in archive:
         print(f"  Comet offline archive: {path}\n    upload with: comet upload {path}")
-    time.sleep(2)
-    deployment = get("deployment", f"{MODEL}-server", "-n", NAMESPACE)
-    template = deployment["spec"]["template"]
-    served = template["metadata"].get("annotations", {}).get("flywheel.dev/model-digest")
+    prod_digest = (aliases.get("production") or {}).get("digest")
+    deadline = time.monotonic() + 30
+    while True:  # the operator rolls the serving Deployment to production's digest
+        deployment = get("deployment", f"{MODEL}-server", "-n", namespace)
+        served = deployment["spec"]["template"]["metadata"].get("annotations", {}).get(
+            "flywheel.dev/model-digest")
+        if served == prod_digest or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     say(f"serving: Deployment {MODEL}-server serves digest {str(served)[:23]}..."
         f" (generation {deployment['metadata']['generation']})")
-    return 0 if actual == expected else 1
+    return {"ok": actual == expected, "modelVersion": mv, "promoted": promoted,
+            "card": card, "production": aliases.get("production"),
+            "served": served}
+
+
+def run_week(week: str, namespace: str = NAMESPACE, work: Path = WORK) -> dict:
+    """One week of the story: build that week's data, train, register, report."""
+    model_dir, train, eval_ = build_assets(work, week)
+    name = f"{MODEL}-week-{week}-{datetime.now(UTC):%H%M%S}"
+    output = work / "artifacts" / name
+    epochs = None if week in ("1", "bad") else NEXT_WEEK_EPOCHS
+    apply(run_manifest(name, model_dir, train, eval_, output, namespace=namespace,
+                       epochs=epochs))
+    say(f"week {week}: applied FineTuneRun {name} (2 nodes x 1 device on the local pool), "
+        f"training on {train}")
+    return {"week": week, "name": name,
+            **report(name, follow(name, namespace), output, namespace)}
+
+
+def setup(namespace: str = NAMESPACE) -> None:
+    say("installing CRDs, the Model and its serving Deployment")
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
+    if not get("namespaces", "--field-selector", f"metadata.name={namespace}")["items"]:
+        kubectl("create", "namespace", namespace)
+        kubectl("wait", "--for=create", "serviceaccount/default", "-n", namespace)
+    apply(serving_deployment(namespace))
+    apply(model_manifest(namespace))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--week", default=os.environ.get("FLYWHEEL_WEEK")
+                        or os.environ.get("WEEK") or "next",
+                        help="1, 2, ..., bad, or next (default; env WEEK or FLYWHEEL_WEEK)")
     parser.add_argument("--schedule", action="store_true",
                         help="run this week's run of the weekly FineTuneSchedule")
     args = parser.parse_args()
+    if args.week != "next" and args.week != "bad" and not args.week.isdigit():
+        raise SystemExit(f"--week / WEEK: expected 1, 2, ..., bad or next, got {args.week!r}")
     WORK.mkdir(parents=True, exist_ok=True)
-    model_dir, train, eval_ = build_assets(WORK)
-    say("installing CRDs")
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
-    if not get("namespaces", "--field-selector", f"metadata.name={NAMESPACE}")["items"]:
-        kubectl("create", "namespace", NAMESPACE)
-        kubectl("wait", "--for=create", "serviceaccount/default", "-n", NAMESPACE)
-    apply(serving_deployment())
-    apply(model_manifest())
+    setup()
     operator = start_operator()
-    name = f"{MODEL}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    output = WORK / "artifacts" / name
     try:
-        if args.schedule:
-            schedule = schedule_manifest(model_dir, train.parent)
-            apply(schedule)
-            say(f"applied FineTuneSchedule {schedule['metadata']['name']} "
-                f"({schedule['spec']['schedule']}, {schedule['spec']['timeZone']})")
-            name = trigger_schedule(schedule["metadata"]["name"])
-            run = get("ftr", name, "-n", NAMESPACE)
-            output = Path(run["spec"]["output"]["uri"].removeprefix("file://").rstrip("/"))
-            say(f"triggered {name}: trains on {run['spec']['dataset']['train']}")
-        else:
-            apply(run_manifest(name, model_dir, train, eval_, output))
-            say(f"applied FineTuneRun {name}: 2 nodes x 1 GPU on the local pool")
-        status = follow(name)
-        code = report(name, status, output)
-        if args.schedule:
-            print(kubectl("get", "fts", "-n", NAMESPACE))
-        return code
+        if not args.schedule:
+            week = next_week() if args.week == "next" else args.week
+            result = run_week(week)
+            return 0 if result["ok"] or (week == "bad" and result["missing"]) else 1
+        model_dir, train, eval_ = build_assets(WORK)
+        schedule = schedule_manifest(model_dir, weekly_snapshot(train, eval_))
+        apply(schedule)
+        say(f"applied FineTuneSchedule {schedule['metadata']['name']} "
+            f"({schedule['spec']['schedule']}, {schedule['spec']['timeZone']})")
+        name = trigger_schedule(schedule["metadata"]["name"])
+        run = get("ftr", name, "-n", NAMESPACE)
+        output = Path(run["spec"]["output"]["uri"].removeprefix("file://").rstrip("/"))
+        say(f"triggered {name}: trains on {run['spec']['dataset']['train']}")
+        result = report(name, follow(name), output)
+        print(kubectl("get", "fts", "-n", NAMESPACE))
+        return 0 if result["ok"] else 1
     finally:
         if operator:
             os.killpg(operator.pid, signal.SIGTERM)

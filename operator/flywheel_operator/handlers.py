@@ -259,7 +259,8 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
         if plan.create_attempt > 1:
             metrics.RESTARTS.labels(namespace).inc()
         run_for_render = {**run, "status": plan.status}
-        objects = render.attempt_objects(run_for_render, plan.create_attempt, config)
+        objects = render.attempt_objects(run_for_render, plan.create_attempt, config,
+                                         _promoted(namespace, run["spec"]["modelName"]))
         # Independent objects: create them together (a pod waits for its ConfigMap anyway).
         list(CREATORS.map(lambda obj: kube.create(obj, namespace), objects))
     for event_type, reason, message in plan.events:
@@ -267,6 +268,18 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
         log.info("%s/%s: %s: %s", namespace, name, reason, message)
         if reason == "Stalled":
             metrics.STALLS.labels(namespace, name, run["spec"]["modelName"]).inc()
+
+
+def _promoted(namespace: str, model_name: str) -> dict | None:
+    """{name, metrics} of the version the Model's promotion alias points to: the model card
+    compares the new version with it."""
+    model = kube.get(API, "Model", namespace, model_name) or {}
+    alias = ((model.get("spec") or {}).get("promotion") or {}).get("alias", "production")
+    target = ((model.get("status") or {}).get("aliases") or {}).get(alias)
+    if not (target and target.get("modelVersion")):
+        return None
+    mv = kube.get(API, "ModelVersion", namespace, target["modelVersion"])
+    return mv and {"name": mv["metadata"]["name"], "metrics": mv["spec"].get("metrics", {})}
 
 
 # --- registration -------------------------------------------------------------------------

@@ -113,8 +113,10 @@ def run_spec(run: dict[str, Any]) -> FineTuneRunSpec:
     return FineTuneRunSpec.model_validate(run.get("spec") or {})
 
 
-def trainer_config(run: dict[str, Any], attempt: int | None) -> TrainerConfig:
-    """The trainer's config for an attempt: the spec's training part plus runtime fields.
+def trainer_config(run: dict[str, Any], attempt: int | None,
+                   baseline: dict | None = None) -> TrainerConfig:
+    """The trainer's config for an attempt: the spec's training part plus runtime fields
+    (`baseline`: the promoted version's {name, metrics}, for the model card).
 
     `checkpoint.uri` is always resolved, so every attempt resumes from the same place.
     """
@@ -127,7 +129,8 @@ def trainer_config(run: dict[str, Any], attempt: int | None) -> TrainerConfig:
                             "output": spec.output.model_dump(exclude_none=True),
                             "tracking": spec.tracking.model_dump(exclude_none=True),
                             "runName": run["metadata"]["name"], "attempt": attempt,
-                            "experimentKey": experiment_key(run["metadata"]["uid"])}
+                            "experimentKey": experiment_key(run["metadata"]["uid"]),
+                            "baseline": baseline}
     data["checkpoint"]["uri"] = spec.checkpoint.uri or spec.output.uri.rstrip("/") + "/checkpoints/"
     data = {k: v for k, v in data.items() if v is not None}
     return TrainerConfig.model_validate(data)
@@ -298,8 +301,10 @@ def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: Fine
 # ---------------------------------------------------------------------------- public renderers
 
 
-def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -> list[dict]:
-    """ConfigMap, headless Service and Indexed Job of `attempt` (1-based), in creation order."""
+def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
+                    baseline: dict | None = None) -> list[dict]:
+    """ConfigMap, headless Service and Indexed Job of `attempt` (1-based), in creation order.
+    `baseline`: the promoted version's {name, metrics}, passed on to the model card."""
     if attempt < 1:
         raise ValueError("attempt is 1-based")
     meta = run["metadata"]
@@ -311,7 +316,7 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -
     selector = {RUN_LABEL: labels[RUN_LABEL], ATTEMPT_LABEL: labels[ATTEMPT_LABEL]}
     nodes, gpus = spec.resources.nodes, spec.resources.gpusPerNode
 
-    config_map = _config_map(run, cm_name, labels, trainer_config(run, attempt))
+    config_map = _config_map(run, cm_name, labels, trainer_config(run, attempt, baseline))
     service = {
         "apiVersion": "v1",
         "kind": "Service",

@@ -1,5 +1,6 @@
 """End to end: FineTuneRuns that really train (torchrun on CPU via the local executor pool),
-register a ModelVersion, move aliases and roll out a serving Deployment.
+register a ModelVersion and resume after a kill. On a small slice of the sample data, so the
+runs are short; whether the sample model learns, gets promoted and served is test_story.py's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ TRAIN_TIMEOUT = 600
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> tuple[Path, Path, Path]:
-    return demo.build_assets(tmp_path_factory.mktemp("assets"))
+    from flywheel_trainer import toy
+
+    work = tmp_path_factory.mktemp("assets")
+    eval_ = toy.write_dataset(work / "eval.jsonl", 6, seed=2)
+    train = toy.write_dataset(work / "train.jsonl", 48, seed=1, exclude=toy.requests(eval_))
+    return demo.build_base(work), train, eval_
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +37,7 @@ def demo_ns(cluster: Cluster, operator) -> str:
     ns = f"e2e-{os.getpid()}"
     cluster.kubectl("create", "namespace", ns)
     cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=30s")
-    for obj in (demo.serving_deployment(), demo.model_manifest()):
-        obj["metadata"]["namespace"] = ns
+    for obj in (demo.serving_deployment(ns), demo.model_manifest(ns)):
         cluster.apply(obj)
     yield ns
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
@@ -40,10 +45,12 @@ def demo_ns(cluster: Cluster, operator) -> str:
 
 def start_run(cluster: Cluster, ns: str, name: str, assets, output: Path) -> None:
     model_dir, train, eval_ = assets
-    run = demo.run_manifest(name, model_dir, train, eval_, output)
-    run["metadata"]["namespace"] = ns
-    # Three epochs: long enough that a kill after the first checkpoint lands mid-run.
-    run["spec"]["hyperparameters"]["epochs"] = 3
+    run = demo.run_manifest(name, model_dir, train, eval_, output, namespace=ns)
+    run["spec"]["dataset"]["minExamplesPerCategory"] = 8
+    # Three epochs of 5 steps: a kill after the first checkpoint (step 4) lands mid-run.
+    run["spec"]["hyperparameters"].update(epochs=3, maxSeqLength=512, globalBatchSize=4,
+                                          microBatchSize=1)
+    run["spec"]["checkpoint"]["everySteps"] = 4
     cluster.apply(run)
 
 
@@ -67,7 +74,7 @@ def uninterrupted(cluster, demo_ns, assets, tmp_path_factory) -> dict:
     return {"status": status, "output": output, "progress": seen, "namespace": demo_ns}
 
 
-def test_run_trains_registers_and_rolls_out(cluster, demo_ns, uninterrupted):
+def test_run_trains_and_registers(cluster, demo_ns, uninterrupted):
     from flywheel_trainer.export import digest_dir
 
     status = uninterrupted["status"]
@@ -93,13 +100,9 @@ def test_run_trains_registers_and_rolls_out(cluster, demo_ns, uninterrupted):
     archives = list((uninterrupted["output"] / "comet-offline").glob("*.zip"))
     assert archives, "the trainer leaves a Comet offline archive beside the outputs"
 
+    assert (uninterrupted["output"] / "README.md").exists(), "the model card is exported"
     model = cluster.get("model", demo.MODEL, "-n", demo_ns)
     assert model["status"]["aliases"]["latest"]["modelVersion"] == mv["metadata"]["name"]
-    production = model["status"]["aliases"]["production"]
-    wait_until(lambda: cluster.get("deployment", f"{demo.MODEL}-server", "-n", demo_ns)
-               ["spec"]["template"]["metadata"].get("annotations", {})
-               .get("flywheel.dev/model-digest") == production["digest"],
-               message="serving Deployment rolled out")
 
 
 def test_progress_shows_in_status_while_it_trains(uninterrupted):
@@ -123,7 +126,7 @@ def trainer_pids(ns: str, pod_prefix: str, index: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_killed_trainer_resumes_as_attempt_two_with_the_same_digest(
+def test_killed_trainer_resumes_as_attempt_two_with_the_same_weights(
         cluster, demo_ns, assets, uninterrupted, tmp_path_factory):
     output = tmp_path_factory.mktemp("out") / "interrupted"
     start_run(cluster, demo_ns, "interrupted", assets, output)
@@ -144,9 +147,9 @@ def test_killed_trainer_resumes_as_attempt_two_with_the_same_digest(
     logs = sorted((ROOT / ".cache" / "executor" / demo_ns).glob("interrupted-a2-0-*/output.log"))
     assert logs and "resumed from checkpoint" in logs[-1].read_text().lower()
 
-    mv = cluster.get("mv", status["modelVersion"], "-n", demo_ns)
-    baseline = cluster.get("mv", uninterrupted["status"]["modelVersion"], "-n", demo_ns)
-    assert mv["spec"]["artifact"]["digest"] == baseline["spec"]["artifact"]["digest"]
+    # The same weights as the uninterrupted run (the model cards differ: run names, attempts).
+    weights = (output / "model.safetensors").read_bytes()
+    assert weights == (uninterrupted["output"] / "model.safetensors").read_bytes()
 
 
 def test_a_stalled_trainer_is_restarted_from_its_checkpoint(

@@ -47,7 +47,7 @@ def make_config(toy: Toy, out: Path, **overrides) -> dict:
         "baseModel": f"file://{toy.model_dir}",
         "dataset": {"train": str(toy.train), "eval": str(toy.eval)},
         "hyperparameters": {"learningRate": 3e-3, "globalBatchSize": 4, "microBatchSize": 1,
-                            "maxSeqLength": 1024, "epochs": 2, "warmupRatio": 0.1},
+                            "maxSeqLength": 640, "epochs": 2, "warmupRatio": 0.1},
         "fsdp": {"activationCheckpointing": "selective"},
         "checkpoint": {"everySteps": 2, "keep": 2},
         "output": {"uri": f"file://{out}"},

@@ -148,6 +148,11 @@ class TrainerConfig(SpecModel):
     evalMaxToolCallPrompts: int | None = Field(
         default=None, ge=0, description="Cap on tool-call accuracy prompts (None: all)."
     )
+    baseline: dict | None = Field(
+        default=None,
+        description="The promoted version to compare with in the model card: "
+        "{name, metrics} (set by the operator from the promotion alias's ModelVersion).",
+    )
     deviceMemoryGB: float | None = Field(
         default=None, gt=0,
         description="Memory of one GPU in GB (1e9 bytes) of the pool the run will use "

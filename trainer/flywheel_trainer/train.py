@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from . import progress
+from .card import CARD_FILE, CardInfo, card_files
 from .chat import ChatFormat
 from .checkpoint import CheckpointManager
 from .config import TrainerConfig
@@ -186,6 +187,9 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
                       lambda tps: mfu(tps, d.world_size, fpt, peak))
 
     # ---- train
+    curve: list[dict] = []
+    eval_every = max(1, total_steps // 5)
+    t_start = time.time()
     model.train()
     while step < total_steps:
         t0 = time.perf_counter()
@@ -201,6 +205,11 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_loss = loss_sum / n_loss_tokens
+        curve.append({"step": step, "train_loss": train_loss})  # for the model card's plot
+        if evals is not None and evals.examples and step % eval_every == 0 and step < total_steps:
+            curve[-1]["eval_loss"] = eval_loss(model, evals, d, hp.maxSeqLength,
+                                               hp.microBatchSize, pad_id)[0]
+            tracker.log_metrics({"eval_loss": curve[-1]["eval_loss"]}, step)
         tokens_total += n_tokens
         window_tokens += n_tokens
         if d.on_gpu:
@@ -249,12 +258,24 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
                    for k, v in metrics.items()}
         tracker.log_metrics(metrics, step)
     progress.stage("exporting")
-    artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d)
-    summary = {}
+    summary, card = {}, None
+    if d.is_main:  # the model card and its plot go into the artifact (inside the digest)
+        splits = {"train": train, **({"eval": evals} if evals else {})}
+        card = CardInfo(
+            name=cfg.runName or "flywheel-run", base_model=cfg.baseModel,
+            datasets={k: getattr(cfg.dataset, k) for k in splits},
+            digests={k: v.report["digest"] for k, v in splits.items()},
+            examples={k: v.report["examples"] for k, v in splits.items()},
+            hyperparameters=hp.model_dump(), metrics=metrics, steps=step, tokens=tokens_total,
+            world_size=d.world_size, device_hours=d.world_size * (time.time() - t_start) / 3600,
+            tracking={"url": tracker.url, "experimentKey": tracker.key}, curve=curve,
+            baseline=cfg.baseline)
+    artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d,
+                         extra_files=card_files(card) if card else None)
     if d.is_main:
         archive = tracker.end()
         summary = {
-            "artifact": artifact,
+            "artifact": {**artifact, "card": artifact["uri"].rstrip("/") + "/" + CARD_FILE},
             "metrics": metrics,
             "steps": step,
             "dataset": {

@@ -32,6 +32,9 @@ class Artifact(BaseModel):
                         description="Content digest over the files: sha256:<hex>.")
     format: Literal["huggingface-safetensors"] = Field(
         default="huggingface-safetensors", description="Artifact format.")
+    card: str | None = Field(
+        default=None, max_length=URI_MAX,
+        description="The model card (README.md beside the weights, inside the digest).")
 
 
 class SourceRun(BaseModel):

@@ -1,0 +1,122 @@
+"""`make run`'s story end to end (hack/run.py's own functions, against the test's operator):
+week 1 learns its task and goes to production, week 2 is registered with deltas against it and
+promoted only if its gates hold, a bad week is stopped by preflight, and every exported model
+carries a model card whose metrics are the ModelVersion's.
+
+One run per week, shared by the tests below (training is the expensive part).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from hack import run as demo
+from tests.conftest import Cluster
+
+pytestmark = pytest.mark.cluster
+
+ACCURACY_FLOOR = 0.8  # the sample's promise: overall, held-out eval, greedy decoding
+CATEGORY_FLOOR = 0.5
+
+
+@pytest.fixture(scope="module")
+def story(cluster: Cluster, operator, tmp_path_factory):
+    """Week 1, week 2 and a bad week, in a namespace of their own. Printed output kept."""
+    ns = f"story-{os.getpid()}"
+    work = tmp_path_factory.mktemp("story")
+    demo.setup(ns)
+    weeks = {}
+    try:
+        for week in ("1", "2", "bad"):
+            before = demo.production(ns)
+            weeks[week] = {**demo.run_week(week, namespace=ns, work=work),
+                           "production_before": before}
+        yield {"ns": ns, "work": work, **weeks}
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_week_one_learns_its_task_and_goes_to_production(cluster, story):
+    week = story["1"]
+    assert week["ok"], week
+    metrics = week["modelVersion"]["spec"]["metrics"]
+    assert metrics["tool_call_accuracy"] >= ACCURACY_FLOOR, metrics
+    for category in demo.CATEGORIES:
+        assert metrics[f"tool_call_accuracy/{category}"] > CATEGORY_FLOOR, (category, metrics)
+    assert week["production_before"] is None
+    assert week["promoted"]
+    assert week["production"]["modelVersion"] == week["modelVersion"]["metadata"]["name"]
+    # The serving Deployment rolled to it (read right after week 1, before week 2 ran).
+    assert week["served"] == week["modelVersion"]["spec"]["artifact"]["digest"]
+
+
+def test_model_card_is_in_the_artifact_and_matches_the_model_version(story):
+    from flywheel_trainer.card import PLOT_FILE, card_metrics, front_matter
+    from flywheel_trainer.export import digest_dir
+
+    for week in ("1", "2"):
+        mv = story[week]["modelVersion"]
+        # The ModelVersion points to the card, inside its artifact.
+        assert mv["spec"]["artifact"]["card"] == story[week]["card"]
+        assert mv["spec"]["artifact"]["card"] == mv["spec"]["artifact"]["uri"] + "README.md"
+        card = Path(mv["spec"]["artifact"]["card"].removeprefix("file://"))
+        text = card.read_text()
+        meta = front_matter(text)
+        assert meta["library_name"] == "transformers"
+        assert meta["base_model"] == mv["spec"]["baseModel"]
+        assert set(meta["datasets"]) == {mv["spec"]["dataset"]["train"],
+                                         mv["spec"]["dataset"]["eval"]}
+        assert card_metrics(text) == mv["spec"]["metrics"]
+        for digest in mv["spec"]["dataset"]["digests"].values():
+            assert digest in text
+        assert mv["spec"]["sourceRun"]["name"] in text
+        assert mv["spec"]["tracking"]["experimentKey"] in text
+        assert (card.parent / PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+        if week == "2":  # compared with the production version of when it trained
+            assert f"production (`{story['1']['modelVersion']['metadata']['name']}`)" in text
+        # The card is part of the registered artifact: its digest covers it.
+        assert digest_dir(mv["spec"]["artifact"]["uri"]) == mv["spec"]["artifact"]["digest"]
+
+
+def test_week_two_is_compared_with_week_one_and_promoted_only_if_its_gates_hold(
+        cluster, story, capsys):
+    from flywheel_operator.registry import failed_gates
+
+    v1, v2 = story["1"]["modelVersion"], story["2"]["modelVersion"]
+    assert v2["spec"]["version"] == v1["spec"]["version"] + 1
+    comparison = v2["spec"]["comparison"]
+    assert comparison["alias"] == "production"
+    assert comparison["version"] == v1["spec"]["version"]
+    for category in demo.CATEGORIES:
+        key = f"tool_call_accuracy/{category}"
+        assert comparison["deltas"][key] == pytest.approx(
+            v2["spec"]["metrics"][key] - v1["spec"]["metrics"][key], abs=1e-6)
+    table = demo.metrics_table(v2["spec"]["metrics"], comparison["deltas"])
+    assert re.search(r"email\s+\d\.\d{3} [▲▼=][+-]\d\.\d{3}", table), table
+    model = cluster.get("model", demo.MODEL, "-n", story["ns"])
+    failures = failed_gates(model["spec"]["promotion"], v2["spec"]["metrics"],
+                            v1["spec"]["metrics"])
+    assert story["2"]["promoted"] == (not failures), failures
+    production = story["2"]["production"]
+    expected = v2 if story["2"]["promoted"] else v1
+    assert production["version"] == expected["spec"]["version"]
+
+
+def test_bad_week_stops_at_preflight_and_production_stays(cluster, story):
+    bad = story["bad"]
+    assert not bad["ok"]
+    assert bad["reason"] == "PreflightFailed"
+    assert bad["missing"] == [demo.BAD_WEEK_LOST]
+    assert bad["production"] == bad["production_before"]
+    assert bad["production"]["version"] >= 1
+    run = cluster.get("ftr", bad["name"], "-n", story["ns"])
+    assert demo.BAD_WEEK_LOST in run["status"]["message"]
+    pods = cluster.get("pods", "-n", story["ns"], "-l",
+                       f"flywheel.dev/run={bad['name']},flywheel.dev/component=trainer")
+    assert pods["items"] == [], "no training pod was started"
+    assert json.dumps(bad["production"]) == json.dumps(demo.production(story["ns"]))
