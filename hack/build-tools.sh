@@ -44,6 +44,7 @@ for tool in $tools; do
                   k8s.io/kubernetes/cmd/kube-scheduler ;;
     kwok)       build kwok "$BIN/kwok" "-s -w" sigs.k8s.io/kwok/cmd/kwok ;;
     helm)       build helm "$BIN/helm" "-s -w" helm.sh/helm/v3/cmd/helm ;;
+    kueue)      build kueue "$BIN/kueue" "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=v0.19.2" sigs.k8s.io/kueue/cmd/kueue ;;
     *) echo "unknown tool: $tool" >&2; exit 2 ;;
   esac
 done
