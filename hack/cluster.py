@@ -192,7 +192,9 @@ def wait_for(what: str, check, timeout: float = 120.0, component: str | None = N
         except Exception:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"cluster: timed out waiting for {what} (logs in {LOGS})")
+    tail = (LOGS / f"{component}.log").read_text().splitlines()[-20:] if component else []
+    raise SystemExit(f"cluster: timed out waiting for {what} (logs in {LOGS})"
+                     + "".join(f"\n{line}" for line in tail))
 
 
 def apiserver_ready() -> bool:
@@ -379,7 +381,7 @@ def kueue_pki(service: str) -> None:
     if (PKI / "kueue.crt").exists():
         return
     ca = PKI / "kueue-ca"
-    openssl("ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", f"{ca}.key")
+    openssl("genrsa", "-traditional", "-out", f"{ca}.key", "2048")  # it parses PKCS#1 RSA
     openssl(
         "req", "-x509", "-new", "-key", f"{ca}.key", "-subj", "/O=kueue/CN=kueue-ca",
         "-days", "3650", "-addext", "basicConstraints=critical,CA:TRUE",
