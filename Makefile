@@ -72,7 +72,7 @@ test-unit: setup
 
 operator: cluster-up
 	$(KUBECTL) apply --server-side -f crds/
-	$(PY) -m flywheel_operator --standalone --all-namespaces
+	$(PY) -m flywheel_operator --standalone --all-namespaces --config hack/operator-local.yaml
 
 run: cluster-up
 	$(PY) hack/run.py

@@ -97,7 +97,7 @@ def hf_worker(a) -> None:
     import torch
     import torch.distributed as dist
     from flywheel_trainer.data import load_split
-    from flywheel_trainer.model import flops_per_token, peak_flops
+    from flywheel_trainer.model import flops_per_token, mfu, peak_flops
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -159,9 +159,9 @@ def hf_worker(a) -> None:
     dist.all_reduce(stats)
     tps = float(stats[0]) / (tn - t1)
     peak = peak_flops(torch.device("cuda")) if a.gpu else None
-    mfu = tps / world * flops_per_token(model, a.seq_len) / peak if peak else None
+    achieved = mfu(tps, world, flops_per_token(model, a.seq_len), peak)
     if dist.get_rank() == 0:
-        Path(a.result).write_text(json.dumps({"tokens_per_s": tps, "mfu": mfu,
+        Path(a.result).write_text(json.dumps({"tokens_per_s": tps, "mfu": achieved,
                                               "steps": len(marks)}))
 
 

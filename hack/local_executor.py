@@ -22,24 +22,24 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes
 from flywheel_operator import kube
+from flywheel_operator.vocab import EXECUTOR_LABEL, format_time
 from kubernetes.client.exceptions import ApiException
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "executor"
 HOSTS = Path("/etc/hosts")
 HOSTS_MARK = "# flywheel-local-executor"
-NODE_LABEL = "flywheel.dev/executor=local"
+NODE_LABEL = f"{EXECUTOR_LABEL}=local"
 
 _hosts_lock = threading.Lock()
 
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time()
 
 
 def log(msg: str) -> None:
@@ -62,8 +62,8 @@ class Executor:
         env: dict[str, str] = {}
         for src in container.get("envFrom") or []:
             if "configMapRef" in src:
-                cm = kube.request("GET", f"/api/v1/namespaces/{ns}/configmaps/"
-                               f"{src['configMapRef']['name']}")
+                cm = kube.request("GET", kube.object_path(
+                    "v1", "ConfigMap", ns, src["configMapRef"]["name"]))
                 env.update(cm.get("data") or {})
         for var in container.get("env") or []:
             if "value" in var:
@@ -79,8 +79,8 @@ class Executor:
         return {k: v for k, v in env.items() if v is not None}
 
     def key_ref(self, plural: str, ns: str, ref: dict, secret: bool = False) -> str | None:
-        try:
-            obj = kube.request("GET", f"/api/v1/namespaces/{ns}/{plural}/{ref['name']}")
+        try:  # secrets: the executor's own read (the operator never reads secrets)
+            obj = kube.request("GET", f"{kube.collection_path('v1', plural, ns)}/{ref['name']}")
         except (kube.NotFound, ApiException):
             if ref.get("optional"):
                 return None
@@ -180,8 +180,8 @@ class Executor:
                 os.killpg(proc.pid, signal.SIGKILL)
         self.remove_hosts(md["uid"])
         try:
-            kube.request("DELETE", f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
-                      {"gracePeriodSeconds": 0, "preconditions": {"uid": md["uid"]}})
+            kube.request("DELETE", kube.object_path("v1", "Pod", md["namespace"], md["name"]),
+                         {"gracePeriodSeconds": 0, "preconditions": {"uid": md["uid"]}})
         except kube.NotFound:
             pass
         except ApiException as err:
@@ -195,8 +195,8 @@ class Executor:
             path = workdir / "volumes" / vol["name"]
             path.mkdir(parents=True)
             if "configMap" in vol:
-                cm = kube.request("GET", f"/api/v1/namespaces/{ns}/configmaps/"
-                               f"{vol['configMap']['name']}")
+                cm = kube.request("GET", kube.object_path(
+                    "v1", "ConfigMap", ns, vol["configMap"]["name"]))
                 data = cm.get("data") or {}
                 items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
                 for item in items:

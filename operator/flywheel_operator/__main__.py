@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
+
+import yaml
+
+from .config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,9 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.all_namespaces or args.namespace):
         parser.error("choose --all-namespaces or --namespace NS")
-    if args.config:
-        os.environ["FLYWHEEL_OPERATOR_CONFIG"] = args.config
-    os.environ["FLYWHEEL_METRICS_PORT"] = str(args.metrics_port)
+    try:  # at start-up: a bad file stops the operator before it watches anything
+        config = load_config(args.config)
+    except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: pydantic's too
+        parser.error(f"--config {args.config}: {err}")
 
     import kopf
 
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         priority=None if args.standalone else (
             args.priority if args.priority is not None else random.randint(1, 2**31 - 1)),
         liveness_endpoint=args.liveness or None,
-    )
+        memo=kopf.Memo(config=config, metrics_port=args.metrics_port))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel_operator.api import Toleration
+from .api import Toleration
+from .vocab import EXECUTOR_LABEL, POOL_LABEL
 
 ENV_VAR = "FLYWHEEL_OPERATOR_CONFIG"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -38,8 +39,10 @@ class Pool(_Model):
     gpusPerNode: int = Field(default=0, ge=0, description="GPUs per node; 0 for CPU pools.")
     gpuHourPrice: float = Field(default=0.0, ge=0, description="Price of one GPU-hour.")
     tokensPerSecondPerGpu: float | None = Field(
-        default=None, gt=0, description="Throughput figure for preflight estimates."
-    )
+        default=None, gt=0, description="Throughput figure for preflight estimates.")
+    gpuMemoryGB: float | None = Field(
+        default=None, gt=0, description="Memory of one GPU in GB (decimal): preflight refuses a "
+        "run whose per-GPU memory estimate exceeds it.")
     resources: PodResources = Field(default_factory=PodResources)
 
 
@@ -47,20 +50,18 @@ _GPU_TOLERATION = Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSche
 
 PRESETS: dict[str, Pool] = {
     "h200": Pool(
-        nodeSelector={"flywheel.dev/pool": "h200"},
+        nodeSelector={POOL_LABEL: "h200"},
         tolerations=[_GPU_TOLERATION],
         gpusPerNode=8,
         gpuHourPrice=3.5,
         tokensPerSecondPerGpu=2000.0,
-    ),
-    "cpu": Pool(nodeSelector={"flywheel.dev/pool": "cpu"}),
+        gpuMemoryGB=141.0),
+    "cpu": Pool(nodeSelector={POOL_LABEL: "cpu"}),
     "local": Pool(
-        nodeSelector={"flywheel.dev/executor": "local"},
+        nodeSelector={EXECUTOR_LABEL: "local"},
         tolerations=[_GPU_TOLERATION],
         gpusPerNode=2,
-        tokensPerSecondPerGpu=500.0,
-    ),
-}
+        tokensPerSecondPerGpu=500.0)}
 
 
 class OperatorConfig(_Model):

@@ -1,35 +1,44 @@
-"""kopf registrations: thin handlers that feed `lifecycle.decide` and carry out its plan.
+"""kopf registrations: thin handlers that feed the pure decisions and carry out their plans.
 
-The operator is level-triggered. Runs, their Jobs and their Pods are kept in kopf indexes
-(slim summaries, so memory stays small at thousands of runs); any event on any of them
-reconciles the run: decide from the indexes, then act through `kube`. kopf writes nothing
-to the runs (no annotations, no finalizers): only the operator's own status patches.
-"""
+Level-triggered: runs, their Jobs and Pods are kept in kopf indexes (slim summaries, so memory
+stays small at thousands of runs); any event on any of them reconciles the run: decide from the
+indexes (`lifecycle.decide`), then act through `kube`. Registration applies `registry`'s
+decisions, schedules `schedules.plan`. kopf writes nothing to the runs (no annotations, no
+finalizers). A failed reconcile comes back with backoff (`Waker`). The operator config
+arrives at start-up in kopf's memo (`memo.config`, see __main__)."""
 
 from __future__ import annotations
 
 import copy
 import heapq
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import kopf
 
 from . import kube, lifecycle, metrics, registry, render, schedules
-from .config import OperatorConfig, load_config
-from .lifecycle import RUN_LABEL, now_iso, set_condition
+from .config import OperatorConfig
+from .vocab import (
+    API_VERSION,
+    GROUP,
+    MODEL_LABEL,
+    PLURALS,
+    RUN_LABEL,
+    SCHEDULE_LABEL,
+    VERSION,
+    format_time,
+)
 
 log = logging.getLogger("flywheel")
-GROUP, VERSION = kube.GROUP, kube.VERSION
-API = f"{GROUP}/{VERSION}"
+API = API_VERSION
 Key = tuple[str, str]
-
-CONFIG: OperatorConfig = load_config()
+#: Backoff of a failed reconcile: 1 s, doubling, at most this many seconds.
+MAX_BACKOFF = 300.0
 
 _locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
 CREATORS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
@@ -39,14 +48,72 @@ _written: dict[Key, tuple[str, dict]] = {}
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Post only our own Events (kopf.event) and warnings: kopf would otherwise post an Event
     # for every "Handler succeeded" line, an API write per watch event.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 32
-    metrics.serve(int(os.environ.get("FLYWHEEL_METRICS_PORT", "0")))
-    log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(CONFIG.pools)))
+    memo.setdefault("config", OperatorConfig())
+    metrics.serve(memo.get("metrics_port", 0))
+    log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(memo.config.pools)))
+
+
+class Waker(threading.Thread):
+    """Reconciles keys when they are due: a heap of (when, key), one thread, no finalizers.
+
+    kopf's timers would put a finalizer on every object; this keeps the objects untouched.
+    `attempt` runs a reconcile now (in the caller's thread); one that raises comes back after
+    1 s, 2 s, 4 s ... `MAX_BACKOFF` until it succeeds.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(daemon=True, name=f"flywheel-{what}")
+        self.what = what
+        self.heap: list[tuple[float, Key]] = []
+        self.cv = threading.Condition()
+        self.reconcile: Callable[[Key], None] | None = None
+        self.failures: dict[Key, int] = {}
+
+    def bind(self, reconcile: Callable[[Key], None]) -> None:
+        """The reconcile to call (the first binding wins: kopf's indexes never change)."""
+        if self.reconcile is None:
+            self.reconcile = reconcile
+            self.start()
+
+    def wake(self, key: Key, after: float = 0.0) -> None:
+        with self.cv:
+            heapq.heappush(self.heap, (time.monotonic() + after, key))
+            self.cv.notify()
+
+    def attempt(self, key: Key) -> None:
+        assert self.reconcile is not None
+        try:
+            self.reconcile(key)
+        except Exception:
+            failures = self.failures[key] = self.failures.get(key, 0) + 1
+            delay = min(2.0 ** (failures - 1), MAX_BACKOFF)
+            log.exception("%s %s/%s: reconcile failed (%d in a row); retrying in %gs",
+                          self.what, *key, failures, delay)
+            self.wake(key, delay)
+        else:
+            self.failures.pop(key, None)
+
+    def run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.heap or self.heap[0][0] > time.monotonic():
+                    self.cv.wait(timeout=(self.heap[0][0] - time.monotonic())
+                                 if self.heap else None)
+                _, key = heapq.heappop(self.heap)
+                # Collapse duplicate wake-ups for the same key that are already due.
+                while self.heap and self.heap[0][1] == key and self.heap[0][0] <= time.monotonic():
+                    heapq.heappop(self.heap)
+            self.attempt(key)
+
+
+RUNS = Waker("run")
+SCHEDULER = Waker("schedule")
 
 
 # --- indexes ------------------------------------------------------------------------------
@@ -60,7 +127,7 @@ def slim(body: kopf.Body) -> dict:
                           "status": dict(body.status)})
 
 
-@kopf.index(GROUP, VERSION, "finetuneruns")
+@kopf.index(GROUP, VERSION, PLURALS["FineTuneRun"])
 def runs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): slim(body)}
 
@@ -78,35 +145,40 @@ def run_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
 # --- events -------------------------------------------------------------------------------
 
 
-@kopf.on.event(GROUP, VERSION, "finetuneruns")
-def run_event(type: str, namespace: str, name: str, body: kopf.Body, runs: kopf.Index,
-              run_jobs: kopf.Index, run_pods: kopf.Index, **_) -> None:
-    metrics.track_runs(runs)
-    schedule = (body.get("metadata", {}).get("labels") or {}).get(schedules.SCHEDULE_LABEL)
+def _reconcile_run(key: Key, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
+                   run_pods: kopf.Index, **_) -> None:
+    RUNS.bind(lambda k: reconcile(k, runs, run_jobs, run_pods, memo.config))
+    RUNS.attempt(key)
+
+
+@kopf.on.event(GROUP, VERSION, PLURALS["FineTuneRun"])
+def run_event(type: str, namespace: str, name: str, body: kopf.Body, **kwargs) -> None:
+    metrics.track_runs(kwargs["runs"])
+    schedule = (body.get("metadata", {}).get("labels") or {}).get(SCHEDULE_LABEL)
     if schedule:
         SCHEDULER.wake((namespace, schedule))
     if type == "DELETED":
         _written.pop((namespace, name), None)
+        RUNS.failures.pop((namespace, name), None)
         return
-    reconcile((namespace, name), runs, run_jobs, run_pods)
+    _reconcile_run((namespace, name), **kwargs)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
-def job_event(namespace: str, labels: kopf.Labels, runs: kopf.Index, run_jobs: kopf.Index,
-              run_pods: kopf.Index, **_) -> None:
-    reconcile((namespace, labels[RUN_LABEL]), runs, run_jobs, run_pods)
+def job_event(namespace: str, labels: kopf.Labels, **kwargs) -> None:
+    _reconcile_run((namespace, labels[RUN_LABEL]), **kwargs)
 
 
 @kopf.on.event("v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
-def pod_event(namespace: str, labels: kopf.Labels, runs: kopf.Index, run_jobs: kopf.Index,
-              run_pods: kopf.Index, **_) -> None:
-    reconcile((namespace, labels[RUN_LABEL]), runs, run_jobs, run_pods)
+def pod_event(namespace: str, labels: kopf.Labels, **kwargs) -> None:
+    _reconcile_run((namespace, labels[RUN_LABEL]), **kwargs)
 
 
 # --- reconcile ----------------------------------------------------------------------------
 
 
-def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.Index) -> None:
+def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.Index,
+              config: OperatorConfig) -> None:
     found = list(runs.get(key, []))
     if not found:
         return
@@ -119,15 +191,15 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
             run = {**run, "status": written[1]}
         started = time.monotonic()
         plan = lifecycle.decide(run, list(run_jobs.get(key, [])), list(run_pods.get(key, [])),
-                                config=CONFIG)
-        execute(key, run, plan)
+                                config=config)
+        execute(key, run, plan, config)
         metrics.RECONCILE.observe(time.monotonic() - started)
 
 
-def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
+def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -> None:
     namespace, name = key
-    if plan.succeeded_pods and not plan.status.get("modelVersion"):
-        finish_success(run, plan)
+    if plan.register is not None:  # before the status: Succeeded means registered
+        lifecycle.registered(plan, register(run, plan.register))
     if plan.status != (run.get("status") or {}):
         # Status first: a crash after this line resumes at the recorded attempt.
         kube.patch_status("FineTuneRun", namespace, name, plan.status)
@@ -145,7 +217,7 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
         kube.delete("v1", "Service", namespace, names.service)
         kube.delete("v1", "ConfigMap", namespace, names.configmap)
     if plan.create_preflight:
-        for obj in render.preflight_objects(run, CONFIG):
+        for obj in render.preflight_objects(run, config):
             kube.create(obj, namespace)
     if plan.suspend_job:
         job, suspend = plan.suspend_job
@@ -155,7 +227,7 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
         if plan.create_attempt > 1:
             metrics.RESTARTS.labels(namespace).inc()
         run_for_render = {**run, "status": plan.status}
-        objects = render.attempt_objects(run_for_render, plan.create_attempt, CONFIG)
+        objects = render.attempt_objects(run_for_render, plan.create_attempt, config)
         # Independent objects: create them together (a pod waits for its ConfigMap anyway).
         list(CREATORS.map(lambda obj: kube.create(obj, namespace), objects))
     for event_type, reason, message in plan.events:
@@ -166,33 +238,9 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan) -> None:
 # --- registration -------------------------------------------------------------------------
 
 
-def finish_success(run: dict, plan: lifecycle.Plan) -> None:
-    """Register rank 0's model before the run is marked Succeeded (idempotent)."""
-    rank0 = next((p for p in plan.succeeded_pods if p["index"] == 0), None)
-    ts, generation = now_iso(), run["metadata"].get("generation", 1)
-    try:
-        summary = registry.parse_summary(rank0 and rank0["message"])
-    except registry.SummaryError as err:
-        plan.status.update(phase="Failed", message=str(err))
-        set_condition(plan.status, "Succeeded", False, "InvalidSummary", str(err), ts, generation)
-        set_condition(plan.status, "Failed", True, "InvalidSummary", str(err), ts, generation)
-        plan.events = [("Warning", "InvalidSummary", str(err))]
-        return
-    mv = register(run, summary)
-    plan.status["modelVersion"] = mv["metadata"]["name"]
-    plan.status["progress"] = {
-        **(plan.status.get("progress") or {}), "step": summary.steps,
-        "totalSteps": summary.steps, "percent": "100%", "tokens": summary.tokens,
-        **({"tokensPerSecond": round(summary.throughput.tokensPerSecond, 1)}
-           if summary.throughput.tokensPerSecond else {})}
-    if summary.tracking.url:
-        plan.status["trackingUrl"] = summary.tracking.url
-    plan.events.append(("Normal", "Registered",
-                        f"ModelVersion {mv['metadata']['name']} (digest "
-                        f"{mv['spec']['artifact']['digest'][:19]}...)"))
-
-
 def register(run: dict, summary: registry.Summary) -> dict:
+    """Create the run's ModelVersion (once; a taken number takes the next) and record it in
+    its Model, creating the Model when it is new. Returns the ModelVersion."""
     namespace, uid = run["metadata"]["namespace"], run["metadata"]["uid"]
     model_name = run["spec"]["modelName"]
     with _locks[("model", namespace, model_name)]:
@@ -201,91 +249,38 @@ def register(run: dict, summary: registry.Summary) -> dict:
             kube.create({"apiVersion": API, "kind": "Model",
                          "metadata": {"name": model_name}, "spec": {}}, namespace)
             model = kube.get(API, "Model", namespace, model_name)
-        versions = kube.list_objects(API, "ModelVersion", namespace,
-                                     f"{registry.MODEL_LABEL}={model_name}")
-        mine = [v for v in versions
-                if v["metadata"]["labels"].get(registry.RUN_UID_LABEL) == uid]
-        promotion = (model.get("spec") or {}).get("promotion") or {}
-        alias = promotion.get("alias", "production")
-        if mine:
-            mv = mine[0]
-        else:
-            by_name = {v["metadata"]["name"]: v for v in versions}
-            current = ((model.get("status") or {}).get("aliases") or {}).get(alias)
-            baseline = by_name.get(current["modelVersion"]) if current else None
-            version = max((v["spec"]["version"] for v in versions), default=0) + 1
-            while True:  # a concurrent registration may take a number: take the next one
-                mv = registry.model_version(run, summary, version, baseline, alias)
-                if kube.create(mv, namespace):
-                    versions.append(mv)
-                    break
-                # 409: someone took this number, or our own create succeeded before a retry.
-                versions = kube.list_objects(API, "ModelVersion", namespace,
-                                             f"{registry.MODEL_LABEL}={model_name}")
-                mine = [v for v in versions
-                        if v["metadata"]["labels"].get(registry.RUN_UID_LABEL) == uid]
-                if mine:
-                    mv = mine[0]
-                    break
-                version = max((v["spec"]["version"] for v in versions), default=0) + 1
-        update_model_status(model, mv, versions)
+
+        def listed() -> list[dict]:
+            return kube.list_objects(API, "ModelVersion", namespace, f"{MODEL_LABEL}={model_name}")
+
+        versions = listed()
+        mv = registry.own_version(versions, uid)
+        while mv is None:  # a concurrent registration may take a number: take the next one
+            candidate = registry.model_version(run, summary, registry.next_version(versions),
+                                               registry.baseline(model, versions),
+                                               registry.promoted_alias(model))
+            if kube.create(candidate, namespace):
+                mv = candidate
+                versions.append(mv)
+            else:  # 409: someone took this number, or our own create succeeded before a retry
+                versions = listed()
+                mv = registry.own_version(versions, uid)
+        update = registry.record_version(model, mv, versions, format_time())
+        name = model["metadata"]["name"]
+        for gate in update.blocked_gates:
+            metrics.GATE_FAILURES.labels(namespace, name, gate).inc()
+        if update.promoted:
+            metrics.PROMOTIONS.labels(namespace, name, update.promoted).inc()
+        for event_type, reason, message in update.events:
+            kopf.event(model, type=event_type, reason=reason, message=message)
+        kube.patch_status("Model", namespace, name, update.status)
         return mv
-
-
-def update_model_status(model: dict, mv: dict, versions: list[dict]) -> None:
-    """Record the version, move `latest`, and decide the promoted alias (once per version)."""
-    namespace, name = model["metadata"]["namespace"], model["metadata"]["name"]
-    spec, status = model.get("spec") or {}, copy.deepcopy(model.get("status") or {})
-    ts, version = now_iso(), mv["spec"]["version"]
-    refs = {r["version"]: r for r in status.get("versions", [])}
-    refs.setdefault(version, {"version": version, "name": mv["metadata"]["name"],
-                              "digest": mv["spec"]["artifact"]["digest"], "created": ts})
-    status["versions"] = [refs[v] for v in sorted(refs)]
-    aliases = status.setdefault("aliases", {})
-    if aliases.get("latest", {}).get("version", 0) < version:
-        aliases["latest"] = registry.alias_target(mv, ts)
-
-    promotion = spec.get("promotion")
-    newest = version == max(refs)
-    decided = any(c["type"] == "Promoted" and c.get("message", "").startswith(
-        f"version {version}:") for c in status.get("conditions", []))
-    if promotion and newest and not decided:
-        alias = promotion.get("alias", "production")
-        current = aliases.get(alias)
-        baseline = next((v for v in versions if current
-                         and v["metadata"]["name"] == current.get("modelVersion")), None)
-        failures = registry.failed_gates(
-            promotion, mv["spec"].get("metrics") or {},
-            (baseline or {}).get("spec", {}).get("metrics") if baseline else None)
-        generation = model["metadata"].get("generation", 1)
-        if alias in (spec.get("pinnedAliases") or {}):
-            set_condition(status, "Promoted", False, "AliasPinned",
-                          f"version {version}: {alias} is pinned by spec.pinnedAliases",
-                          ts, generation)
-        elif failures:
-            set_condition(status, "Promoted", False, "GatesFailed",
-                          f"version {version}: not promoted to {alias}: " + "; ".join(failures),
-                          ts, generation)
-            for failure in failures:
-                metrics.GATE_FAILURES.labels(namespace, name, failure.split("=")[0]
-                                             .split(" ")[0]).inc()
-            kopf.event(model, type="Warning", reason="PromotionBlocked",
-                       message=f"version {version} not promoted to {alias}: "
-                       + "; ".join(failures))
-        else:
-            aliases[alias] = registry.alias_target(mv, ts)
-            set_condition(status, "Promoted", True, "GatesPassed",
-                          f"version {version}: promoted to {alias}", ts, generation)
-            metrics.PROMOTIONS.labels(namespace, name, alias).inc()
-            kopf.event(model, type="Normal", reason="Promoted",
-                       message=f"version {version} promoted to {alias}")
-    kube.patch_status("Model", namespace, name, status)
 
 
 # --- serving ------------------------------------------------------------------------------
 
 
-@kopf.on.event(GROUP, VERSION, "models")
+@kopf.on.event(GROUP, VERSION, PLURALS["Model"])
 def model_event(type: str, body: kopf.Body, namespace: str, name: str, **_) -> None:
     """Keep pinned aliases and serving targets in step with the Model."""
     if type == "DELETED":
@@ -294,28 +289,16 @@ def model_event(type: str, body: kopf.Body, namespace: str, name: str, **_) -> N
         model = kube.get(API, "Model", namespace, name)
         if model is None:
             return
-        spec, status = model.get("spec") or {}, copy.deepcopy(model.get("status") or {})
-        aliases = status.setdefault("aliases", {})
-        moved = []
-        for alias, version in (spec.get("pinnedAliases") or {}).items():
-            if aliases.get(alias, {}).get("version") == version:
-                continue
-            mv = kube.get(API, "ModelVersion", namespace, registry.version_name(name, version))
-            if mv is None:
-                kopf.event(model, type="Warning", reason="PinUnknownVersion",
-                           message=f"{alias} is pinned to version {version}, which does not "
-                           "exist")
-                continue
-            aliases[alias] = registry.alias_target(mv)
-            moved.append(f"{alias} -> version {version} (pinned)")
-        if moved:
-            kube.patch_status("Model", namespace, name, status)
-            kopf.event(model, type="Normal", reason="AliasPinned", message="; ".join(moved))
-        alias = (spec.get("promotion") or {}).get("alias", "production")
-        target = aliases.get(alias)
-        if target:
-            for serving in spec.get("servingTargets") or []:
-                sync_serving(model, serving, target)
+        pinned = {alias: kube.get(API, "ModelVersion", namespace, registry.version_name(name, v))
+                  for alias, v in registry.pins_to_move(model).items()}
+        update = registry.pin_aliases(model, pinned, format_time())
+        if update.status != (model.get("status") or {}):
+            kube.patch_status("Model", namespace, name, update.status)
+        for event_type, reason, message in update.events:
+            kopf.event(model, type=event_type, reason=reason, message=message)
+        target = (update.status.get("aliases") or {}).get(registry.promoted_alias(model))
+        for serving in ((model.get("spec") or {}).get("servingTargets") or []) if target else []:
+            sync_serving(model, serving, target)
 
 
 def sync_serving(model: dict, serving: dict, target: dict) -> None:
@@ -339,68 +322,25 @@ def sync_serving(model: dict, serving: dict, target: dict) -> None:
 # --- schedules ----------------------------------------------------------------------------
 
 
-@kopf.index(GROUP, VERSION, "finetuneschedules")
+@kopf.index(GROUP, VERSION, PLURALS["FineTuneSchedule"])
 def schedule_index(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): slim(body)}
 
 
-@kopf.index(GROUP, VERSION, "finetuneruns", labels={schedules.SCHEDULE_LABEL: kopf.PRESENT})
+@kopf.index(GROUP, VERSION, PLURALS["FineTuneRun"], labels={SCHEDULE_LABEL: kopf.PRESENT})
 def schedule_runs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[schedules.SCHEDULE_LABEL]): slim(body)}
+    return {(namespace, labels[SCHEDULE_LABEL]): slim(body)}
 
 
-@kopf.on.event(GROUP, VERSION, "finetuneschedules")
+@kopf.on.event(GROUP, VERSION, PLURALS["FineTuneSchedule"])
 def schedule_event(type: str, namespace: str, name: str, schedule_index: kopf.Index,
                    schedule_runs: kopf.Index, **_) -> None:
-    SCHEDULER.bind(schedule_index, schedule_runs)
+    SCHEDULER.bind(lambda key: reconcile_schedule(key, schedule_index, schedule_runs))
     if type == "DELETED":
         _written.pop(("schedule", namespace, name), None)
+        SCHEDULER.failures.pop((namespace, name), None)
         return
     SCHEDULER.wake((namespace, name))
-
-
-class Scheduler(threading.Thread):
-    """Wakes schedules when they are due: a heap of (when, key), one thread, no finalizers.
-
-    kopf's timers would put a finalizer on every schedule; this keeps the objects untouched.
-    Schedules are reconciled from kopf's indexes, so a wake-up costs no API read.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True, name="flywheel-scheduler")
-        self.heap: list[tuple[float, Key]] = []
-        self.cv = threading.Condition()
-        self.index: kopf.Index | None = None
-        self.runs: kopf.Index | None = None
-
-    def bind(self, index: kopf.Index, runs: kopf.Index) -> None:
-        if self.index is None:
-            self.index, self.runs = index, runs
-            self.start()
-
-    def wake(self, key: Key, after: float = 0.0) -> None:
-        with self.cv:
-            heapq.heappush(self.heap, (time.monotonic() + after, key))
-            self.cv.notify()
-
-    def run(self) -> None:
-        while True:
-            with self.cv:
-                while not self.heap or self.heap[0][0] > time.monotonic():
-                    self.cv.wait(timeout=(self.heap[0][0] - time.monotonic())
-                                 if self.heap else None)
-                _, key = heapq.heappop(self.heap)
-                # Collapse duplicate wake-ups for the same schedule that are already due.
-                while self.heap and self.heap[0][1] == key and self.heap[0][0] <= time.monotonic():
-                    heapq.heappop(self.heap)
-            try:
-                reconcile_schedule(key, self.index, self.runs)
-            except Exception:
-                log.exception("schedule %s/%s: reconcile failed; retrying in 10s", *key)
-                self.wake(key, 10.0)
-
-
-SCHEDULER = Scheduler()
 
 
 def reconcile_schedule(key: Key, index: kopf.Index, runs_index: kopf.Index) -> None:

@@ -17,9 +17,9 @@ import time
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from . import vocab
 from .metrics import API_REQUESTS
 
-GROUP, VERSION = "flywheel.dev", "v1alpha1"
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -49,8 +49,7 @@ def request(method: str, path: str, body: dict | list | None = None,
         _, url, headers, payload, _ = api.param_serialize(
             method, path, query_params=list((query or {}).items()),
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body, auth_settings=["BearerToken"],
-        )
+            body=body, auth_settings=["BearerToken"])
         API_REQUESTS.labels(method).inc()
         try:
             response = api.call_api(method, url, header_params=headers, body=payload)
@@ -75,9 +74,7 @@ def collection_path(api_version: str, plural: str, namespace: str) -> str:
 
 
 PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",
-           "Deployment": "deployments", "FineTuneRun": "finetuneruns",
-           "ModelVersion": "modelversions", "Model": "models",
-           "FineTuneSchedule": "finetuneschedules"}
+           "Deployment": "deployments", **vocab.PLURALS}
 
 
 def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
@@ -130,4 +127,4 @@ def patch(api_version: str, kind: str, namespace: str, name: str, body: dict,
 
 def patch_status(kind: str, namespace: str, name: str, status: dict) -> dict | None:
     """Merge-patch the status subresource of one of our custom objects."""
-    return patch(f"{GROUP}/{VERSION}", kind, namespace, name, {"status": status}, "status")
+    return patch(vocab.API_VERSION, kind, namespace, name, {"status": status}, "status")

@@ -16,20 +16,24 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
+from .api import FineTuneRunStatus, checked
 from .config import OperatorConfig
-from .render import comet_experiment_url, estimate_cost, experiment_key
-
-RUN_LABEL = "flywheel.dev/run"
-ATTEMPT_LABEL = "flywheel.dev/attempt"
-COMPONENT_LABEL = "flywheel.dev/component"
-TERMINAL = ("Succeeded", "Failed")
-
-
-def now_iso(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
+from .registry import Summary, SummaryError, parse_summary
+from .vocab import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_ANNOTATION,
+    COMPONENT_LABEL,
+    TERMINAL,
+    comet_experiment_url,
+    estimate_cost,
+    estimate_gpu_hours,
+    experiment_key,
+    format_time,
+    pods_gpu_hours,
+    set_condition,
+)
 
 # --- slim summaries (what the indexes keep per child) -----------------------------------
 
@@ -44,8 +48,7 @@ def job_summary(body: dict) -> dict:
         "suspended": bool((body.get("spec") or {}).get("suspend")),
         "complete": "Complete" in conditions,
         "failed": conditions.get("Failed", {}).get("message") if "Failed" in conditions else None,
-        "deleting": bool(body["metadata"].get("deletionTimestamp")),
-    }
+        "deleting": bool(body["metadata"].get("deletionTimestamp"))}
 
 
 def pod_summary(body: dict) -> dict:
@@ -61,7 +64,7 @@ def pod_summary(body: dict) -> dict:
         "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
         "index": int((body["metadata"].get("annotations") or {}).get(
-            "batch.kubernetes.io/job-completion-index", "0")),
+            COMPLETION_INDEX_ANNOTATION, "0")),
         "phase": status.get("phase", "Pending"),
         "node": (body.get("spec") or {}).get("nodeName"),
         "unschedulable": scheduled["message"] if scheduled and scheduled["status"] == "False"
@@ -70,8 +73,7 @@ def pod_summary(body: dict) -> dict:
         "finishedAt": (terminated or {}).get("finishedAt"),
         "exitCode": (terminated or {}).get("exitCode"),
         "reason": (terminated or {}).get("reason"),
-        "message": (terminated or {}).get("message"),
-    }
+        "message": (terminated or {}).get("message")}
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -79,31 +81,22 @@ def pod_summary(body: dict) -> dict:
 
 @dataclass
 class Plan:
-    status: dict
+    """What the handler does, in order: register, patch status, delete, create, post events."""
+
+    status: dict                               # the run's whole new status
+    was: str | None = None                     # its phase before (events fire on a change)
+    register: Summary | None = None            # register rank 0's model, then `registered()`
     create_attempt: int | None = None          # render and create this attempt's children
     create_preflight: bool = False             # render and create the preflight Job
     delete_attempts: list[int] = field(default_factory=list)
     suspend_job: tuple[str, bool] | None = None  # (job name, suspend)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
-    succeeded_pods: list[dict] = field(default_factory=list)
 
-
-def set_condition(status: dict, type_: str, value: bool, reason: str, message: str,
-                  now: str, generation: int | None) -> None:
-    """Upsert a standard condition; lastTransitionTime moves only when the value does."""
-    conditions = status.setdefault("conditions", [])
-    new = {"type": type_, "status": "True" if value else "False", "reason": reason,
-           "message": message}
-    if generation is not None:
-        new["observedGeneration"] = generation
-    for i, old in enumerate(conditions):
-        if old.get("type") == type_:
-            same = old.get("status") == new["status"]
-            new["lastTransitionTime"] = old.get("lastTransitionTime", now) if same else now
-            conditions[i] = new
-            return
-    new["lastTransitionTime"] = now
-    conditions.append(new)
+    def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal"):
+        if phase != self.was:
+            self.events.append((event_type, reason, message))
+        self.status["phase"] = phase
+        self.status["message"] = message
 
 
 def describe_failure(pods: list[dict], job: dict | None) -> str:
@@ -116,36 +109,21 @@ def describe_failure(pods: list[dict], job: dict | None) -> str:
     return (job or {}).get("failed") or "the attempt's Job failed"
 
 
-def attempt_gpu_hours(pods: list[dict], gpus_per_node: int, now: str) -> float:
-    """GPU-hours an attempt held: each pod's running time x its GPUs."""
-    total = 0.0
-    for pod in pods:
-        if pod["startedAt"]:
-            end = parse_time(pod["finishedAt"] or now)
-            total += max(0.0, (end - parse_time(pod["startedAt"])).total_seconds())
-    return round(total / 3600 * gpus_per_node, 6)
-
-
-def parse_time(value: str) -> datetime:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
 def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict], phase: str,
-                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig
-                   ) -> None:
+                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig) -> None:
     """Close an attempt in status.attempts and re-sum gpuHours and estimatedCost."""
     records = [a for a in status.get("attempts", []) if a["attempt"] != attempt]
     gpus = spec["resources"]["gpusPerNode"]
     started = min((p["startedAt"] for p in pods if p["startedAt"]), default=None)
     records.append({"attempt": attempt, "job": (job or {}).get("name"), "phase": phase,
                     "startTime": started, "completionTime": now, "reason": reason,
-                    "message": message[:1024],
-                    "gpuHours": attempt_gpu_hours(pods, gpus, now)})
+                    "message": message[:1024], "gpuHours": pods_gpu_hours(pods, gpus, now)})
     status["attempts"] = sorted(({k: v for k, v in a.items() if v is not None}
                                  for a in records), key=lambda a: a["attempt"])
     status["gpuHours"] = round(sum(a.get("gpuHours", 0.0) for a in status["attempts"]), 6)
     try:
-        cost = estimate_cost(status["gpuHours"], config.pool(spec["resources"].get("nodePool")))
+        pool = config.pool(spec["resources"].get("nodePool"))
+        cost = estimate_cost(status["gpuHours"], pool.gpuHourPrice)
     except KeyError:
         cost = None
     if cost is not None:
@@ -154,7 +132,7 @@ def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict
 
 def preflight_result(pods: list[dict], job: dict) -> dict | None:
     """The trainer's preflight JSON from the pod's termination message, if it finished."""
-    done = [p for p in pods if p["phase"] in ("Succeeded", "Failed")]
+    done = [p for p in pods if p["phase"] in TERMINAL]
     if not done and not (job["complete"] or job["failed"] is not None):
         return None
     for pod in done:
@@ -172,184 +150,222 @@ def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
     train = result.get("train") or {}
     missing = result.get("missingCategories") or {}
     problems = list(result.get("errors") or [])[:5] + list(result.get("problems") or [])
-    status = {
-        "examples": train.get("examples"), "invalidExamples": result.get("invalidLines"),
-        "tokens": result.get("totalTokens"), "steps": result.get("optimizerSteps"),
-        "categories": train.get("categories") or {},
-        "missingCategories": sorted(missing), "problems": problems[:10],
-    }
+    status = {"examples": train.get("examples"), "invalidExamples": result.get("invalidLines"),
+              "tokens": result.get("totalTokens"), "steps": result.get("optimizerSteps"),
+              "categories": train.get("categories") or {},
+              "missingCategories": sorted(missing), "problems": problems[:10]}
     try:
         pool = config.pool(spec["resources"].get("nodePool"))
     except KeyError:
         pool = None
-    if pool and pool.tokensPerSecondPerGpu and result.get("totalTokens"):
-        gpus = spec["resources"]["nodes"] * spec["resources"]["gpusPerNode"]
-        hours = result["totalTokens"] / (pool.tokensPerSecondPerGpu * gpus) / 3600 * gpus
+    hours = pool and result.get("totalTokens") and estimate_gpu_hours(
+        result["totalTokens"], pool.tokensPerSecondPerGpu)
+    if pool and hours:
         status["estimatedGpuHours"] = round(hours, 4)
-        cost = estimate_cost(hours, pool)
-        if cost is not None:
-            status["estimatedCost"] = round(cost, 4)
+        status["estimatedCost"] = estimate_cost(hours, pool.gpuHourPrice)
     return {k: v for k, v in status.items() if v is not None}
 
 
 def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None,
            config: OperatorConfig | None = None) -> Plan:
-    config = config or OperatorConfig()
-    spec = run["spec"]
-    generation = run["metadata"].get("generation", 1)
+    """The run's next status and actions (status checked against FineTuneRunStatus). One step
+    per stage: preflight, start_attempt, succeed, fail_attempt (restart or give up), else
+    follow_attempt (suspend, scheduling, running); a new stage is a new step here."""
+    config, ts = config or OperatorConfig(), format_time(now)
     old = run.get("status") or {}
-    status = copy.deepcopy(old)
-    plan = Plan(status=status)
-    ts = now_iso(now)
-    phase = old.get("phase")
-
-    def transition(new_phase: str, reason: str, message: str, event_type: str = "Normal"):
-        if new_phase != phase:
-            plan.events.append((event_type, reason, message))
-        status["phase"] = new_phase
-        status["message"] = message
-
-    status["observedGeneration"] = generation
+    plan = Plan(status=copy.deepcopy(old), was=old.get("phase"))
+    plan.status["observedGeneration"] = run["metadata"].get("generation", 1)
     pre_jobs = [j for j in jobs if j["component"] == "preflight"]
     pre_pods = [p for p in pods if p["component"] == "preflight"]
     jobs = [j for j in jobs if j["component"] != "preflight"]
     pods = [p for p in pods if p["component"] != "preflight"]
     attempt = max([old.get("attempt") or 0] + [j["attempt"] for j in jobs]) or 1
-    status["attempt"] = attempt
+    plan.status["attempt"] = attempt
     plan.delete_attempts = sorted({j["attempt"] for j in jobs if j["attempt"] < attempt})
-
-    if phase in TERMINAL:
-        return plan
-
     job = next((j for j in jobs if j["attempt"] == attempt), None)
     current = [p for p in pods if p["attempt"] == attempt]
-    nodes = spec["resources"]["nodes"]
-    suspend = bool(spec.get("suspend"))
-    max_restarts = spec.get("maxRestarts", 3)
-
-    preflight = status.get("preflight") or {}
-    wants_preflight = (spec.get("preflight") or {}).get("enabled", True)
-    if job is None and attempt == 1 and wants_preflight and preflight.get("phase") != "Succeeded":
-        status.setdefault("startTime", ts)
-        if not pre_jobs:
-            plan.create_preflight = True
-            status["preflight"] = {"phase": "Running", "startTime": preflight.get(
-                "startTime", ts)}
-            transition("Pending", "PreflightStarted",
-                       "preflight: checking data, chat template and categories on CPU")
-            return plan
-        result = preflight_result(pre_pods, pre_jobs[0])
-        if result is None:
-            status["preflight"] = {**preflight, "phase": "Running", "job": pre_jobs[0]["name"]}
-            status["message"] = "preflight: checking data, chat template and categories on CPU"
-            return plan
-        figures = preflight_status(result, spec, config)
-        status["preflight"] = {**preflight, **figures, "job": pre_jobs[0]["name"],
-                               "completionTime": ts,
-                               "phase": "Succeeded" if result["ok"] else "Failed"}
-        if not result["ok"]:
-            first = "; ".join(figures["problems"][:3]) or "preflight failed"
-            if figures["missingCategories"]:
-                first += "; missing categories: " + ", ".join(
-                    f"{c} ({figures['categories'].get(c, 0)})"
-                    for c in figures["missingCategories"])
-            status["preflight"]["message"] = first[:1024]
-            status["completionTime"] = ts
-            transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024],
-                       "Warning")
-            set_condition(status, "Failed", True, "PreflightFailed", status["message"], ts,
-                          generation)
-            return plan
-        status["preflight"]["message"] = (
-            f"{figures.get('examples')} examples, {figures.get('tokens')} tokens, "
-            f"{figures.get('steps')} steps")
-        plan.events.append(("Normal", "PreflightPassed", status["preflight"]["message"]))
-
-    if job is None:
-        plan.create_attempt = attempt
-        status.setdefault("startTime", ts)
-        comet = (spec.get("tracking") or {}).get("comet")
-        status.setdefault("experimentKey", experiment_key(run["metadata"]["uid"]))
-        if comet:
-            status.setdefault("trackingUrl", comet_experiment_url(
-                comet["workspace"], comet["project"], status["experimentKey"]))
-        if suspend:
-            transition("Suspended", "Suspended", "the run is suspended")
-        else:
-            transition("Pending", "AttemptCreated", f"attempt {attempt}: creating the Job")
-        set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
-                      "spec.suspend is true" if suspend else "", ts, generation)
-        return plan
-
     failed_pod = any(p["phase"] == "Failed" for p in current)
-    if job["complete"] and not failed_pod:
-        status["completionTime"] = ts
-        record_attempt(status, attempt, job, current, "Succeeded", "Completed", "", spec, ts,
-                       config)
-        transition("Succeeded", "Succeeded", f"attempt {attempt} completed")
-        set_condition(status, "Running", False, "Completed", "", ts, generation)
-        set_condition(status, "Succeeded", True, "JobComplete",
-                      f"all {nodes} node(s) of attempt {attempt} exited 0", ts, generation)
-        plan.succeeded_pods = current
-        return plan
+    wants_preflight = (run["spec"].get("preflight") or {}).get("enabled", True)
 
-    if job["failed"] is not None or failed_pod:
-        why = describe_failure(current, job)
-        record_attempt(status, attempt, job, current, "Failed", "AttemptFailed", why, spec, ts,
-                       config)
-        if attempt <= max_restarts:
-            status["attempt"] = attempt + 1
-            plan.delete_attempts.append(attempt)
-            plan.create_attempt = attempt + 1
-            plan.events.append(("Warning", "AttemptFailed",
-                                f"attempt {attempt} failed ({why}); starting attempt "
-                                f"{attempt + 1} of {max_restarts + 1}, resuming from the last "
-                                "complete checkpoint"))
-            status["phase"] = "Pending"
-            status["message"] = f"attempt {attempt} failed: {why}"
-            set_condition(status, "Running", False, "AttemptFailed", why, ts, generation)
-            return plan
-        plan.delete_attempts.append(attempt)
-        status["completionTime"] = ts
-        transition("Failed", "RestartBudgetExhausted",
-                   f"attempt {attempt} failed and the restart budget ({max_restarts}) is "
-                   f"spent: {why}", "Warning")
-        set_condition(status, "Running", False, "AttemptFailed", why, ts, generation)
-        set_condition(status, "Failed", True, "RestartBudgetExhausted", status["message"], ts,
-                      generation)
-        return plan
+    if plan.was in TERMINAL:
+        pass
+    elif (job is None and attempt == 1 and wants_preflight
+          and (plan.status.get("preflight") or {}).get("phase") != "Succeeded"
+          and not preflight(plan, run, pre_jobs, pre_pods, ts, config)):
+        pass  # preflight is running, or failed the run
+    elif job is None:
+        start_attempt(plan, run, ts)
+    elif job["complete"] and not failed_pod:
+        succeed(plan, run, job, current, ts, config)
+    elif job["failed"] is not None or failed_pod:
+        fail_attempt(plan, run, job, current, ts, config)
+    else:
+        follow_attempt(plan, run, job, current, ts)
+    checked(FineTuneRunStatus, plan.status)
+    return plan
 
+
+def preflight(plan: Plan, run: dict, jobs: list[dict], pods: list[dict], ts: str,
+              config: OperatorConfig) -> bool:
+    """Start, follow or conclude the preflight Job; True once it passed (training may start)."""
+    status, spec, generation = plan.status, run["spec"], run["metadata"].get("generation", 1)
+    before = status.get("preflight") or {}
+    status.setdefault("startTime", ts)
+    if not jobs:
+        plan.create_preflight = True
+        status["preflight"] = {"phase": "Running", "startTime": before.get("startTime", ts)}
+        plan.transition("Pending", "PreflightStarted",
+                        "preflight: checking data, chat template and categories on CPU")
+        return False
+    result = preflight_result(pods, jobs[0])
+    if result is None:
+        status["preflight"] = {**before, "phase": "Running", "job": jobs[0]["name"]}
+        status["message"] = "preflight: checking data, chat template and categories on CPU"
+        return False
+    figures = preflight_status(result, spec, config)
+    status["preflight"] = {**before, **figures, "job": jobs[0]["name"], "completionTime": ts,
+                           "phase": "Succeeded" if result["ok"] else "Failed"}
+    if not result["ok"]:
+        first = "; ".join(figures["problems"][:3]) or "preflight failed"
+        if figures["missingCategories"]:
+            first += "; missing categories: " + ", ".join(
+                f"{c} ({figures['categories'].get(c, 0)})" for c in figures["missingCategories"])
+        status["preflight"]["message"] = first[:1024]
+        status["completionTime"] = ts
+        plan.transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024], "Warning")
+        set_condition(status, "Failed", True, "PreflightFailed", status["message"], ts, generation)
+        return False
+    status["preflight"]["message"] = (
+        f"{figures.get('examples')} examples, {figures.get('tokens')} tokens, "
+        f"{figures.get('steps')} steps")
+    plan.events.append(("Normal", "PreflightPassed", status["preflight"]["message"]))
+    return True
+
+
+def start_attempt(plan: Plan, run: dict, ts: str) -> None:
+    """The current attempt has no Job yet: create it (suspended when spec.suspend)."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    suspend = bool(spec.get("suspend"))
+    plan.create_attempt = attempt
+    status.setdefault("startTime", ts)
+    comet = (spec.get("tracking") or {}).get("comet")
+    status.setdefault("experimentKey", experiment_key(run["metadata"]["uid"]))
+    if comet:
+        status.setdefault("trackingUrl", comet_experiment_url(
+            comet["workspace"], comet["project"], status["experimentKey"]))
+    if suspend:
+        plan.transition("Suspended", "Suspended", "the run is suspended")
+    else:
+        plan.transition("Pending", "AttemptCreated", f"attempt {attempt}: creating the Job")
+    set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
+                  "spec.suspend is true" if suspend else "", ts,
+                  run["metadata"].get("generation", 1))
+
+
+def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+                 config: OperatorConfig) -> None:
+    """The attempt failed: start the next one (resuming from the checkpoint) while the restart
+    budget lasts, else fail the run."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    generation, max_restarts = run["metadata"].get("generation", 1), spec.get("maxRestarts", 3)
+    why = describe_failure(pods, job)
+    record_attempt(status, attempt, job, pods, "Failed", "AttemptFailed", why, spec, ts, config)
+    plan.delete_attempts.append(attempt)
+    set_condition(status, "Running", False, "AttemptFailed", why, ts, generation)
+    if attempt <= max_restarts:
+        status["attempt"] = attempt + 1
+        plan.create_attempt = attempt + 1
+        plan.events.append(("Warning", "AttemptFailed",
+                            f"attempt {attempt} failed ({why}); starting attempt "
+                            f"{attempt + 1} of {max_restarts + 1}, resuming from the last "
+                            "complete checkpoint"))
+        status["phase"] = "Pending"
+        status["message"] = f"attempt {attempt} failed: {why}"
+        return
+    status["completionTime"] = ts
+    plan.transition("Failed", "RestartBudgetExhausted",
+                    f"attempt {attempt} failed and the restart budget ({max_restarts}) is "
+                    f"spent: {why}", "Warning")
+    set_condition(status, "Failed", True, "RestartBudgetExhausted", status["message"], ts,
+                  generation)
+
+
+def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str) -> None:
+    """The attempt is under way: suspend or resume its Job, report scheduling and running."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
+    suspend = bool(spec.get("suspend"))
     if job["suspended"] != suspend:
         plan.suspend_job = (job["name"], suspend)
     set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
                   "spec.suspend is true" if suspend else "", ts, generation)
     if suspend:
-        transition("Suspended", "Suspended", "the run is suspended; its pods are stopped")
+        plan.transition("Suspended", "Suspended", "the run is suspended; its pods are stopped")
         set_condition(status, "Running", False, "Suspended", "", ts, generation)
-        return plan
+        return
 
-    unschedulable = [p for p in current if p["unschedulable"]]
+    unschedulable = [p for p in pods if p["unschedulable"]]
     if unschedulable:
         why = unschedulable[0]["unschedulable"]
         msg = f"{len(unschedulable)} pod(s) cannot be scheduled: {why}"
         set_condition(status, "Scheduled", False, "Unschedulable", msg, ts, generation)
         if not any(c.get("reason") == "Unschedulable" and c["status"] == "False"
-                   for c in old.get("conditions", []) if c["type"] == "Scheduled"):
+                   for c in (run.get("status") or {}).get("conditions", [])
+                   if c["type"] == "Scheduled"):
             plan.events.append(("Warning", "Unschedulable", msg))
-    elif len(current) == nodes and all(p["node"] for p in current):
+    elif len(pods) == nodes and all(p["node"] for p in pods):
         set_condition(status, "Scheduled", True, "Scheduled",
-                      f"{nodes} pod(s) placed on {len({p['node'] for p in current})} node(s)",
+                      f"{nodes} pod(s) placed on {len({p['node'] for p in pods})} node(s)",
                       ts, generation)
 
     # A pod that already exited 0 (a worker rank finishing first) still counts as up.
-    running = [p for p in current if p["phase"] in ("Running", "Succeeded")]
+    running = [p for p in pods if p["phase"] in ("Running", "Succeeded")]
     if len(running) == nodes:
-        transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
-        set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts,
-                      generation)
+        plan.transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
+        set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts, generation)
     else:
         message = (f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
                    + ("; unschedulable" if unschedulable else ""))
-        transition("Pending", "Pending", message)
+        plan.transition("Pending", "Pending", message)
         set_condition(status, "Running", False, "PodsPending", message, ts, generation)
-    return plan
+
+
+def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+            config: OperatorConfig) -> None:
+    """The attempt's Job completed. Rank 0's summary decides: a valid one marks the run
+    Succeeded and asks for its model's registration (`plan.register`); a missing or malformed
+    one fails the run (InvalidSummary) and registers nothing."""
+    status, spec = plan.status, run["spec"]
+    generation, attempt = run["metadata"].get("generation", 1), status["attempt"]
+    status["completionTime"] = ts
+    record_attempt(status, attempt, job, pods, "Succeeded", "Completed", "", spec, ts, config)
+    set_condition(status, "Running", False, "Completed", "", ts, generation)
+    rank0 = next((p for p in pods if p["index"] == 0), None)
+    try:
+        summary = parse_summary(rank0 and rank0["message"])
+    except SummaryError as err:
+        status.update(phase="Failed", message=str(err))
+        set_condition(status, "Succeeded", False, "InvalidSummary", str(err), ts, generation)
+        set_condition(status, "Failed", True, "InvalidSummary", str(err), ts, generation)
+        plan.events = [("Warning", "InvalidSummary", str(err))]
+        return
+    plan.transition("Succeeded", "Succeeded", f"attempt {attempt} completed")
+    set_condition(status, "Succeeded", True, "JobComplete",
+                  f"all {spec['resources']['nodes']} node(s) of attempt {attempt} exited 0",
+                  ts, generation)
+    status["progress"] = {
+        **(status.get("progress") or {}), "step": summary.steps, "totalSteps": summary.steps,
+        "percent": "100%", "tokens": summary.tokens,
+        **({"tokensPerSecond": round(summary.throughput.tokensPerSecond, 1)}
+           if summary.throughput.tokensPerSecond else {})}
+    if summary.tracking.url:
+        status["trackingUrl"] = summary.tracking.url
+    if not status.get("modelVersion"):
+        plan.register = summary
+
+
+def registered(plan: Plan, mv: dict) -> None:
+    """Record the ModelVersion that `plan.register` produced (status and event)."""
+    plan.status["modelVersion"] = mv["metadata"]["name"]
+    plan.events.append(("Normal", "Registered", f"ModelVersion {mv['metadata']['name']} "
+                        f"(digest {mv['spec']['artifact']['digest'][:19]}...)"))

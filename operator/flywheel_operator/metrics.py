@@ -1,4 +1,4 @@
-"""Prometheus metrics served by the operator (port from the operator config)."""
+"""Prometheus metrics served by the operator (port: `--metrics-port`, default 9090; 0: off)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from collections.abc import Mapping
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .vocab import RUN_PHASES
+
 RECONCILE = Histogram(
     "flywheel_reconcile_duration_seconds", "Time to decide and act on one FineTuneRun event.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 ATTEMPTS = Counter("flywheel_attempts", "Attempts started (first attempts and restarts).",
                    ["namespace"])
-RESTARTS = Counter("flywheel_restarts", "Attempts started after a failed attempt.",
-                   ["namespace"])
+RESTARTS = Counter("flywheel_restarts", "Attempts started after a failed attempt.", ["namespace"])
 GPU_HOURS = Counter("flywheel_gpu_hours", "GPU-hours consumed by finished attempts.",
                     ["namespace", "model"])
 COST = Counter("flywheel_estimated_cost", "Estimated cost of finished attempts (GPU-hours x "
@@ -40,7 +40,7 @@ class _RunsByPhase:
         for store in (self.index or {}).values():
             for run in store:
                 tally[(run.get("status") or {}).get("phase") or "Pending"] += 1
-        for phase in ("Pending", "Running", "Suspended", "Succeeded", "Failed"):
+        for phase in RUN_PHASES:
             family.add_metric([phase], tally[phase])
         yield family
 

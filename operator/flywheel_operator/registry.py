@@ -1,21 +1,29 @@
-"""The model registry, pure: trainer summaries, ModelVersion records, promotion decisions and
-serving-target patches. The I/O that applies them lives in handlers.py / kube.py.
+"""The model registry's decisions, pure: rank 0's summary, the ModelVersion record, which
+version number to take, the Model status after a registration (versions, `latest`, promotion
+through gates or not, pinned aliases) and serving-target patches. Each returns what to write;
+handlers.py writes it (kube.py), posts the events and counts the metrics.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .api import Artifact, ModelVersionSpec
-from .lifecycle import now_iso
+from .api import Artifact, ModelStatus, ModelVersionSpec, checked
+from .vocab import (
+    API_VERSION,
+    DIGEST_ANNOTATION,
+    MODEL_LABEL,
+    RUN_LABEL,
+    RUN_UID_LABEL,
+    set_condition,
+)
 
-MODEL_LABEL = "flywheel.dev/model"
-RUN_UID_LABEL = "flywheel.dev/source-run-uid"
-DIGEST_ANNOTATION = "flywheel.dev/model-digest"
 URI_ENV = "FLYWHEEL_MODEL_URI"
 
 
@@ -66,8 +74,7 @@ def parse_summary(text: str | None) -> Summary:
 
 
 def finite_metrics(metrics: dict[str, float | None]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if v is not None and math.isfinite(float(v))}
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
 def version_name(model: str, version: int) -> str:
@@ -104,24 +111,122 @@ def model_version(run: dict, summary: Summary, version: int, baseline: dict | No
                     "digests": summary.dataset.get("digests") or {}},
         "metrics": metrics,
         "tracking": tracking or None,
-        "comparison": comparison(alias, baseline, metrics),
-    })
+        "comparison": comparison(alias, baseline, metrics)})
     return {
-        "apiVersion": "flywheel.dev/v1alpha1", "kind": "ModelVersion",
+        "apiVersion": API_VERSION, "kind": "ModelVersion",
         "metadata": {
             "name": version_name(spec["modelName"], version),
             "labels": {MODEL_LABEL: spec["modelName"],
                        RUN_UID_LABEL: run["metadata"]["uid"],
-                       "flywheel.dev/run": run["metadata"]["name"]},
-        },
-        "spec": mv_spec.model_dump(exclude_none=True),
-    }
+                       RUN_LABEL: run["metadata"]["name"]}},
+        "spec": mv_spec.model_dump(exclude_none=True)}
 
 
-def alias_target(mv: dict, now: str | None = None) -> dict:
+def alias_target(mv: dict, now: str) -> dict:
     return {"version": mv["spec"]["version"], "modelVersion": mv["metadata"]["name"],
             "uri": mv["spec"]["artifact"]["uri"], "digest": mv["spec"]["artifact"]["digest"],
-            "updateTime": now or now_iso()}
+            "updateTime": now}
+
+
+def own_version(versions: list[dict], run_uid: str) -> dict | None:
+    """The ModelVersion a run already registered (a retried registration), if any."""
+    return next((v for v in versions
+                 if v["metadata"].get("labels", {}).get(RUN_UID_LABEL) == run_uid), None)
+
+
+def next_version(versions: list[dict]) -> int:
+    return max((v["spec"]["version"] for v in versions), default=0) + 1
+
+
+def promoted_alias(model: dict) -> str:
+    return ((model.get("spec") or {}).get("promotion") or {}).get("alias", "production")
+
+
+def baseline(model: dict, versions: list[dict]) -> dict | None:
+    """The ModelVersion the promoted alias points at now (what a candidate is compared with)."""
+    current = ((model.get("status") or {}).get("aliases") or {}).get(promoted_alias(model))
+    return next((v for v in versions if current
+                 and v["metadata"]["name"] == current.get("modelVersion")), None)
+
+
+@dataclass
+class ModelUpdate:
+    """A Model's new status after a registration, and what to tell about it."""
+
+    status: dict
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
+    promoted: str | None = None                                    # the alias it moved
+    blocked_gates: list[str] = field(default_factory=list)         # metrics that blocked it
+
+
+def record_version(model: dict, mv: dict, versions: list[dict], now: str) -> ModelUpdate:
+    """Record `mv` in the Model's status, move `latest`, and decide the promoted alias (once
+    per version, newest version only): pinned -> not moved; a failed gate -> blocked; else
+    promoted. The status is checked against ModelStatus."""
+    spec, status = model.get("spec") or {}, copy.deepcopy(model.get("status") or {})
+    update, version = ModelUpdate(status), mv["spec"]["version"]
+    refs = {r["version"]: r for r in status.get("versions", [])}
+    refs.setdefault(version, {"version": version, "name": mv["metadata"]["name"],
+                              "digest": mv["spec"]["artifact"]["digest"], "created": now})
+    status["versions"] = [refs[v] for v in sorted(refs)]
+    aliases = status.setdefault("aliases", {})
+    if aliases.get("latest", {}).get("version", 0) < version:
+        aliases["latest"] = alias_target(mv, now)
+    promotion = spec.get("promotion")
+    decided = any(c["type"] == "Promoted" and c.get("message", "").startswith(
+        f"version {version}:") for c in status.get("conditions", []))
+    if not promotion or version != max(refs) or decided:
+        checked(ModelStatus, status)
+        return update
+    alias, generation = promoted_alias(model), model["metadata"].get("generation", 1)
+    base = baseline(model, versions)
+    failures = failed_gates(promotion, mv["spec"].get("metrics") or {},
+                            base["spec"].get("metrics") if base else None)
+    if alias in (spec.get("pinnedAliases") or {}):
+        set_condition(status, "Promoted", False, "AliasPinned",
+                      f"version {version}: {alias} is pinned by spec.pinnedAliases", now,
+                      generation)
+    elif failures:
+        set_condition(status, "Promoted", False, "GatesFailed",
+                      f"version {version}: not promoted to {alias}: " + "; ".join(failures),
+                      now, generation)
+        update.blocked_gates = [f.split("=")[0].split(" ")[0] for f in failures]
+        update.events.append(("Warning", "PromotionBlocked", f"version {version} not promoted "
+                              f"to {alias}: " + "; ".join(failures)))
+    else:
+        aliases[alias] = alias_target(mv, now)
+        set_condition(status, "Promoted", True, "GatesPassed",
+                      f"version {version}: promoted to {alias}", now, generation)
+        update.promoted = alias
+        update.events.append(("Normal", "Promoted", f"version {version} promoted to {alias}"))
+    checked(ModelStatus, status)
+    return update
+
+
+def pins_to_move(model: dict) -> dict[str, int]:
+    """Pinned aliases (spec.pinnedAliases) that do not yet point at their pinned version."""
+    aliases = ((model.get("status") or {}).get("aliases") or {})
+    return {alias: version
+            for alias, version in ((model.get("spec") or {}).get("pinnedAliases") or {}).items()
+            if aliases.get(alias, {}).get("version") != version}
+
+
+def pin_aliases(model: dict, pinned: dict[str, dict | None], now: str) -> ModelUpdate:
+    """Point pinned aliases at their versions. `pinned`: alias -> the pinned version's
+    ModelVersion (None: it does not exist), for the aliases `pins_to_move` names."""
+    update, moved = ModelUpdate(copy.deepcopy(model.get("status") or {})), []
+    for alias, mv in pinned.items():
+        version = model["spec"]["pinnedAliases"][alias]
+        if mv is None:
+            update.events.append(("Warning", "PinUnknownVersion",
+                                  f"{alias} is pinned to version {version}, which does not exist"))
+            continue
+        update.status.setdefault("aliases", {})[alias] = alias_target(mv, now)
+        moved.append(f"{alias} -> version {version} (pinned)")
+    if moved:
+        update.events.append(("Normal", "AliasPinned", "; ".join(moved)))
+    checked(ModelStatus, update.status)
+    return update
 
 
 def failed_gates(promotion: dict, candidate: dict[str, float],
@@ -155,8 +260,7 @@ def serving_patch(container: str, uri: str, digest: str) -> dict:
     """Strategic merge patch that points a Deployment's container at a model."""
     return {"spec": {"template": {
         "metadata": {"annotations": {DIGEST_ANNOTATION: digest}},
-        "spec": {"containers": [{"name": container, "env": [{"name": URI_ENV, "value": uri}]}]},
-    }}}
+        "spec": {"containers": [{"name": container, "env": [{"name": URI_ENV, "value": uri}]}]}}}}
 
 
 def serving_current(deployment: dict, container: str) -> tuple[str | None, str | None]:

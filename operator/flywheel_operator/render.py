@@ -13,14 +13,17 @@ from typing import Any, NamedTuple
 
 from flywheel_trainer.config import TrainerConfig
 
-from flywheel_operator.api import API_VERSION, FineTuneRunSpec
-from flywheel_operator.config import GPU_RESOURCE, OperatorConfig, Pool
-
-RUN_LABEL = "flywheel.dev/run"
-ATTEMPT_LABEL = "flywheel.dev/attempt"
-COMPONENT_LABEL = "flywheel.dev/component"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel-operator"}
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+from .api import FineTuneRunSpec
+from .config import GPU_RESOURCE, OperatorConfig, Pool
+from .vocab import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_ANNOTATION,
+    COMPONENT_LABEL,
+    MANAGED_BY,
+    RUN_LABEL,
+    experiment_key,
+    owner_reference,
+)
 
 CONFIG_DIR = "/etc/flywheel"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
@@ -82,12 +85,8 @@ def _label_value(run_name: str) -> str:
 
 def attempt_labels(run_name: str, attempt: int) -> dict[str, str]:
     """Labels on every child of an attempt and on its pod template."""
-    return {
-        RUN_LABEL: _label_value(run_name),
-        ATTEMPT_LABEL: str(attempt),
-        COMPONENT_LABEL: "trainer",
-        **MANAGED_BY,
-    }
+    return {RUN_LABEL: _label_value(run_name), ATTEMPT_LABEL: str(attempt),
+            COMPONENT_LABEL: "trainer", **MANAGED_BY}
 
 
 def preflight_labels(run_name: str) -> dict[str, str]:
@@ -95,48 +94,10 @@ def preflight_labels(run_name: str) -> dict[str, str]:
     return {RUN_LABEL: _label_value(run_name), COMPONENT_LABEL: "preflight", **MANAGED_BY}
 
 
-def owner_reference(owner: dict[str, Any], kind: str = "FineTuneRun") -> dict[str, Any]:
-    """Controller ownerReference to `owner` (GC deletes the children with it)."""
-    meta = owner["metadata"]
-    return {
-        "apiVersion": API_VERSION,
-        "kind": kind,
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def master_addr(run: dict[str, Any], attempt: int) -> str:
     """Rank 0's stable DNS name: `<job>-0.<service>.<namespace>.svc`."""
     name = attempt_name(run["metadata"]["name"], attempt)
     return f"{name}-0.{name}.{run['metadata']['namespace']}.svc"
-
-
-# ---------------------------------------------------------------------------- tracking and cost
-
-
-def experiment_key(uid: str) -> str:
-    """Comet experiment key: 32 hex chars derived from the run uid, the same for every attempt."""
-    return hashlib.sha256(f"flywheel:{uid}".encode()).hexdigest()[:32]
-
-
-def comet_experiment_url(workspace: str, project: str, key: str) -> str:
-    """URL of a Comet experiment."""
-    return f"https://www.comet.com/{workspace}/{project}/{key}"
-
-
-def estimate_gpu_hours(tokens: int, pool: Pool, epochs: int = 1) -> float | None:
-    """GPU-hours to train `tokens` per epoch at the pool's throughput figure (None: unknown)."""
-    if not pool.tokensPerSecondPerGpu:
-        return None
-    return tokens * epochs / pool.tokensPerSecondPerGpu / 3600.0
-
-
-def estimate_cost(gpu_hours: float | None, pool: Pool) -> float | None:
-    """Cost of `gpu_hours` at the pool's gpuHourPrice."""
-    return None if gpu_hours is None else round(gpu_hours * pool.gpuHourPrice, 4)
 
 
 # ---------------------------------------------------------------------------- trainer config
@@ -147,32 +108,23 @@ def run_spec(run: dict[str, Any]) -> FineTuneRunSpec:
     return FineTuneRunSpec.model_validate(run.get("spec") or {})
 
 
-def _fit(model: type, data: dict[str, Any]) -> dict[str, Any]:
-    """Keep only the keys `model` declares (the trainer config forbids unknown fields)."""
-    return {k: v for k, v in data.items() if k in model.model_fields}
-
-
 def trainer_config(run: dict[str, Any], attempt: int | None) -> TrainerConfig:
     """The trainer's config for an attempt: the spec's training part plus runtime fields.
 
     `checkpoint.uri` is always resolved, so every attempt resumes from the same place.
     """
     spec = run_spec(run)
-    dataset_model = TrainerConfig.model_fields["dataset"].annotation
-    data: dict[str, Any] = {
-        "baseModel": spec.baseModel,
-        "dataset": _fit(dataset_model, spec.dataset.model_dump(exclude_none=True)),
-        "hyperparameters": spec.hyperparameters.model_dump(),
-        "fsdp": spec.fsdp.model_dump(),
-        "checkpoint": spec.checkpoint.model_dump(exclude_none=True),
-        "output": spec.output.model_dump(exclude_none=True),
-        "tracking": spec.tracking.model_dump(exclude_none=True),
-        "runName": run["metadata"]["name"],
-        "attempt": attempt,
-        "experimentKey": experiment_key(run["metadata"]["uid"]),
-    }
+    data: dict[str, Any] = {"baseModel": spec.baseModel,
+                            "dataset": spec.dataset.model_dump(exclude_none=True),
+                            "hyperparameters": spec.hyperparameters.model_dump(),
+                            "fsdp": spec.fsdp.model_dump(),
+                            "checkpoint": spec.checkpoint.model_dump(exclude_none=True),
+                            "output": spec.output.model_dump(exclude_none=True),
+                            "tracking": spec.tracking.model_dump(exclude_none=True),
+                            "runName": run["metadata"]["name"], "attempt": attempt,
+                            "experimentKey": experiment_key(run["metadata"]["uid"])}
     data["checkpoint"]["uri"] = spec.checkpoint.uri or spec.output.uri.rstrip("/") + "/checkpoints/"
-    data = {k: v for k, v in _fit(TrainerConfig, data).items() if v is not None}
+    data = {k: v for k, v in data.items() if v is not None}
     return TrainerConfig.model_validate(data)
 
 
@@ -183,22 +135,15 @@ def _config_map(run: dict[str, Any], name: str, labels: dict, cfg: TrainerConfig
         "metadata": _meta(run, name, labels),
         "data": {
             CONFIG_KEY: json.dumps(
-                cfg.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True
-            )
-        },
-    }
+                cfg.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True)}}
 
 
 # ---------------------------------------------------------------------------- pod pieces
 
 
 def _meta(run: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": run["metadata"]["namespace"],
-        "labels": dict(labels),
-        "ownerReferences": [owner_reference(run)],
-    }
+    return {"name": name, "namespace": run["metadata"]["namespace"], "labels": dict(labels),
+            "ownerReferences": [owner_reference(run)]}
 
 
 def _scheduling(pool: Pool, spec: FineTuneRunSpec | None) -> dict[str, Any]:
@@ -234,23 +179,13 @@ def _resources(pool: Pool, gpus: int) -> dict[str, Any]:
 
 
 def _pod_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _container_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _env(name: str, value: Any) -> dict[str, Any]:
@@ -264,64 +199,36 @@ def _comet_env(spec: FineTuneRunSpec) -> list[dict[str, Any]]:
     env = [_env("COMET_WORKSPACE", comet.workspace), _env("COMET_PROJECT_NAME", comet.project)]
     if comet.apiKeySecretRef is not None:
         ref = comet.apiKeySecretRef
-        env.append(
-            {
-                "name": "COMET_API_KEY",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
+        env.append({"name": "COMET_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env
 
 
 def _volumes(config_map: str) -> list[dict[str, Any]]:
-    return [
-        {"name": "config", "configMap": {"name": config_map}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-    ]
+    return [{"name": "config", "configMap": {"name": config_map}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
 
-_MOUNTS = [
-    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-    {"name": "dshm", "mountPath": "/dev/shm"},
-]
+_MOUNTS = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+           {"name": "dshm", "mountPath": "/dev/shm"}]
 
 
-def _job(
-    run: dict[str, Any],
-    name: str,
-    labels: dict[str, str],
-    pod_spec: dict[str, Any],
-    completions: int,
-    indexed: bool,
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "completions": completions,
-        "parallelism": completions,
-        "backoffLimit": 0,
-        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
-    }
+def _job(run: dict[str, Any], name: str, labels: dict[str, str], pod_spec: dict[str, Any],
+         completions: int, indexed: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {"completions": completions, "parallelism": completions,
+                            "backoffLimit": 0,
+                            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
     if indexed:
         spec["completionMode"] = "Indexed"
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(run, name, labels),
-        "spec": spec,
-    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(run, name, labels),
+            "spec": spec}
 
 
-def _pod_spec(
-    container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None
-) -> dict[str, Any]:
-    return {
-        "restartPolicy": "Never",
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
-        "securityContext": _pod_security(),
-        **_scheduling(pool, spec),
-        "containers": [container],
-        "volumes": _volumes(config_map),
-    }
+def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None
+              ) -> dict[str, Any]:
+    return {"restartPolicy": "Never", "enableServiceLinks": False,
+            "automountServiceAccountToken": False, "securityContext": _pod_security(),
+            **_scheduling(pool, spec), "containers": [container], "volumes": _volumes(config_map)}
 
 
 # ---------------------------------------------------------------------------- public renderers
@@ -349,45 +256,28 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -
             "clusterIP": "None",
             "selector": selector,
             "publishNotReadyAddresses": True,
-            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
-        },
-    }
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}]}}
     env = [
         {
             "name": "JOB_COMPLETION_INDEX",
             "valueFrom": {
                 "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
-            },
-        },
+            }},
         _env("FLYWHEEL_RUN_NAME", meta["name"]),
         _env("FLYWHEEL_ATTEMPT", attempt),
         _env("FLYWHEEL_EXPERIMENT_KEY", experiment_key(meta["uid"])),
         _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
-        *_comet_env(spec),
-    ]
-    container = {
-        "name": "trainer",
-        "image": spec.image or config.defaultImage,
-        "command": ["torchrun"],
-        "args": [
-            f"--nnodes={nodes}",
-            f"--nproc-per-node={gpus}",
-            "--node-rank=$(JOB_COMPLETION_INDEX)",
-            f"--master-addr={master_addr(run, attempt)}",
-            f"--master-port={MASTER_PORT}",
-            "-m",
-            "flywheel_trainer",
-            "--config",
-            CONFIG_PATH,
-        ],
-        "env": env,
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
-        "resources": _resources(pool, gpus),
-        "volumeMounts": list(_MOUNTS),
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "File",
-        "securityContext": _container_security(),
-    }
+        *_comet_env(spec)]
+    container = {"name": "trainer", "image": spec.image or config.defaultImage,
+                 "command": ["torchrun"], "args": [f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
+                                                   "--node-rank=$(JOB_COMPLETION_INDEX)",
+                                                   f"--master-addr={master_addr(run, attempt)}",
+                                                   f"--master-port={MASTER_PORT}", "-m",
+                                                   "flywheel_trainer", "--config", CONFIG_PATH],
+                 "env": env, "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
+                 "resources": _resources(pool, gpus), "volumeMounts": list(_MOUNTS),
+                 "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "File",
+                 "securityContext": _container_security()}
     pod_spec = {"subdomain": name, **_pod_spec(container, cm_name, pool, spec)}
     job = _job(run, name, labels, pod_spec, nodes, indexed=True)
     return [config_map, service, job]
@@ -402,25 +292,23 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
     cm_name = f"{name}-config"
     labels = preflight_labels(meta["name"])
     config_map = _config_map(run, cm_name, labels, trainer_config(run, None))
-    env = [
-        _env("FLYWHEEL_RUN_NAME", meta["name"]),
-        _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
-    ]
+    env = [_env("FLYWHEEL_RUN_NAME", meta["name"]), _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG)]
     world_size = spec.resources.nodes * spec.resources.gpusPerNode
+    memory = config.pool(spec.resources.nodePool).gpuMemoryGB
     container = {
         "name": "preflight",
         "image": spec.image or config.defaultImage,
         "command": ["python"],
-        # Steps are planned for the training world size (the operator prices them).
+        # Steps and per-GPU memory are planned for the training world size and pool.
         "args": ["-m", "flywheel_trainer", "--preflight", "--config", CONFIG_PATH,
-                 "--world-size", str(world_size)],
+                 "--world-size", str(world_size),
+                 *(["--device-memory-gb", f"{memory:g}"] if memory else [])],
         "env": env,
         "resources": _resources(pool, 0),
         "volumeMounts": list(_MOUNTS),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
-        "securityContext": _container_security(),
-    }
+        "securityContext": _container_security()}
     # Preflight runs on the CPU pool: only the pool's own scheduling, not the run's GPU extras.
     job = _job(run, name, labels, _pod_spec(container, cm_name, pool, None), 1, indexed=False)
     job["spec"]["activeDeadlineSeconds"] = config.preflightTimeoutSeconds

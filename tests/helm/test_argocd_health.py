@@ -133,7 +133,7 @@ def test_model_with_promoted_candidate_is_healthy_and_lists_aliases():
 
 
 def test_blocked_promotion_is_degraded_and_names_the_gate():
-    # As the operator writes it (handlers.update_model_status).
+    # As the operator writes it (registry.record_version).
     message = ("version 4: not promoted to production: tool_call_accuracy/email-config=0.84 "
                "< min 0.9")
     health = lua_health("Model", model(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from flywheel_operator import kube
+from flywheel_operator import kube, vocab
 from flywheel_operator.config import OperatorConfig
 
 from .support import CHART, find, helm, one, render
@@ -158,7 +158,7 @@ def test_clusterrole_is_least_privilege(default):
     # Every kind the operator reaches through kube.py is covered.
     groups = {"ConfigMap": "", "Service": "", "Job": "batch", "Pod": "", "Deployment": "apps"}
     for kind, plural in kube.PLURALS.items():
-        assert (groups.get(kind, kube.GROUP), plural) in granted, kind
+        assert (groups.get(kind, vocab.GROUP), plural) in granted, kind
     # The operator writes its custom objects' status only, and never writes pods.
     assert "patch" not in granted[("flywheel.dev", "finetuneruns")]
     assert "patch" not in granted[("flywheel.dev", "models")]

@@ -8,6 +8,7 @@ import random
 
 import pytest
 from flywheel_trainer import toy as toylib
+from flywheel_trainer.chat import ChatFormat, normalize
 from flywheel_trainer.data import (
     IGNORE_INDEX,
     DataError,
@@ -84,19 +85,11 @@ def test_quality_filters_are_counted(tmp_path, toy):
 def test_loss_mask_covers_assistant_tokens_only(toy):
     tok = toy.tokenizer
     conv = _good(9, "edit-workflow")
-    ids, mask = tokenize_conversation(tok, conv["messages"], conv["tools"])
+    [(ids, mask)] = tokenize_conversation(ChatFormat(tok), conv["messages"], conv["tools"])
     assert len(ids) == len(mask)
     # the masked tokens, decoded, are exactly the two assistant turns (tool call included)
     # each closed by the end-of-turn token
-    spans, cur = [], []
-    for i, m in zip(ids, mask, strict=True):
-        if m:
-            cur.append(i)
-        elif cur:
-            spans.append(tok.decode(cur, skip_special_tokens=False))
-            cur = []
-    if cur:
-        spans.append(tok.decode(cur, skip_special_tokens=False))
+    spans = _loss_spans(tok, ids, mask)
     call = conv["messages"][2]["tool_calls"][0]["function"]
     args = json.loads(call["arguments"])
     assert len(spans) == 2
@@ -110,10 +103,23 @@ def test_loss_mask_covers_assistant_tokens_only(toy):
     for m in conv["messages"]:
         if m["role"] != "assistant":
             assert m["content"] in unmasked
-    # the span-diffing fallback (templates without {% generation %}) gives the same mask
-    ids2, mask2 = tokenize_conversation(tok, conv["messages"], conv["tools"],
-                                        use_generation_tags=False)
-    assert ids2 == ids and mask2 == mask
+    # the same text and loss spans as the library computes from {% generation %} tags
+    enc = tok.apply_chat_template(normalize(conv["messages"]), tools=conv["tools"], tokenize=True,
+                                  return_dict=True, return_assistant_tokens_mask=True)
+    assert tok.decode(enc["input_ids"]) == tok.decode(ids)
+    assert _loss_spans(tok, enc["input_ids"], enc["assistant_masks"]) == spans
+
+
+def _loss_spans(tok, ids, mask) -> list[str]:
+    """The decoded runs of tokens in the loss."""
+    spans, cur = [], []
+    for i, m in [*zip(ids, mask, strict=True), (None, 0)]:
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(tok.decode(cur, skip_special_tokens=False))
+            cur = []
+    return spans
 
 
 def test_labels_shift_inside_documents_and_packing():

@@ -7,6 +7,7 @@ import random
 
 import torch
 from flywheel_trainer import toy as toylib
+from flywheel_trainer.chat import ChatFormat
 from flywheel_trainer.checkpoint import complete_steps
 from flywheel_trainer.data import Example, Pack, collate, tokenize_conversation
 from flywheel_trainer.model import flops_per_token
@@ -15,7 +16,7 @@ from flywheel_trainer.tracking import summary_json
 
 def _example(tok, seed, category):
     conv = toylib.conversation(random.Random(seed), category)
-    ids, mask = tokenize_conversation(tok, conv["messages"], conv["tools"])
+    [(ids, mask)] = tokenize_conversation(ChatFormat(tok), conv["messages"], conv["tools"])
     return Example(ids, mask, category)
 
 

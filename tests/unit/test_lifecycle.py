@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from flywheel_operator.lifecycle import decide, job_summary, pod_summary
+import pytest
+from flywheel_operator.lifecycle import decide, job_summary, pod_summary, registered
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 T0, T1 = "2026-11-26T10:00:00Z", "2026-11-26T11:30:00Z"
+DIGEST = "sha256:" + "ab" * 32
+#: What rank 0 writes to its termination message when training succeeded.
+SUMMARY = json.dumps({"artifact": {"uri": "s3://m/r/", "digest": DIGEST},
+                      "metrics": {"eval_loss": 1.25}, "steps": 12, "tokens": 3_600_000,
+                      "throughput": {"tokensPerSecond": 1234.56},
+                      "tracking": {"url": "https://www.comet.com/acme/p/k"}})
 
 
 def run(status: dict | None = None, nodes: int = 2, suspend: bool = False, restarts: int = 3,
@@ -86,7 +93,7 @@ def test_deciding_twice_on_the_same_state_is_a_no_op():
 
 def test_complete_job_means_succeeded_with_condition():
     plan = decide(run({"phase": "Running", "attempt": 1}), [job(1, complete=True)],
-                  [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], NOW)
+                  [pod(1, 0, "Succeeded", message=SUMMARY), pod(1, 1, "Succeeded")], NOW)
     assert plan.status["phase"] == "Succeeded"
     assert cond(plan.status, "Succeeded")["status"] == "True"
     assert plan.status["completionTime"] == "2026-11-26T12:00:00Z"
@@ -228,7 +235,46 @@ def test_gpu_hours_accumulate_across_attempts():
     # Two pods x 1.5 h x 8 GPUs.
     assert first.status["gpuHours"] == 24.0
     second = decide(run(first.status), [job(2, complete=True)],
-                    [pod(2, 0, "Succeeded"), pod(2, 1, "Succeeded")], NOW)
+                    [pod(2, 0, "Succeeded", message=SUMMARY), pod(2, 1, "Succeeded")], NOW)
     assert [a["attempt"] for a in second.status["attempts"]] == [1, 2]
     assert second.status["gpuHours"] == 48.0
     assert second.status["estimatedCost"] > 0
+
+
+def test_success_asks_to_register_rank_0s_model_and_records_its_figures():
+    plan = decide(run({"phase": "Running", "attempt": 1}), [job(1, complete=True)],
+                  [pod(1, 0, "Succeeded", message=SUMMARY), pod(1, 1, "Succeeded")], NOW)
+    assert plan.register is not None and plan.register.artifact.digest == DIGEST
+    assert plan.status["progress"] == {"step": 12, "totalSteps": 12, "percent": "100%",
+                                       "tokens": 3_600_000, "tokensPerSecond": 1234.6}
+    assert plan.status["trackingUrl"] == "https://www.comet.com/acme/p/k"
+    assert [e[1] for e in plan.events] == ["Succeeded"]
+    mv = {"metadata": {"name": "m-v3"}, "spec": {"artifact": {"digest": DIGEST}}}
+    registered(plan, mv)
+    assert plan.status["modelVersion"] == "m-v3"
+    assert plan.events[-1][:2] == ("Normal", "Registered") and "m-v3" in plan.events[-1][2]
+
+
+def test_missing_or_bad_summary_fails_the_run_and_registers_nothing():
+    for message in (None, "{", json.dumps({"error": "CUDA error: out of memory"})):
+        plan = decide(run({"phase": "Running", "attempt": 1}), [job(1, complete=True)],
+                      [pod(1, 0, "Succeeded", message=message), pod(1, 1, "Succeeded")], NOW)
+        assert plan.register is None
+        assert plan.status["phase"] == "Failed"
+        assert cond(plan.status, "Succeeded")["reason"] == "InvalidSummary"
+        assert cond(plan.status, "Failed")["status"] == "True"
+        assert [e[:2] for e in plan.events] == [("Warning", "InvalidSummary")]
+        assert plan.status["attempts"][-1]["gpuHours"] > 0  # the GPUs were still used
+
+
+def test_a_registered_run_is_not_registered_again():
+    plan = decide(run({"phase": "Running", "attempt": 1, "modelVersion": "m-v3"}),
+                  [job(1, complete=True)],
+                  [pod(1, 0, "Succeeded", message=SUMMARY), pod(1, 1, "Succeeded")], NOW)
+    assert plan.status["phase"] == "Succeeded" and plan.register is None
+
+
+def test_a_misspelt_status_key_fails_the_decision():
+    with pytest.raises(ValueError, match="attemps"):
+        decide(run({"phase": "Pending", "attempt": 1, "attemps": []}), [job(1)],
+               [pod(1, 0), pod(1, 1)], NOW)

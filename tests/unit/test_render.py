@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from flywheel_operator import render
+from flywheel_operator import render, vocab
 from flywheel_operator.config import OperatorConfig
 from flywheel_trainer.config import TrainerConfig
 
@@ -206,9 +206,9 @@ def test_experiment_key_is_stable_across_attempts():
     }
     (key,) = keys
     assert re.fullmatch(r"[0-9a-f]{32}", key)
-    assert key == render.experiment_key(run["metadata"]["uid"])
-    assert key != render.experiment_key("another-uid")
-    assert render.comet_experiment_url("acme", "flow-agent", key) == (
+    assert key == vocab.experiment_key(run["metadata"]["uid"])
+    assert key != vocab.experiment_key("another-uid")
+    assert vocab.comet_experiment_url("acme", "flow-agent", key) == (
         f"https://www.comet.com/acme/flow-agent/{key}"
     )
 
@@ -245,7 +245,7 @@ def test_config_map_holds_trainer_config():
     if "requiredCategories" in type(cfg.dataset).model_fields:
         assert cfg.dataset.requiredCategories == ["email"]
     if "experimentKey" in TrainerConfig.model_fields:
-        assert cfg.experimentKey == render.experiment_key(run["metadata"]["uid"])
+        assert cfg.experimentKey == vocab.experiment_key(run["metadata"]["uid"])
     assert cfg.tracking.comet.apiKeySecretRef.name == "comet"
 
 
@@ -282,6 +282,9 @@ def test_preflight_job():
         "/etc/flywheel/config.json",
         "--world-size",
         str(run["spec"]["resources"]["nodes"] * run["spec"]["resources"]["gpusPerNode"]),
+        # The run's pool (h200), not the preflight pool: its GPUs bound the memory plan.
+        "--device-memory-gb",
+        "141",
     ]
     assert c["image"] == _container(_objects(run)[2])["image"]
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
@@ -295,11 +298,14 @@ def test_preflight_job():
     assert _pod(render.preflight_objects(run, local)[1])["nodeSelector"] == {
         "flywheel.dev/executor": "local"
     }
+    # A pool without a GPU memory figure: the plan is made but not checked.
+    run["spec"]["resources"]["nodePool"] = "local"
+    assert "--device-memory-gb" not in _container(render.preflight_objects(run, CONFIG)[1])["args"]
 
 
 def test_estimates():
     pool = CONFIG.pool("h200")
-    hours = render.estimate_gpu_hours(2000 * 3600, pool)
+    hours = vocab.estimate_gpu_hours(2000 * 3600, pool.tokensPerSecondPerGpu)
     assert hours == pytest.approx(1.0)
-    assert render.estimate_cost(hours, pool) == pytest.approx(pool.gpuHourPrice)
-    assert render.estimate_gpu_hours(10, CONFIG.pool("cpu")) is None
+    assert vocab.estimate_cost(hours, pool.gpuHourPrice) == pytest.approx(pool.gpuHourPrice)
+    assert vocab.estimate_gpu_hours(10, CONFIG.pool("cpu").tokensPerSecondPerGpu) is None

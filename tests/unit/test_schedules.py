@@ -7,7 +7,9 @@ import random
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from flywheel_operator import cron as c
 from flywheel_operator import schedules as s
+from flywheel_operator import vocab
 from flywheel_operator.api import FineTuneRun, FineTuneScheduleSpec, FineTuneScheduleStatus
 
 from .conftest_data import minimal_spec
@@ -48,9 +50,9 @@ def schedule(name="weekly", status=None, annotations=None, **over) -> dict:
 
 
 def run(name, phase=None, at=None, cost=None, deleting=False) -> dict:
-    meta = {"name": name, "labels": {s.SCHEDULE_LABEL: "weekly"}, "annotations": {}}
+    meta = {"name": name, "labels": {vocab.SCHEDULE_LABEL: "weekly"}, "annotations": {}}
     if at is not None:
-        meta["annotations"][s.SCHEDULED_AT_ANNOTATION] = s.format_time(at)
+        meta["annotations"][vocab.SCHEDULED_AT_ANNOTATION] = vocab.format_time(at)
     if deleting:
         meta["deletionTimestamp"] = "2026-11-26T00:00:00Z"
     status = {}
@@ -67,21 +69,21 @@ def run(name, phase=None, at=None, cost=None, deleting=False) -> dict:
 
 def test_next_time_utc_and_strictly_after():
     # 2026-11-26 is a Thursday; `0 3 * * 1` is Monday 03:00.
-    assert s.next_time("0 3 * * 1", None, utc(2026, 11, 26, 12)) == utc(2026, 11, 30, 3)
-    assert s.next_time("0 3 * * 1", "UTC", utc(2026, 11, 30, 3)) == utc(2026, 12, 7, 3)
-    assert s.next_time("*/15 * * * *", None, utc(2026, 1, 1, 0, 0, 30)) == utc(2026, 1, 1, 0, 15)
-    assert s.next_time("@weekly", None, utc(2026, 11, 26)) == utc(2026, 11, 29)
-    t = s.next_time("0 3 * * 1", None, utc(2026, 11, 26))
+    assert c.next_time("0 3 * * 1", None, utc(2026, 11, 26, 12)) == utc(2026, 11, 30, 3)
+    assert c.next_time("0 3 * * 1", "UTC", utc(2026, 11, 30, 3)) == utc(2026, 12, 7, 3)
+    assert c.next_time("*/15 * * * *", None, utc(2026, 1, 1, 0, 0, 30)) == utc(2026, 1, 1, 0, 15)
+    assert c.next_time("@weekly", None, utc(2026, 11, 26)) == utc(2026, 11, 29)
+    t = c.next_time("0 3 * * 1", None, utc(2026, 11, 26))
     assert t.tzinfo is not None and t.utcoffset() == timedelta(0)
 
 
 def test_next_time_time_zone():
     # Berlin: CET (UTC+1) in winter, CEST (UTC+2) in summer.
-    assert s.next_time("0 3 * * *", "Europe/Berlin", utc(2026, 11, 26, 12)) == utc(2026, 11, 27, 2)
-    assert s.next_time("0 3 * * *", "Europe/Berlin", utc(2026, 7, 1, 12)) == utc(2026, 7, 2, 1)
-    assert s.next_time("0 9 * * *", "America/New_York", utc(2026, 1, 5)) == utc(2026, 1, 5, 14)
+    assert c.next_time("0 3 * * *", "Europe/Berlin", utc(2026, 11, 26, 12)) == utc(2026, 11, 27, 2)
+    assert c.next_time("0 3 * * *", "Europe/Berlin", utc(2026, 7, 1, 12)) == utc(2026, 7, 2, 1)
+    assert c.next_time("0 9 * * *", "America/New_York", utc(2026, 1, 5)) == utc(2026, 1, 5, 14)
     # A naive `after` is taken as UTC.
-    assert s.next_time("0 3 * * *", "Europe/Berlin", datetime(2026, 11, 26, 12)) == utc(
+    assert c.next_time("0 3 * * *", "Europe/Berlin", datetime(2026, 11, 26, 12)) == utc(
         2026, 11, 27, 2
     )
 
@@ -89,7 +91,7 @@ def test_next_time_time_zone():
 def _ticks(expr, tz, start, n):
     out, t = [], start
     for _ in range(n):
-        t = s.next_time(expr, tz, t)
+        t = c.next_time(expr, tz, t)
         out.append(t)
     return out
 
@@ -130,12 +132,12 @@ def test_dst_spring_forward_and_fall_back():
 )
 def test_invalid_schedules_name_the_field(expr, tz, needle):
     with pytest.raises(ValueError, match=needle):
-        s.next_time(expr, tz, utc(2026, 1, 1))
+        c.next_time(expr, tz, utc(2026, 1, 1))
 
 
 def test_valid_schedule_forms():
     for expr in ("0 3 * * 1", "*/5 1-5 ? JAN-Jun mon-fri", "0 0 1,15 * *", "@daily", "@hourly"):
-        s.validate_schedule(expr, "Europe/Berlin")
+        c.validate_schedule(expr, "Europe/Berlin")
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,28 +147,28 @@ CREATED = utc(2026, 11, 1)  # a Sunday
 
 
 def test_nothing_due_before_first_tick():
-    d = s.due(spec(), {}, CREATED, utc(2026, 11, 1, 12))
+    d = c.due(spec(), {}, CREATED, utc(2026, 11, 1, 12))
     assert d.scheduled_time is None and not d.missed_too_late and d.warning is None
     assert d.next_time == utc(2026, 11, 2, 3)
     assert d.requeue_after == pytest.approx(15 * 3600 + 0.1)
 
 
 def test_due_at_and_after_tick_then_done():
-    d = s.due(spec(), {}, CREATED, utc(2026, 11, 2, 3))
+    d = c.due(spec(), {}, CREATED, utc(2026, 11, 2, 3))
     assert d.scheduled_time == utc(2026, 11, 2, 3)
     assert d.next_time == utc(2026, 11, 9, 3)
     assert d.requeue_after == pytest.approx(7 * 86400 + 0.1)
-    late = s.due(spec(), {}, "2026-11-01T00:00:00Z", utc(2026, 11, 2, 5, 17))
+    late = c.due(spec(), {}, "2026-11-01T00:00:00Z", utc(2026, 11, 2, 5, 17))
     assert late.scheduled_time == utc(2026, 11, 2, 3) and late.missed == 1
     # Once lastScheduleTime records it, it is not due again.
-    done = s.due(spec(), {"lastScheduleTime": "2026-11-02T03:00:00Z"}, CREATED,
+    done = c.due(spec(), {"lastScheduleTime": "2026-11-02T03:00:00Z"}, CREATED,
                  utc(2026, 11, 2, 5, 17))
     assert done.scheduled_time is None and done.next_time == utc(2026, 11, 9, 3)
 
 
 def test_several_missed_only_most_recent_runs():
     status = {"lastScheduleTime": "2026-11-02T03:00:00Z"}
-    d = s.due(spec(), status, CREATED, utc(2026, 11, 26, 13))  # missed 9th, 16th, 23rd
+    d = c.due(spec(), status, CREATED, utc(2026, 11, 26, 13))  # missed 9th, 16th, 23rd
     assert d.scheduled_time == utc(2026, 11, 23, 3)
     assert d.missed == 3 and d.warning is None and not d.missed_too_late
     assert d.next_time == utc(2026, 11, 30, 3)
@@ -175,40 +177,40 @@ def test_several_missed_only_most_recent_runs():
 def test_starting_deadline_within_and_too_late():
     status = {"lastScheduleTime": "2026-11-16T03:00:00Z"}
     now = utc(2026, 11, 23, 3, 4)
-    ok = s.due(spec(startingDeadlineSeconds=300), status, CREATED, now)
+    ok = c.due(spec(startingDeadlineSeconds=300), status, CREATED, now)
     assert ok.scheduled_time == utc(2026, 11, 23, 3) and not ok.missed_too_late
-    late = s.due(spec(startingDeadlineSeconds=200), status, CREATED, now)
+    late = c.due(spec(startingDeadlineSeconds=200), status, CREATED, now)
     assert late.scheduled_time is None and late.missed_too_late
     assert late.missed_time == utc(2026, 11, 23, 3)
     assert late.warning_reason == "MissSchedule" and "2026-11-23T03:00:00Z" in late.warning
     assert late.next_time == utc(2026, 11, 30, 3)
     assert late.requeue_after == pytest.approx((utc(2026, 11, 30, 3) - now).total_seconds() + 0.1)
     # Exactly at the deadline counts as too late (CronJob schedules only after now - deadline).
-    edge = s.due(spec(startingDeadlineSeconds=240), status, CREATED, now)
+    edge = c.due(spec(startingDeadlineSeconds=240), status, CREATED, now)
     assert edge.scheduled_time is None and edge.missed_too_late
 
 
 def test_deadline_with_many_missed_runs_latest_in_window():
     # Hourly, controller down for two days, deadline one hour: the latest tick runs, no warning.
     sp = spec(schedule="0 * * * *", startingDeadlineSeconds=3600)
-    d = s.due(sp, {"lastScheduleTime": "2026-11-20T00:00:00Z"}, CREATED, utc(2026, 11, 22, 5, 30))
+    d = c.due(sp, {"lastScheduleTime": "2026-11-20T00:00:00Z"}, CREATED, utc(2026, 11, 22, 5, 30))
     assert d.scheduled_time == utc(2026, 11, 22, 5) and d.warning is None and d.missed == 1
 
 
 def test_more_than_100_missed_warns_and_still_runs_latest():
     sp = spec(schedule="0 * * * *")
-    d = s.due(sp, {"lastScheduleTime": "2026-11-20T00:00:00Z"}, CREATED, utc(2026, 11, 26, 12, 5))
+    d = c.due(sp, {"lastScheduleTime": "2026-11-20T00:00:00Z"}, CREATED, utc(2026, 11, 26, 12, 5))
     assert d.scheduled_time == utc(2026, 11, 26, 12)
     assert d.missed > 100 and d.warning_reason == "TooManyMissedTimes"
     assert "startingDeadlineSeconds" in d.warning and str(d.missed) in d.warning
-    few = s.due(sp, {"lastScheduleTime": "2026-11-26T00:00:00Z"}, CREATED, utc(2026, 11, 26, 12, 5))
+    few = c.due(sp, {"lastScheduleTime": "2026-11-26T00:00:00Z"}, CREATED, utc(2026, 11, 26, 12, 5))
     assert few.scheduled_time == utc(2026, 11, 26, 12) and few.warning is None
 
 
 def test_irregular_schedule_finds_latest_tick_across_weekend():
     # Weekdays at 03:00; last ran Monday, now is the next Monday 02:00: Friday's tick is due.
     sp = spec(schedule="0 3 * * 1-5")
-    d = s.due(sp, {"lastScheduleTime": "2026-11-16T03:00:00Z"}, CREATED, utc(2026, 11, 23, 2))
+    d = c.due(sp, {"lastScheduleTime": "2026-11-16T03:00:00Z"}, CREATED, utc(2026, 11, 23, 2))
     assert d.scheduled_time == utc(2026, 11, 20, 3)
     assert d.next_time == utc(2026, 11, 23, 3)
 
@@ -221,23 +223,23 @@ def test_due_matches_brute_force():
         earliest = utc(2026, 3, 20) + timedelta(minutes=rng.randrange(0, 40 * 24 * 60))
         now = earliest + timedelta(minutes=rng.randrange(0, 2 * 24 * 60), seconds=rng.randrange(60))
         latest = t = None
-        for t in s.ticks(expr, tz, earliest):  # noqa: B007 - t is the first tick after now
+        for t in c.ticks(expr, tz, earliest):  # noqa: B007 - t is the first tick after now
             if t > now:
                 break
             latest = t
-        d = s.due(spec(schedule=expr, timeZone=tz), {"lastScheduleTime": s.format_time(earliest)},
-                  CREATED, now)
+        last = {"lastScheduleTime": vocab.format_time(earliest)}
+        d = c.due(spec(schedule=expr, timeZone=tz), last, CREATED, now)
         assert d.scheduled_time == latest, (expr, tz, earliest, now)
         assert d.next_time == t
 
 
 def test_suspend_nothing_due():
-    d = s.due(spec(suspend=True), {}, CREATED, utc(2026, 11, 26))
-    assert d == s.Decision(None, False, None, None)
+    d = c.due(spec(suspend=True), {}, CREATED, utc(2026, 11, 26))
+    assert d == c.Decision(None, False, None, None)
 
 
 def test_creation_or_last_schedule_in_the_future():
-    d = s.due(spec(), {"lastScheduleTime": "2026-12-07T03:00:00Z"}, CREATED, utc(2026, 11, 26))
+    d = c.due(spec(), {"lastScheduleTime": "2026-12-07T03:00:00Z"}, CREATED, utc(2026, 11, 26))
     assert d.scheduled_time is None and d.next_time == utc(2026, 12, 14, 3)
 
 
@@ -246,14 +248,14 @@ def test_creation_or_last_schedule_in_the_future():
 
 
 def test_concurrency_policies():
-    assert s.concurrency_action("Allow", []) == "start"
-    assert s.concurrency_action("Allow", ["a"]) == "start"
-    assert s.concurrency_action("Forbid", []) == "start"
-    assert s.concurrency_action("Forbid", ["a"]) == "skip"
-    assert s.concurrency_action("Replace", []) == "start"
-    assert s.concurrency_action("Replace", ["a", "b"]) == "replace"
+    assert c.concurrency_action("Allow", []) == "start"
+    assert c.concurrency_action("Allow", ["a"]) == "start"
+    assert c.concurrency_action("Forbid", []) == "start"
+    assert c.concurrency_action("Forbid", ["a"]) == "skip"
+    assert c.concurrency_action("Replace", []) == "start"
+    assert c.concurrency_action("Replace", ["a", "b"]) == "replace"
     with pytest.raises(ValueError, match="concurrencyPolicy"):
-        s.concurrency_action("Sometimes", ["a"])
+        c.concurrency_action("Sometimes", ["a"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +491,7 @@ def test_plan_replace_and_allow():
 
 def test_plan_trigger_fills_placeholders_and_is_recorded():
     sched = schedule(
-        annotations={s.TRIGGER_ANNOTATION: "t1"}, suspend=True,
+        annotations={vocab.TRIGGER_ANNOTATION: "t1"}, suspend=True,
         runTemplate={"spec": {**minimal_spec(),
                               "dataset": {"train": "s3://data/{{ isoWeek }}/train.jsonl"}}},
     )
@@ -498,7 +500,7 @@ def test_plan_trigger_fills_placeholders_and_is_recorded():
     (body,) = p.create
     assert body["metadata"]["name"] == s.trigger_run_name("weekly", "t1")
     assert body["spec"]["dataset"]["train"] == "s3://data/2026-w48/train.jsonl"
-    assert body["metadata"]["annotations"][s.SCHEDULED_AT_ANNOTATION] == "2026-11-26T10:30:00Z"
+    assert body["metadata"]["annotations"][vocab.SCHEDULED_AT_ANNOTATION] == "2026-11-26T10:30:00Z"
     assert p.status["lastTrigger"] == "t1" and p.status["nextScheduleTime"] is None
     assert p.status["conditions"][0]["reason"] == "Suspended" and p.requeue_after is None
     sched["status"] = p.status

@@ -1,4 +1,5 @@
-"""`torchrun ... -m flywheel_trainer --config CONFIG.json [--preflight [--output PATH]]`."""
+"""`torchrun ... -m flywheel_trainer --config CONFIG.json [--preflight [--output PATH]
+[--world-size N] [--device-memory-gb GB] [--show-examples N]]`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
                              "$FLYWHEEL_SUMMARY_PATH when set)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="preflight: ranks to plan optimizer steps for (default $WORLD_SIZE)")
+    parser.add_argument("--device-memory-gb", type=float, default=None,
+                        help="preflight: memory of one GPU in GB; refuse runs that cannot fit "
+                             "(default: deviceMemoryGB from the config)")
+    parser.add_argument("--show-examples", type=int, default=0, metavar="N",
+                        help="preflight: print the first N conversations as rendered, with the "
+                             "loss spans in « »")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -28,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import TrainerConfig
 
     cfg = TrainerConfig.load(args.config)
+    if args.device_memory_gb:
+        cfg.deviceMemoryGB = args.device_memory_gb
     if args.preflight:
         from .preflight import preflight
 
-        return preflight(cfg, args.output, args.world_size)
+        return preflight(cfg, args.output, args.world_size, args.show_examples)
     from .train import run
 
     run(cfg)

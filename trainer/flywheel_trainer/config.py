@@ -148,6 +148,11 @@ class TrainerConfig(SpecModel):
     evalMaxToolCallPrompts: int | None = Field(
         default=None, ge=0, description="Cap on tool-call accuracy prompts (None: all)."
     )
+    deviceMemoryGB: float | None = Field(
+        default=None, gt=0,
+        description="Memory of one GPU in GB (1e9 bytes) of the pool the run will use "
+        "(H200: 141); preflight refuses a run whose per-GPU estimate exceeds it.",
+    )
     attnImplementation: str | None = Field(
         default=None,
         description="Hugging Face attention implementation; default sdpa.",

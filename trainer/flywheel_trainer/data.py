@@ -1,16 +1,20 @@
 """`chat-tools` data: read and validate JSONL, filter, render through the chat template, pack.
 
 Every line is one conversation: `{"messages": [...], "tools": [...], "category": "..."}` with
-OpenAI-style messages (assistant `tool_calls`, `tool` replies). The loss covers assistant tokens
-only (tool calls included). Examples are packed into sequences whose position ids restart at 0
-for every document; with `attention_mask=None` Hugging Face models turn those resets into a
-document-isolated (block-diagonal causal) mask, so tokens never attend across documents.
+OpenAI-style messages (assistant `tool_calls` with ids, arguments as a JSON string or object,
+`content: null` beside tool calls; `tool` replies with `tool_call_id`). `chat` renders them
+through the base model's own chat template; the loss covers what the model generates for each
+assistant turn and nothing else. A conversation becomes one or more documents, packed into
+sequences whose position ids restart at 0 for every document; with `attention_mask=None`
+Hugging Face models turn those resets into a document-isolated (block-diagonal causal) mask,
+so tokens never attend across documents.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from array import array
@@ -19,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+
+from .chat import ChatError, ChatFormat
 
 IGNORE_INDEX = -100
 DEFAULT_CATEGORY = "uncategorized"
@@ -74,6 +80,7 @@ def _validate(obj: Any) -> str | None:
     if cat is not None and (not isinstance(cat, str) or not cat):
         return "`category` must be a non-empty string"
     has_assistant = False
+    call_ids: set[str] = set()
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             return f"messages[{i}] is not an object"
@@ -100,9 +107,16 @@ def _validate(obj: Any) -> str | None:
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     return f"messages[{i}].tool_calls[{k}] needs function.name"
                 if not isinstance(fn.get("arguments"), str | dict):
-                    return f"messages[{i}].tool_calls[{k}].function.arguments must be a string"
+                    return (f"messages[{i}].tool_calls[{k}].function.arguments must be a JSON "
+                            "string or an object")
+                if c.get("id") is not None:
+                    call_ids.add(c["id"])
         elif content is None:
             return f"messages[{i}] ({role}) needs a string content"
+        elif role == "tool" and m.get("tool_call_id") is not None \
+                and m["tool_call_id"] not in call_ids:
+            return (f"messages[{i}].tool_call_id {m['tool_call_id']!r} answers no earlier "
+                    "tool call")
     if not has_assistant:
         return "no assistant message"
     return None
@@ -184,7 +198,7 @@ def read_conversations(uri: str, skip_invalid: bool) -> tuple[list[Conversation]
         "lines": lines,
         "invalid": len(errors),
         "skippedInvalid": len(errors) if skip_invalid else 0,
-        "errors": errors[:20],
+        "errors": errors,
         "filtered": {k: filtered.get(k, 0) for k in FILTERS},
     }
     return convs, report
@@ -193,68 +207,11 @@ def read_conversations(uri: str, skip_invalid: bool) -> tuple[list[Conversation]
 # ----------------------------------------------------------------------------- rendering
 
 
-def _hf_messages(messages: list[dict]) -> list[dict]:
-    """OpenAI messages -> the shape HF chat templates expect (tool-call arguments as dicts)."""
-    out = []
-    for m in messages:
-        m = dict(m)
-        if m.get("tool_calls"):
-            calls = []
-            for c in m["tool_calls"]:
-                fn = dict(c["function"])
-                if isinstance(fn.get("arguments"), str):
-                    fn["arguments"] = json.loads(fn["arguments"])
-                calls.append({"type": "function", "function": fn})
-            m["tool_calls"] = calls
-        if m.get("content") is None:
-            m["content"] = ""
-        out.append(m)
-    return out
-
-
-def _render(tokenizer, messages, tools, **kw) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, **kw)
-
-
-def has_generation_tags(tokenizer) -> bool:
-    tpl = tokenizer.chat_template or ""
-    return "generation" in tpl and "endgeneration" in tpl
-
-
-def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict],
-                          use_generation_tags: bool | None = None) -> tuple[list[int], list[int]]:
-    """Render one conversation through the tokenizer's chat template, with tools.
-
-    Returns (input_ids, assistant_mask). When the template marks assistant output with
-    `{% generation %}` the library computes the mask; otherwise each assistant turn's span is
-    found by rendering the conversation prefix with and without that turn.
-    """
-    messages = _hf_messages(messages)
-    if use_generation_tags is None:
-        use_generation_tags = has_generation_tags(tokenizer)
-    if use_generation_tags:
-        enc = tokenizer.apply_chat_template(
-            messages, tools=tools or None, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
-        return list(enc["input_ids"]), [int(x) for x in enc["assistant_masks"]]
-    text = _render(tokenizer, messages, tools)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], tools, add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], tools)
-        if not (text.startswith(upto) and upto.startswith(before)):
-            raise ValueError("chat template is not prefix-stable; add {% generation %} tags")
-        start, end = len(before), len(upto)
-        eos = tokenizer.eos_token
-        if eos and eos in text[start:end]:  # the turn ends at its end-of-turn token
-            end = text.rindex(eos, start, end) + len(eos)
-        spans.append((start, end))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask
+def tokenize_conversation(fmt: ChatFormat, messages: list[dict],
+                          tools: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """One conversation -> its documents as (input_ids, loss mask); see `chat` for what the
+    mask covers. Raises ChatError when the template cannot render it."""
+    return [fmt.tokenize(doc) for doc in fmt.render(messages, tools)]
 
 
 @dataclass
@@ -262,6 +219,7 @@ class Example:
     input_ids: list[int]
     mask: list[int]
     category: str
+    line: int = 0
 
     def labels(self) -> list[int]:
         """Next-token targets inside this document (IGNORE_INDEX where not assistant)."""
@@ -273,47 +231,75 @@ class Example:
 
 @dataclass
 class Split:
-    examples: list[Example]
+    examples: list[Example]  # documents (a conversation gives one or more)
     conversations: list[Conversation]
     report: dict = field(default_factory=dict)
 
 
 def load_split(uri: str, tokenizer, max_seq_length: int, skip_invalid: bool,
                rank: int = 0, world: int = 1, gather=None) -> Split:
-    """Read, validate, filter and tokenize one JSONL file.
+    """Read, validate, filter and tokenize one JSONL file (`tokenizer`: a tokenizer or its
+    ChatFormat). A conversation the chat template cannot render (Mistral's role alternation,
+    Llama's one call per turn, ...) is an invalid line, reported as `file:line: what`.
 
     With `world > 1` each rank renders and tokenizes every world-th conversation and
     `gather` (an all-gather of Python objects) puts the pieces together, in file order.
     """
-    convs, report = read_conversations(uri, skip_invalid)
-    mine = {}
+    fmt = tokenizer if isinstance(tokenizer, ChatFormat) else ChatFormat(tokenizer)
+    convs, report = read_conversations(uri, skip_invalid=True)
+    mine: dict[int, Any] = {}
     for i in range(rank, len(convs), world):
-        ids, mask = tokenize_conversation(tokenizer, convs[i].messages, convs[i].tools)
-        mine[i] = (array("i", ids), bytes(mask))
-    tokenized: dict[int, tuple] = {}
+        try:
+            docs = tokenize_conversation(fmt, convs[i].messages, convs[i].tools)
+            mine[i] = [(array("i", ids), bytes(mask)) for ids, mask in docs]
+        except ChatError as e:
+            mine[i] = str(e)
+    tokenized: dict[int, Any] = {}
     for part in (gather(mine) if world > 1 else [mine]):
         tokenized.update(part)
-    examples, kept = [], []
+    errors = report["errors"]
+    examples, kept, no_loss = [], [], []
     cats: Counter[str] = Counter()
+    cat_tokens: Counter[str] = Counter()
+    cat_loss: Counter[str] = Counter()
     tokens = loss_tokens = 0
     for i, conv in enumerate(convs):
-        ids, mask = list(tokenized[i][0]), list(tokenized[i][1])
-        if len(ids) > max_seq_length:
+        docs = tokenized[i]
+        if isinstance(docs, str):
+            errors.append(f"{uri}:{conv.line}: {docs}")
+            continue
+        docs = [(list(ids), list(mask)) for ids, mask in docs]
+        if any(len(ids) > max_seq_length for ids, _ in docs):
             report["filtered"]["too_long"] += 1
             continue
-        if sum(mask[1:]) == 0:
+        n_loss = sum(sum(mask[1:]) for _, mask in docs)
+        if n_loss == 0:
             report["filtered"]["no_loss_tokens"] += 1
+            no_loss.append(f"{uri}:{conv.line}")
             continue
-        examples.append(Example(ids, mask, conv.category))
+        examples += [Example(ids, mask, conv.category, conv.line) for ids, mask in docs]
         kept.append(conv)
+        n = sum(len(ids) for ids, _ in docs)
         cats[conv.category] += 1
-        tokens += len(ids)
-        loss_tokens += sum(mask[1:])
+        cat_tokens[conv.category] += n
+        cat_loss[conv.category] += n_loss
+        tokens += n
+        loss_tokens += n_loss
+    report["invalid"] = len(errors)
+    report["skippedInvalid"] = len(errors) if skip_invalid else 0
+    if errors and not skip_invalid:
+        shown = "\n".join(errors[:20])
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{len(errors)} invalid line(s) in {uri}:\n{shown}{more}")
+    report["errors"] = errors[:20]
     report.update(
-        examples=len(examples),
+        examples=len(kept),
+        documents=len(examples),
         categories=dict(sorted(cats.items())),
         tokens=tokens,
         lossTokens=loss_tokens,
+        lossShare={c: round(cat_loss[c] / cat_tokens[c], 4) for c in sorted(cats)},
+        noLoss=no_loss[:20],
     )
     return Split(examples, kept, report)
 
@@ -374,3 +360,28 @@ def collate(packs: list[Pack], pad_id: int, pad_to_multiple: int = 8) -> dict:
         labels.append(row_labels)
         pos.append(row_pos)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "tokens": real}
+
+
+# ----------------------------------------------------------------------------- step plan
+
+
+@dataclass
+class StepPlan:
+    """How many optimizer steps a run takes: the one computation shared by preflight (the
+    operator prices runs from it) and training."""
+
+    grad_accum: int
+    global_batch: int  # globalBatchSize rounded up to a multiple of micro-batch x world size
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(n_packs: int, hp, world_size: int, max_steps: int | None = None) -> StepPlan:
+    per_step = hp.microBatchSize * world_size
+    accum = max(1, math.ceil(hp.globalBatchSize / per_step))
+    global_batch = accum * per_step
+    per_epoch = max(1, math.ceil(n_packs / global_batch))
+    total = hp.epochs * per_epoch if n_packs else 0
+    if max_steps:
+        total = min(total, max_steps)
+    return StepPlan(accum, global_batch, per_epoch, total)

@@ -1,5 +1,7 @@
 """Evaluation: loss and tool-call accuracy, overall and per category.
 
+Tool calls are parsed in the base model family's own format (see `chat.ChatFormat`); a chat
+template whose tool-call format is unknown gives `None` accuracy and a warning, never 0.
 Both work on a sharded model: every rank runs the same number of forwards (ranks without work
 run a dummy one), because each FSDP forward all-gathers parameters collectively. Generation is
 greedy with a KV cache, and stops when every rank's prompt is finished.
@@ -8,15 +10,13 @@ greedy with a KV cache, and stops when every rank's prompt is finished.
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, Conversation, Pack, Split, _hf_messages, collate, pack
-
-TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+from .chat import ChatFormat, normalize
+from .data import IGNORE_INDEX, Conversation, Pack, Split, collate, pack
+from .model import token_losses
 
 
 @torch.no_grad()
@@ -38,12 +38,8 @@ def eval_loss(model, split: Split, d, max_seq_length: int, micro_batch: int, pad
         for p in chunk:
             row = [cat_index[doc.category] for doc in p.docs for _ in doc.input_ids]
             cats.append(row + [len(categories)] * (len(batch["input_ids"][0]) - len(row)))
-        ids = torch.tensor(batch["input_ids"], device=d.device)
-        labels = torch.tensor(batch["labels"], device=d.device)
-        pos = torch.tensor(batch["position_ids"], device=d.device)
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                             ignore_index=IGNORE_INDEX, reduction="none").double()
+        ce, labels = token_losses(model, batch, d.device)
+        ce = ce.double()
         valid = (labels.flatten() != IGNORE_INDEX).double()
         cat_t = torch.tensor(cats, device=d.device).flatten()
         sums.index_add_(0, cat_t, ce * valid)
@@ -74,20 +70,8 @@ def _args(a):
     return json.loads(a) if isinstance(a, str) else a
 
 
-def parse_tool_calls(text: str) -> list[dict] | None:
-    """Tool calls in generated text (`<tool_call>{"name":..,"arguments":..}</tool_call>`)."""
-    calls = []
-    for body in TOOL_CALL.findall(text):
-        try:
-            obj = json.loads(body)
-            calls.append({"name": obj["name"], "arguments": _args(obj.get("arguments", {}))})
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None
-    return calls
-
-
 @torch.no_grad()
-def greedy_generate(model, prompt: list[int], d, max_new_tokens: int, eos_id: int,
+def greedy_generate(model, prompt: list[int], d, max_new_tokens: int, stop_ids: set[int],
                     active: bool) -> list[int]:
     """Greedy decoding in lockstep with the other ranks (FSDP all-gathers are collective)."""
     from transformers import DynamicCache
@@ -103,7 +87,7 @@ def greedy_generate(model, prompt: list[int], d, max_new_tokens: int, eos_id: in
         nxt = int(logits[0, -1].argmax())
         if not done:
             out.append(nxt)
-            done = nxt == eos_id
+            done = nxt in stop_ids
         flag = torch.tensor([0 if done else 1], device=d.device)
         dist.all_reduce(flag)
         if int(flag) == 0:
@@ -113,30 +97,41 @@ def greedy_generate(model, prompt: list[int], d, max_new_tokens: int, eos_id: in
     return out
 
 
+UNKNOWN_FORMAT = ("tool_call_accuracy: the base model's chat template uses a tool-call format "
+                  "this trainer cannot parse (and its tokenizer has no response_template); "
+                  "accuracy not measured")
+
+
 @torch.no_grad()
-def tool_call_accuracy(model, tokenizer, convs: list[Conversation], d, max_new_tokens: int,
-                       limit: int | None = None):
-    """Exact match of generated tool calls (names + JSON arguments). (overall, {cat: acc})."""
+def tool_call_accuracy(model, fmt: ChatFormat, convs: list[Conversation], d,
+                       max_new_tokens: int, limit: int | None = None):
+    """Exact match of generated tool calls (names + JSON arguments), parsed in the family's
+    format. Returns (overall, {cat: acc}, warning); overall is None with a warning when the
+    format is unknown."""
+    tok = fmt.tokenizer
+    if fmt.tool_format is None and not getattr(tok, "response_template", None):
+        return None, {}, UNKNOWN_FORMAT
     prompts = tool_call_prompts(convs, limit)
     categories = sorted({p[3] for p in prompts})
     hits = torch.zeros(len(categories), dtype=torch.float64, device=d.device)
     totals = torch.zeros_like(hits)
     mine = prompts[d.rank::d.world_size]
     rounds = -(-len(prompts) // d.world_size)
+    stop_ids = {tok.convert_tokens_to_ids(t) for t in fmt.stop_tokens}
     was_training = model.training
     model.eval()
     for r in range(rounds):
         active = r < len(mine)
+        prompt = ""
         if active:
             msgs, tools, expected, cat = mine[r]
-            ids = tokenizer.apply_chat_template(
-                _hf_messages(msgs), tools=tools or None, add_generation_prompt=True,
-                tokenize=True, return_dict=True)["input_ids"]
+            prompt = fmt.apply(normalize(msgs, fmt.short_ids), tools, add_generation_prompt=True)
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
         else:
-            ids = [tokenizer.eos_token_id]
-        gen = greedy_generate(model, list(ids), d, max_new_tokens, tokenizer.eos_token_id, active)
+            ids = [tok.eos_token_id]
+        gen = greedy_generate(model, list(ids), d, max_new_tokens, stop_ids, active)
         if active:
-            got = parse_tool_calls(tokenizer.decode(gen, skip_special_tokens=False))
+            got = fmt.parse_tool_calls(tok.decode(gen, skip_special_tokens=False), prompt, tools)
             i = categories.index(cat)
             totals[i] += 1
             hits[i] += float(got == expected)
@@ -145,4 +140,4 @@ def tool_call_accuracy(model, tokenizer, convs: list[Conversation], d, max_new_t
     model.train(was_training)
     per_cat = {c: float(hits[i] / totals[i]) for i, c in enumerate(categories) if totals[i] > 0}
     overall = float(hits.sum() / totals.sum()) if totals.sum() > 0 else float("nan")
-    return overall, per_cat
+    return overall, per_cat, None

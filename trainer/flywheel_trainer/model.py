@@ -129,8 +129,35 @@ def build_model(path: str, d: Dist, attn_implementation: str | None = None):
     return model
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    return list(model.model.layers)
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The stack of repeated decoder blocks, found generically: the ModuleList whose blocks are
+    of a class the model declares unsplittable (`_no_split_modules`: LlamaDecoderLayer,
+    Qwen3DecoderLayer, MistralDecoderLayer, ...), else the longest ModuleList of one class."""
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    best = None
+    for _, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or not len(module):
+            continue
+        kinds = {type(_unwrap(b)).__name__ for b in module}
+        if len(kinds) != 1:
+            continue
+        if kinds & no_split:
+            return module
+        if best is None or len(module) > len(best):
+            best = module
+    if best is None:
+        raise ValueError(f"no stack of decoder blocks found in {type(model).__name__}")
+    return best
+
+
+def _unwrap(block):
+    """A block without its checkpoint / torch.compile wrappers."""
+    while True:
+        inner = (getattr(block, "_checkpoint_wrapped_module", None)
+                 or getattr(block, "_orig_mod", None))
+        if inner is None:
+            return block
+        block = inner
 
 
 def parallelize(model, d: Dist, fsdp: Fsdp):
@@ -143,18 +170,19 @@ def parallelize(model, d: Dist, fsdp: Fsdp):
             checkpoint_wrapper,
         )
 
-        layers = model.model.layers
+        layers = decoder_layers(model)
         for i, layer in enumerate(layers):
             # selective: every other block (torchtitan's layer-wise selective AC)
             if fsdp.activationCheckpointing == "full" or i % 2 == 0:
                 layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
     if fsdp.compile and d.on_gpu:
-        for i, layer in enumerate(model.model.layers):
-            model.model.layers[i] = torch.compile(layer)
+        layers = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            layers[i] = torch.compile(layer)
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if d.on_gpu else torch.float32, reduce_dtype=torch.float32
     )
-    layers = decoder_layers(model)
+    layers = list(decoder_layers(model))
     for i, layer in enumerate(layers):
         # the last block's parameters are needed again right away by backward
         reshard = fsdp.reshardAfterForward and i < len(layers) - 1
@@ -230,6 +258,22 @@ def load_model(path: str, d: Dist, fsdp: Fsdp, attn_implementation: str | None =
     return model
 
 
+def token_losses(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass shared by training and evaluation: a collated micro-batch ->
+    (per-token cross-entropy in fp32, flat labels); 0 where the label is IGNORE_INDEX."""
+    import torch.nn.functional as F
+
+    from .data import IGNORE_INDEX
+
+    ids = torch.tensor(batch["input_ids"], device=device)
+    labels = torch.tensor(batch["labels"], device=device).flatten()
+    pos = torch.tensor(batch["position_ids"], device=device)
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX,
+                         reduction="none")
+    return ce, labels
+
+
 def flops_per_token(model, seq_len: int) -> float:
     """torchtitan's estimate: 6 * (params - embedding params) + 12 * layers * heads * head_dim *
     seq_len (the attention term)."""
@@ -243,6 +287,14 @@ def flops_per_token(model, seq_len: int) -> float:
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
                    "B200": 2250e12}
+
+
+def mfu(tokens_per_s: float | None, world_size: int, fpt: float,
+        peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved FLOPs per device over the device's bf16 peak."""
+    if not tokens_per_s or not peak:
+        return None
+    return tokens_per_s / world_size * fpt / peak
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -17,15 +17,23 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from .chat import ChatFormat
 from .checkpoint import CheckpointManager
 from .config import TrainerConfig
-from .data import IGNORE_INDEX, Pack, collate, load_split, pack
+from .data import IGNORE_INDEX, Pack, StepPlan, collate, load_split, pack, plan_steps
 from .evaluate import eval_loss, tool_call_accuracy
 from .export import export_hf
-from .model import flops_per_token, init_distributed, load_model, peak_flops, resolve_model_path
+from .model import (
+    flops_per_token,
+    init_distributed,
+    load_model,
+    mfu,
+    peak_flops,
+    resolve_model_path,
+    token_losses,
+)
 from .tracking import Tracker, write_summary
 
 log = logging.getLogger("flywheel.train")
@@ -43,13 +51,13 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-class Schedule:
-    """Which packs each rank trains on at each step: a pure function of (seed, step)."""
+class DataOrder:
+    """Which packs each rank trains on at each step: a pure function of (seed, step), so a
+    resumed run sees exactly the batches it would have seen."""
 
-    def __init__(self, packs: list[Pack], global_batch: int, epochs: int, seed: int):
-        self.packs, self.global_batch, self.seed = packs, global_batch, seed
-        self.steps_per_epoch = max(1, math.ceil(len(packs) / global_batch))
-        self.total_steps = epochs * self.steps_per_epoch
+    def __init__(self, packs: list[Pack], plan: StepPlan, seed: int):
+        self.packs, self.seed = packs, seed
+        self.global_batch, self.steps_per_epoch = plan.global_batch, plan.steps_per_epoch
 
     def batch(self, step: int, rank: int, world: int) -> list[Pack]:
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -72,12 +80,7 @@ def forward_backward(model, batches: list[dict], d) -> tuple[float, float, int]:
     n_loss_tokens = max(float(counts[0]), 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for b in batches:
-        ids = torch.tensor(b["input_ids"], device=d.device)
-        labels = torch.tensor(b["labels"], device=d.device)
-        pos = torch.tensor(b["position_ids"], device=d.device)
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                             ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = token_losses(model, b, d.device)[0].sum()
         (ce * (d.world_size / n_loss_tokens)).backward()
         loss_sum += ce.detach().double()
     dist.all_reduce(loss_sum)
@@ -124,6 +127,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     hp = cfg.hyperparameters
     model_path = resolve_model_path(cfg.baseModel, d)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    fmt = ChatFormat(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # ---- data (fails here, before any training, on invalid lines)
@@ -133,7 +137,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         return out
 
     def load(uri):  # every rank tokenizes a share, then all ranks have everything
-        return load_split(uri, tokenizer, hp.maxSeqLength, cfg.dataset.skipInvalid,
+        return load_split(uri, fmt, hp.maxSeqLength, cfg.dataset.skipInvalid,
                           d.rank, d.world_size, gather)
 
     train = load(cfg.dataset.train)
@@ -141,13 +145,9 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     if not train.examples:
         raise ValueError(f"no usable training examples in {cfg.dataset.train}")
     packs = pack(train.examples, hp.maxSeqLength, hp.seed)
-    per_step = hp.microBatchSize * d.world_size
-    accum = max(1, math.ceil(hp.globalBatchSize / per_step))
-    global_batch = accum * per_step
-    sched_data = Schedule(packs, global_batch, hp.epochs, hp.seed)
-    total_steps = sched_data.total_steps
-    if cfg.maxSteps:
-        total_steps = min(total_steps, cfg.maxSteps)
+    plan = plan_steps(len(packs), hp, d.world_size, cfg.maxSteps)
+    order = DataOrder(packs, plan, hp.seed)
+    total_steps, accum, global_batch = plan.total_steps, plan.grad_accum, plan.global_batch
     report = {"train": train.report, "eval": evals.report if evals else None,
               "packs": len(packs), "globalBatchSize": global_batch, "gradAccum": accum,
               "totalSteps": total_steps}
@@ -173,7 +173,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     peak = peak_flops(d.device)
     tokens_total = ckpt.extra.get("tokens", 0)
     train_loss = ckpt.extra.get("loss")
-    tps = mfu = None
+    tps = None
     window_tokens, window_t0 = 0, time.perf_counter()
     measured_tokens, measured_time = 0, 0.0
 
@@ -181,7 +181,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     model.train()
     while step < total_steps:
         t0 = time.perf_counter()
-        micro = sched_data.batch(step, d.rank, d.world_size)
+        micro = order.batch(step, d.rank, d.world_size)
         batches = [collate(micro[i:i + hp.microBatchSize], pad_id)
                    for i in range(0, len(micro), hp.microBatchSize)]
         loss_sum, n_loss_tokens, n_tokens = forward_backward(model, batches, d)
@@ -204,9 +204,9 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         if step % cfg.logEverySteps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_t0
             tps = window_tokens / elapsed if elapsed > 0 else None
-            mfu = (tps / d.world_size * fpt / peak) if (peak and tps) else None
             metrics = {"train_loss": train_loss, "lr": lr,
-                       "grad_norm": _scalar(grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                       "grad_norm": _scalar(grad_norm), "tokens_per_s": tps,
+                       "mfu": mfu(tps, d.world_size, fpt, peak),
                        "tokens": tokens_total}
             tracker.log_metrics(metrics, step)
             if d.is_main:
@@ -220,14 +220,16 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
         _debug_delay()
     if measured_time > 0:
         tps = measured_tokens / measured_time
-        mfu = (tps / d.world_size * fpt / peak) if peak else None
 
     # ---- evaluate, export, summarise
     metrics = {"train_loss": train_loss}
+    warnings = []
     if evals is not None and evals.examples:
         loss, per_cat = eval_loss(model, evals, d, hp.maxSeqLength, hp.microBatchSize, pad_id)
-        acc, acc_cat = tool_call_accuracy(model, tokenizer, evals.conversations, d,
-                                          cfg.evalMaxNewTokens, cfg.evalMaxToolCallPrompts)
+        acc, acc_cat, warning = tool_call_accuracy(model, fmt, evals.conversations, d,
+                                                   cfg.evalMaxNewTokens,
+                                                   cfg.evalMaxToolCallPrompts)
+        warnings += [warning] if warning else []
         metrics["eval_loss"] = loss
         metrics.update({f"eval_loss/{c}": v for c, v in per_cat.items()})
         metrics["tool_call_accuracy"] = acc
@@ -250,7 +252,8 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
                              **({"eval": evals.report["examples"]} if evals else {})},
             },
             "tokens": tokens_total,
-            "throughput": {"tokensPerSecond": tps, "mfu": mfu,
+            **({"warnings": warnings} if warnings else {}),
+            "throughput": {"tokensPerSecond": tps, "mfu": mfu(tps, d.world_size, fpt, peak),
                            "tokensPerSecondPerDevice": tps / d.world_size if tps else None},
             "tracking": {"url": tracker.url, "experimentKey": tracker.key,
                          **({"offlineArchive": archive} if archive else {})},

@@ -1,0 +1,232 @@
+"""FineTuneRun (`kubectl get ftr`): spec, status and the CRD-only constraints on the spec.
+
+The spec reuses the trainer's torch-free spec models, so the trainer config and the CRD share
+one vocabulary; constraints the trainer does not declare (length limits and CEL rules for URIs
+and secrets) are added here in `SPEC_PATCHES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from flywheel_trainer.config import (
+    Checkpoint,
+    Dataset,
+    Fsdp,
+    Hyperparameters,
+    Output,
+    SpecModel,
+    Tracking,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..vocab import API_VERSION, RunPhase
+from .common import (
+    DNS_SUBDOMAIN_RE,
+    METRIC_RE,
+    NO_SECRET_RULE,
+    URI_MAX,
+    Condition,
+    DnsLabel,
+    LabelValue,
+    StatusText,
+    Timestamp,
+    Toleration,
+    cel,
+    conditions_field,
+    uri_rules,
+)
+
+
+class Resources(SpecModel):
+    """Where and how wide the run is: nodes x GPUs per node on a pool."""
+
+    nodes: int = Field(default=1, ge=1, le=256, description="Nodes (one pod each), >= 1.")
+    gpusPerNode: int = Field(
+        default=8, ge=1, le=8, description="GPUs per node (1..8); torchrun's nproc-per-node.")
+    nodePool: DnsLabel | None = Field(
+        default=None,
+        description="A pool preset from the operator's config (nodeSelector, tolerations, "
+        "prices). Empty: the operator's default pool (h200).")
+    nodeSelector: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Extra node labels, merged over the pool's nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32,
+                                          description="Extra tolerations, added to the pool's.")
+
+
+class Preflight(SpecModel):
+    """Preflight: a CPU Job that checks data, tokenizer and coverage before any GPU pod."""
+
+    enabled: bool = Field(default=True, description="Run preflight before training.")
+
+
+def _obj(factory: Any, description: str) -> Any:
+    """A nested object field that the API server defaults to `{}` (then its own defaults)."""
+    return Field(
+        default_factory=factory, description=description, json_schema_extra={"default": {}})
+
+
+class FineTuneRunSpec(SpecModel):
+    """What to train, on what, where, and where the result goes."""
+
+    baseModel: str = Field(
+        max_length=URI_MAX,
+        description="Base model URI: hf://[org/]name[@revision], s3://, gs://, file:/// or "
+        "pvc://<claim>/<path>. Immutable.",
+        json_schema_extra=cel(*uri_rules("model")))
+    modelName: DnsLabel = Field(
+        description="The registry Model this run produces a version of. Immutable.")
+    dataset: Dataset = Field(
+        description="Training and evaluation data, and the categories it must cover. Immutable.")
+    hyperparameters: Hyperparameters = _obj(Hyperparameters, "Optimisation settings.")
+    resources: Resources = _obj(Resources, "Nodes, GPUs and node pool. Immutable.")
+    fsdp: Fsdp = _obj(Fsdp, "FSDP2 options.")
+    checkpoint: Checkpoint = _obj(Checkpoint, "Distributed checkpointing.")
+    output: Output = Field(description="Where the exported model is written. Immutable.")
+    tracking: Tracking = _obj(Tracking, "Experiment tracking (Comet).")
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Trainer container image; default from the operator's config.",
+        json_schema_extra=cel(NO_SECRET_RULE))
+    maxRestarts: int = Field(
+        default=3, ge=0, le=100, description="Attempts after the first before the run fails.")
+    suspend: bool = Field(
+        default=False, description="Stop the pods and set phase Suspended; false resumes.")
+    preflight: Preflight = _obj(Preflight, "Preflight checks on CPU before training.")
+
+
+class Progress(BaseModel):
+    """Training progress as reported by the trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
+    totalSteps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    percent: str | None = Field(
+        default=None, max_length=8, description="step / totalSteps as text, e.g. `42%`.")
+    tokensPerSecond: float | None = Field(
+        default=None, ge=0, description="Non-padding tokens/s over all GPUs.")
+    tokens: int | None = Field(default=None, ge=0, description="Training tokens processed.")
+    eta: Timestamp | None = Field(default=None, description="Estimated completion time.")
+
+
+class AttemptStatus(BaseModel):
+    """One attempt (Job) of the run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int = Field(ge=1, description="Attempt number (1-based).")
+    job: str | None = Field(default=None, description="Name of the attempt's Job.")
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Deleted"] | None = Field(
+        default=None, description="Outcome of the attempt.")
+    startTime: Timestamp | None = Field(default=None, description="First pod start.")
+    completionTime: Timestamp | None = Field(default=None, description="Last pod finish.")
+    gpuHours: float | None = Field(default=None, ge=0, description="GPU-hours it used.")
+    reason: str | None = Field(default=None, description="Why it ended, CamelCase.")
+    message: StatusText | None = Field(default=None, description="Failing pod's message.")
+
+
+class PreflightStatus(BaseModel):
+    """Results of the preflight Job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"] | None = Field(
+        default=None, description="Preflight outcome.")
+    job: str | None = Field(default=None, description="Name of the preflight Job.")
+    startTime: Timestamp | None = Field(default=None, description="When preflight started.")
+    completionTime: Timestamp | None = Field(default=None, description="When it finished.")
+    examples: int | None = Field(default=None, ge=0, description="Valid training examples.")
+    invalidExamples: int | None = Field(default=None, ge=0, description="Malformed lines.")
+    tokens: int | None = Field(default=None, ge=0, description="Training tokens per epoch.")
+    steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    categories: dict[str, int] = Field(
+        default_factory=dict, description="Training examples per category.")
+    missingCategories: list[str] = Field(
+        default_factory=list, description="Required categories below minExamplesPerCategory.")
+    problems: list[str] = Field(
+        default_factory=list, description="First problems found (file:line: what is wrong).")
+    estimatedGpuHours: float | None = Field(default=None, ge=0, description="Estimate.")
+    estimatedCost: float | None = Field(default=None, ge=0, description="Estimate (pool price).")
+    message: StatusText | None = Field(default=None, description="Summary of the result.")
+
+
+class FineTuneRunStatus(BaseModel):
+    """Observed state of a run; written by the operator only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: RunPhase | None = Field(
+        default=None, description="Pending, Running, Succeeded, Failed or Suspended.")
+    attempt: int | None = Field(default=None, ge=0, description="Current attempt (1-based).")
+    observedGeneration: int | None = Field(
+        default=None, ge=0, description="metadata.generation last acted on.")
+    conditions: list[Condition] = conditions_field()
+    startTime: Timestamp | None = Field(default=None, description="When the first pod started.")
+    completionTime: Timestamp | None = Field(
+        default=None, description="When the run Succeeded or Failed.")
+    attempts: list[AttemptStatus] = Field(
+        default_factory=list, description="Every attempt so far, oldest first.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    trackingUrl: str | None = Field(default=None, description="Comet experiment URL.")
+    experimentKey: str | None = Field(
+        default=None, description="Comet experiment key (same for every attempt).")
+    lastCheckpoint: str | None = Field(
+        default=None, description="URI of the last complete checkpoint.")
+    modelVersion: str | None = Field(
+        default=None, description="Name of the ModelVersion this run produced.")
+    gpuHours: float | None = Field(
+        default=None, ge=0, description="GPU-hours over all attempts (pod run time x GPUs).")
+    estimatedCost: float | None = Field(
+        default=None, ge=0, description="gpuHours x the pool's gpuHourPrice.")
+    preflight: PreflightStatus | None = Field(default=None, description="Preflight results.")
+    message: StatusText | None = Field(default=None, description="Human-readable summary.")
+
+
+class FineTuneRun(BaseModel):
+    """A training run: `kubectl get ftr`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    apiVersion: Literal[API_VERSION] = API_VERSION
+    kind: Literal["FineTuneRun"] = "FineTuneRun"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: FineTuneRunSpec
+    status: FineTuneRunStatus | None = None
+
+
+#: FineTuneRun spec fields that cannot change after creation (CEL `self == oldSelf`).
+IMMUTABLE_RUN_FIELDS = ("baseModel", "modelName", "dataset", "resources", "output")
+
+#: Constraints on trainer-owned spec fields (flywheel_trainer.config declares none), by path
+#: inside FineTuneRunSpec. crdgen merges them into the schema wherever the spec appears.
+SPEC_PATCHES: dict[str, dict[str, Any]] = {
+    "dataset.train": {"maxLength": URI_MAX, **cel(*uri_rules("data"))},
+    "dataset.eval": {"maxLength": URI_MAX, **cel(*uri_rules("data"))},
+    "checkpoint.uri": {"maxLength": URI_MAX, **cel(*uri_rules("data"))},
+    "output.uri": {"maxLength": URI_MAX, **cel(*uri_rules("data"))},
+    "dataset.requiredCategories": {"maxItems": 256, "x-kubernetes-list-type": "set"},
+    "dataset.requiredCategories[]": {
+        "minLength": 1,
+        "maxLength": 128,
+        "pattern": METRIC_RE,
+        **cel(NO_SECRET_RULE)},
+    "tracking.comet.workspace": {"maxLength": 128, **cel(NO_SECRET_RULE)},
+    "tracking.comet.project": {"maxLength": 128, **cel(NO_SECRET_RULE)},
+    "tracking.comet.apiKeySecretRef.name": {"maxLength": 253, "pattern": DNS_SUBDOMAIN_RE},
+    "tracking.comet.apiKeySecretRef.key": {
+        "maxLength": 253,
+        "pattern": r"^[-._a-zA-Z0-9]+$",
+        **cel(NO_SECRET_RULE)}}
+
+#: Cross-field rules on FineTuneRunSpec (wherever it appears, including schedule templates).
+SPEC_RULES = [
+    {
+        "rule": "self.hyperparameters.globalBatchSize % (self.hyperparameters.microBatchSize * "
+        "self.resources.nodes * self.resources.gpusPerNode) == 0",
+        "fieldPath": ".hyperparameters.globalBatchSize",
+        "message": "hyperparameters.globalBatchSize must be a multiple of microBatchSize x "
+        "resources.nodes x resources.gpusPerNode"}]

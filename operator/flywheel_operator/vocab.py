@@ -1,0 +1,129 @@
+"""The operator's shared vocabulary, defined once: API group, kinds, labels, phases, conditions,
+times, owner references, tracking identity and GPU-hour / cost arithmetic.
+
+The bottom layer: it imports nothing from the operator, and every other module takes these
+names from here instead of repeating a string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+GROUP = "flywheel.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+#: Our kinds and their resource plurals (kube paths, CRD names, kopf registrations).
+PLURALS = {"FineTuneRun": "finetuneruns", "ModelVersion": "modelversions", "Model": "models",
+           "FineTuneSchedule": "finetuneschedules"}
+
+# --- labels and annotations ----------------------------------------------------------------
+RUN_LABEL = f"{GROUP}/run"                           # a run's children; a version's run
+ATTEMPT_LABEL = f"{GROUP}/attempt"                   # an attempt's Job, Service, ConfigMap, pods
+COMPONENT_LABEL = f"{GROUP}/component"               # trainer or preflight
+MODEL_LABEL = f"{GROUP}/model"                       # a ModelVersion's Model
+RUN_UID_LABEL = f"{GROUP}/source-run-uid"            # a ModelVersion's FineTuneRun uid
+SCHEDULE_LABEL = f"{GROUP}/schedule"                 # a run created by a FineTuneSchedule
+POOL_LABEL = f"{GROUP}/pool"                         # node label of the built-in pools
+EXECUTOR_LABEL = f"{GROUP}/executor"                 # node label of the local executor's nodes
+SCHEDULED_AT_ANNOTATION = f"{GROUP}/scheduled-at"    # the tick a scheduled run is for
+TRIGGER_ANNOTATION = f"{GROUP}/trigger"              # on a schedule: start a run now
+DIGEST_ANNOTATION = f"{GROUP}/model-digest"          # on a served Deployment's pod template
+MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel-operator"}
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+# --- phases ----------------------------------------------------------------------------------
+RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+RUN_PHASES: tuple[str, ...] = get_args(RunPhase)
+TERMINAL = ("Succeeded", "Failed")
+
+# --- times: RFC3339 in UTC with second precision (`2026-11-26T03:00:00Z`) ----------------------
+
+
+def parse_time(value: datetime | str | None) -> datetime | None:
+    """An RFC3339 string (`...Z` or with offset) or datetime as an aware UTC datetime."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        dt = datetime.fromisoformat(str(value).replace("Z", "+00:00").replace("z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def format_time(value: datetime | str | None = None) -> str:
+    """`value` (default: now) as Kubernetes writes times: `2026-11-26T03:00:00Z`."""
+    return parse_time(value or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")  # type: ignore
+
+
+# --- conditions and owners ------------------------------------------------------------------
+
+
+def set_condition(status: dict, type_: str, value: bool, reason: str, message: str,
+                  now: str, generation: int | None) -> None:
+    """Upsert a standard condition; lastTransitionTime moves only when the value does."""
+    conditions = status.setdefault("conditions", [])
+    new = {"type": type_, "status": "True" if value else "False", "reason": reason,
+           "message": message}
+    if generation is not None:
+        new["observedGeneration"] = generation
+    for i, old in enumerate(conditions):
+        if old.get("type") == type_:
+            same = old.get("status") == new["status"]
+            new["lastTransitionTime"] = old.get("lastTransitionTime", now) if same else now
+            conditions[i] = new
+            return
+    new["lastTransitionTime"] = now
+    conditions.append(new)
+
+
+def owner_reference(owner: dict[str, Any], kind: str = "FineTuneRun") -> dict[str, Any]:
+    """Controller ownerReference to `owner` (GC deletes the children with it)."""
+    meta = owner["metadata"]
+    return {"apiVersion": API_VERSION, "kind": kind, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+# --- tracking identity ----------------------------------------------------------------------
+
+
+def experiment_key(uid: str) -> str:
+    """Comet experiment key: 32 hex chars derived from the run uid, the same for every attempt."""
+    return hashlib.sha256(f"flywheel:{uid}".encode()).hexdigest()[:32]
+
+
+def comet_experiment_url(workspace: str, project: str, key: str) -> str:
+    """URL of a Comet experiment."""
+    return f"https://www.comet.com/{workspace}/{project}/{key}"
+
+
+# --- GPU-hours and cost -----------------------------------------------------------------------
+
+
+def estimate_gpu_hours(tokens: int, tokens_per_second_per_gpu: float | None,
+                       epochs: int = 1) -> float | None:
+    """GPU-hours to train `tokens` per epoch at a pool's throughput figure (None: unknown).
+
+    The world size cancels out: N GPUs take 1/N of the time, N GPU-hours per hour.
+    """
+    if not tokens_per_second_per_gpu:
+        return None
+    return tokens * epochs / tokens_per_second_per_gpu / 3600.0
+
+
+def pods_gpu_hours(pods: list[dict], gpus_per_node: int, now: str) -> float:
+    """GPU-hours pods held: each pod's running time (startedAt..finishedAt or now) x its GPUs."""
+    total = 0.0
+    for pod in pods:
+        if pod["startedAt"]:
+            end = parse_time(pod["finishedAt"] or now)
+            total += max(0.0, (end - parse_time(pod["startedAt"])).total_seconds())  # type: ignore
+    return round(total / 3600 * gpus_per_node, 6)
+
+
+def estimate_cost(gpu_hours: float | None, gpu_hour_price: float) -> float | None:
+    """Cost of `gpu_hours` at a pool's gpuHourPrice."""
+    return None if gpu_hours is None else round(gpu_hours * gpu_hour_price, 4)
