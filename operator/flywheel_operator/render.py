@@ -20,6 +20,8 @@ from .vocab import (
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
     MANAGED_BY,
+    PRIORITY_CLASS_LABEL,
+    QUEUE_NAME_LABEL,
     RUN_LABEL,
     experiment_key,
     owner_reference,
@@ -280,6 +282,12 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig) -
                  "securityContext": _container_security()}
     pod_spec = {"subdomain": name, **_pod_spec(container, cm_name, pool, spec)}
     job = _job(run, name, labels, pod_spec, nodes, indexed=True)
+    queue = config.kueue.queue(meta["namespace"], spec.queueName)
+    if queue:  # Kueue admits it: created suspended; Kueue alone unsuspends (all pods or none)
+        job["metadata"]["labels"][QUEUE_NAME_LABEL] = queue
+        if spec.priorityClassName:
+            job["metadata"]["labels"][PRIORITY_CLASS_LABEL] = spec.priorityClassName
+        job["spec"]["suspend"] = True
     return [config_map, service, job]
 
 

@@ -1,8 +1,7 @@
-"""Kueue in the local control plane: gang admission against the GPU pools' quotas.
-
-The Jobs here are shaped like the operator's (Indexed, created suspended with the
-`kueue.x-k8s.io/queue-name` label, one pod per node, the GPU toleration); Kueue admits all of
-a Job's pods or none, in queue order, with the pool's ResourceFlavor.
+"""FineTuneRuns through the real Kueue of the local cluster (hack/kueue/): a queued run has no
+pods until Kueue admits all of them, a burst never half-places a gang, a higher priority
+preempts and the preempted run comes back as a new attempt, suspend goes through Kueue, and a
+run without a queue is scheduled directly as before.
 """
 
 from __future__ import annotations
@@ -10,14 +9,38 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
-from tests.conftest import ROOT, Cluster, wait_until
+from tests.conftest import ROOT, Cluster, Operator, wait_until
+from tests.integration.test_operator import (
+    attempt_pods,
+    finish_pods,
+    jobs_of,
+    manifest,
+    run_status,
+    running_pods,
+    wait_phase,
+)
 
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def kueue_operator(operator: Operator, tmp_path_factory):
+    """The session's operator with the Kueue integration on, for this module only."""
+    config = yaml.safe_load((ROOT / "hack" / "operator-local.yaml").read_text())
+    path = tmp_path_factory.mktemp("kueue") / "operator.yaml"
+    path.write_text(yaml.safe_dump({**config, "kueue": {"enabled": True}}))
+    operator.stop()
+    kop = Operator(operator.kubeconfig, ROOT / ".cache" / "test-operator-kueue.log", path)
+    kop.start()
+    yield kop
+    kop.stop()
+    operator.start()
 
 
 @pytest.fixture
-def queued(cluster: Cluster, namespace: str) -> str:
+def queued(cluster: Cluster, kueue_operator, namespace: str) -> str:
     """A fresh namespace with the local cluster's LocalQueues (`h200`, `local`)."""
     cluster.kubectl("apply", "--server-side", "-n", namespace,
                     "-f", str(ROOT / "hack" / "kueue" / "local-queues.yaml"))
@@ -28,109 +51,123 @@ def h200_nodes(cluster: Cluster) -> int:
     return len(cluster.get("nodes", "-l", "flywheel.dev/pool=h200")["items"])
 
 
-def gang_job(name: str, nodes: int, gpus: int = 8, queue: str | None = "h200") -> dict:
-    labels = {QUEUE_LABEL: queue} if queue else {}
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
-            "backoffLimit": 0, "suspend": queue is not None,
-            "template": {
-                "metadata": {"labels": {"gang": name}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "nodeSelector": {"flywheel.dev/pool": "h200"},
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                     "effect": "NoSchedule"}],
-                    "containers": [{"name": "trainer", "image": "trainer:fake",
-                                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
-                },
-            },
-        },
-    }
+def cond(status: dict, kind: str) -> dict:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
 
 
-def pods_of(cluster: Cluster, ns: str, name: str) -> list[dict]:
-    return [p for p in cluster.get("pods", "-n", ns, "-l", f"gang={name}")["items"]
-            if not p["metadata"].get("deletionTimestamp")]
+def condition(obj: dict, kind: str) -> dict:
+    return cond(obj.get("status") or {}, kind)
 
 
-def running(cluster: Cluster, ns: str, name: str) -> list[dict]:
-    return [p for p in pods_of(cluster, ns, name) if p["status"].get("phase") == "Running"]
-
-
-def workload_of(cluster: Cluster, ns: str, job: str) -> dict | None:
-    uid = cluster.get("job", job, "-n", ns)["metadata"]["uid"]
-    for wl in cluster.get("workloads.kueue.x-k8s.io", "-n", ns)["items"]:
-        if any(o["uid"] == uid for o in wl["metadata"].get("ownerReferences", [])):
-            return wl
-    return None
-
-
-def condition(obj: dict | None, kind: str) -> dict:
-    conds = (obj or {}).get("status", {}).get("conditions", [])
-    return next((c for c in conds if c["type"] == kind), {})
-
-
-def finish(cluster: Cluster, ns: str, pods: list[dict]) -> None:
-    for pod in pods:
-        cluster.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", ns, "--overwrite",
-                        "flywheel.dev/simulate-exit=0")
-
-
-def test_second_whole_pool_job_waits_with_no_pods_then_runs(cluster, queued):
+def test_second_whole_pool_run_is_queued_without_pods_until_the_first_finishes(
+        cluster, queued):
     ns, nodes = queued, h200_nodes(cluster)
-    cluster.apply(gang_job("first", nodes), ns)
-    wait_until(lambda: len(running(cluster, ns, "first")) == nodes, timeout=90,
-               message="first job admitted and all its pods Running")
-    cluster.apply(gang_job("second", nodes), ns)
-    wl = wait_until(lambda: (w := workload_of(cluster, ns, "second"))
-                    and condition(w, "QuotaReserved").get("status") == "False" and w,
-                    message="the second job's Workload is pending")
-    assert "insufficient unused quota" in condition(wl, "QuotaReserved")["message"]
-    first = workload_of(cluster, ns, "first")
-    assert condition(first, "Admitted")["status"] == "True"
-    assert first["status"]["admission"]["podSetAssignments"][0]["flavors"] == {
-        "nvidia.com/gpu": "h200"}
-    # Queued means nothing of it exists on the nodes, not pods waiting Pending.
-    assert cluster.get("job", "second", "-n", ns)["spec"]["suspend"] is True
-    assert pods_of(cluster, ns, "second") == []
+    cluster.apply(manifest("first", nodes=nodes, queueName="h200"), ns)
+    first = running_pods(cluster, ns, "first", 1, nodes)
+    status = wait_phase(cluster, ns, "first", "Running")
+    assert status["queue"]["flavors"] == ["h200"] and status["queue"]["clusterQueue"] == "h200"
+    assert "flavor h200" in cond(status, "Admitted")["message"]
+    cluster.apply(manifest("second", nodes=nodes, queueName="h200"), ns)
+    status = wait_until(lambda: (s := run_status(cluster, ns, "second")).get("phase") == "Queued"
+                        and cond(s, "Queued").get("reason") not in (None, "WaitingForWorkload")
+                        and s, message="second run queued by Kueue")
+    assert "insufficient unused quota" in cond(status, "Queued")["message"]
+    assert status["queue"]["name"] == "h200" and status["queue"]["workload"]
+    (job,) = jobs_of(cluster, ns, "second")
+    assert job["spec"]["suspend"] is True and attempt_pods(cluster, ns, "second", 1) == []
+    listed = cluster.kubectl("get", "ftr", "-n", ns).stdout
+    assert "QUEUE" in listed and "Queued" in listed
 
-    finish(cluster, ns, running(cluster, ns, "first"))
-    wait_until(lambda: len(running(cluster, ns, "second")) == nodes, timeout=90,
-               message="second job admitted after the first finished")
-    assert condition(workload_of(cluster, ns, "first"), "Finished")["status"] == "True"
-    finish(cluster, ns, running(cluster, ns, "second"))
-    cluster.kubectl("wait", "--for=condition=Complete", "job/second", "-n", ns,
-                    "--timeout=60s")
+    finish_pods(cluster, ns, first, 0)
+    wait_phase(cluster, ns, "first", "Succeeded")
+    second = running_pods(cluster, ns, "second", 1, nodes)
+    status = wait_phase(cluster, ns, "second", "Running")
+    assert cond(status, "Admitted")["status"] == "True"
+    assert status["attempt"] == 1 and "attempts" not in status
+    finish_pods(cluster, ns, second, 0)
+    wait_phase(cluster, ns, "second", "Succeeded")
 
 
-def test_burst_larger_than_the_pool_never_half_places_a_gang(cluster, queued):
-    """Five 2-node jobs on the 4-node pool: at most two run, the rest have no pods at all."""
+def test_a_burst_larger_than_the_pool_never_half_places_a_run(cluster, queued):
     ns, nodes = queued, h200_nodes(cluster)
-    names = [f"burst-{i}" for i in range(nodes + 1)]
-    cluster.apply([gang_job(n, 2) for n in names], ns)
+    names = [f"burst-{i}" for i in range(nodes + 1)]  # 2 nodes each: twice the pool and more
+    cluster.apply([manifest(n, nodes=2, queueName="h200") for n in names], ns)
     done: set[str] = set()
     while len(done) < len(names):
-        def admitted() -> list[str]:
+        def running() -> list[str]:
             return [n for n in names if n not in done
-                    and len(running(cluster, ns, n)) == 2]
-        batch = wait_until(admitted, timeout=90, message="a gang running")
-        for name in names:
-            pods = pods_of(cluster, ns, name)
-            suspended = cluster.get("job", name, "-n", ns)["spec"].get("suspend")
-            # Never a part of a gang: a job not admitted has no pods at all.
-            assert suspended is not True or not pods, (name, len(pods))
+                    and run_status(cluster, ns, n).get("phase") == "Running"]
+        batch = wait_until(running, timeout=120, message="a run running")
         assert len(batch) <= nodes // 2
+        for name in names:
+            pods = attempt_pods(cluster, ns, name, 1)
+            # All of a run's pods or none: a run not admitted has no pod at all.
+            if run_status(cluster, ns, name).get("phase") == "Queued":
+                assert pods == [], name
         for name in batch:
-            finish(cluster, ns, running(cluster, ns, name))
-            cluster.kubectl("wait", "--for=condition=Complete", f"job/{name}", "-n", ns,
-                            "--timeout=60s")
+            finish_pods(cluster, ns, attempt_pods(cluster, ns, name, 1), 0)
+            wait_phase(cluster, ns, name, "Succeeded")
             done.add(name)
-    # The scheduler never had to leave a pod of these jobs waiting for room.
     events = cluster.get("events", "-n", ns, "--field-selector", "reason=FailedScheduling")
     assert events["items"] == [], json.dumps(events["items"][:1])
+
+
+def test_high_priority_preempts_and_the_low_run_resumes_as_a_new_attempt(cluster, queued):
+    ns, nodes = queued, h200_nodes(cluster)
+    cluster.apply(manifest("low", nodes=nodes, restarts=0, queueName="h200",
+                           priorityClassName="low"), ns)
+    running_pods(cluster, ns, "low", 1, nodes)
+    wait_phase(cluster, ns, "low", "Running")
+    cluster.apply(manifest("high", nodes=nodes, queueName="h200",
+                           priorityClassName="high"), ns)
+    status = wait_until(lambda: (s := run_status(cluster, ns, "low")).get("attempts") and s,
+                        timeout=90, message="low's attempt 1 preempted")
+    (record,) = status["attempts"]
+    assert record["phase"] == "Preempted" and record["reason"] == "Preempted"
+    assert record["gpuHours"] > 0 and status["gpuHours"] == record["gpuHours"]
+    assert status["phase"] == "Queued" and status["attempt"] == 2
+    high = running_pods(cluster, ns, "high", 1, nodes)
+    wait_until(lambda: [j["metadata"]["name"] for j in jobs_of(cluster, ns, "low")] == ["low-a2"],
+               message="attempt 1's Job replaced by attempt 2's")
+    assert attempt_pods(cluster, ns, "low", 2) == []
+    finish_pods(cluster, ns, high, 0)
+    wait_phase(cluster, ns, "high", "Succeeded")
+    low = running_pods(cluster, ns, "low", 2, nodes)  # maxRestarts 0, yet it goes on
+    finish_pods(cluster, ns, low, 0)
+    status = wait_phase(cluster, ns, "low", "Succeeded")
+    assert [a["phase"] for a in status["attempts"]] == ["Preempted", "Succeeded"]
+
+
+def test_suspend_releases_the_quota_through_kueue_and_resume_requeues(cluster, queued):
+    ns, nodes = queued, h200_nodes(cluster)
+    cluster.apply(manifest("pausing", nodes=nodes, queueName="h200"), ns)
+    running_pods(cluster, ns, "pausing", 1, nodes)
+    cluster.kubectl("patch", "ftr", "pausing", "-n", ns, "--type=merge",
+                    "-p", '{"spec": {"suspend": true}}')
+    wait_phase(cluster, ns, "pausing", "Suspended")
+    wait_until(lambda: attempt_pods(cluster, ns, "pausing", 1) == [], message="pods stopped")
+    (wl,) = cluster.get("workloads.kueue.x-k8s.io", "-n", ns)["items"]
+    assert wl["spec"]["active"] is False
+    cluster.kubectl("patch", "ftr", "pausing", "-n", ns, "--type=merge",
+                    "-p", '{"spec": {"suspend": false}}')
+    pods = running_pods(cluster, ns, "pausing", 1, nodes)
+    status = wait_phase(cluster, ns, "pausing", "Running")
+    assert status["attempt"] == 1 and "attempts" not in status  # a pause is not an attempt
+    finish_pods(cluster, ns, pods, 0)
+    wait_phase(cluster, ns, "pausing", "Succeeded")
+
+
+def test_a_run_without_a_queue_runs_directly_as_before(cluster, queued):
+    cluster.apply(manifest("direct", nodes=2), queued)
+    pods = running_pods(cluster, queued, "direct", 1, 2)
+    (job,) = jobs_of(cluster, queued, "direct")
+    assert not job["spec"].get("suspend")
+    assert not any(k.startswith("kueue.x-k8s.io") for k in job["metadata"]["labels"])
+    assert cluster.get("workloads.kueue.x-k8s.io", "-n", queued)["items"] == []
+    status = wait_phase(cluster, queued, "direct", "Running")
+    assert "queue" not in status and not cond(status, "Queued")
+    finish_pods(cluster, queued, pods, 0)
+    wait_phase(cluster, queued, "direct", "Succeeded")
 
 
 def test_local_queues_and_examples_apply_against_the_real_crds(cluster):
