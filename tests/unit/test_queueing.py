@@ -127,7 +127,7 @@ def test_preemption_ends_the_attempt_without_spending_the_restart_budget():
     assert record["startTime"] == T_ADMIT and record["completionTime"] == T_EVICT
     assert plan.status["gpuHours"] == 16.0
     assert "resuming from the last complete checkpoint" in plan.status["message"]
-    assert ("Warning", "Preempted") == plan.events[0][:2]
+    assert plan.events[0][:2] == ("Warning", "Preempted")
     # maxRestarts is 0, yet a failure of attempt 2 would still be its first failure.
     failed = decide({**r, "status": plan.status}, [qjob(2, suspend=False)],
                     [pod(2, 0, "Failed", 1, "boom"), pod(2, 1)], NOW, KUEUE)
