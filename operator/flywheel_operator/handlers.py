@@ -181,17 +181,18 @@ def watch_kueue() -> None:
     config turns Kueue on: a cluster without Kueue has no Workloads to watch."""
     group, version = KUEUE_API_VERSION.split("/")
 
-    @kopf.index(group, version, "workloads")
+    # Explicit ids: kopf passes each index to handlers as a keyword argument named by its id.
+    @kopf.index(group, version, "workloads", id="run_workloads")
     def run_workloads(namespace: str, body: kopf.Body, **_) -> dict | None:
         summary = queueing.workload_summary(body)
         return {(namespace, summary["job"]): summary} if summary["job"] else None
 
-    @kopf.index("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT,
-                                               QUEUE_NAME_LABEL: kopf.PRESENT})
+    @kopf.index("batch", "v1", "jobs", id="queued_jobs",
+                labels={RUN_LABEL: kopf.PRESENT, QUEUE_NAME_LABEL: kopf.PRESENT})
     def queued_jobs(namespace: str, name: str, labels: kopf.Labels, **_) -> dict:
         return {(namespace, name): labels[RUN_LABEL]}
 
-    @kopf.on.event(group, version, "workloads")
+    @kopf.on.event(group, version, "workloads", id="workload_event")
     def workload_event(namespace: str, body: kopf.Body, queued_jobs: kopf.Index,
                        **kwargs) -> None:
         job = queueing.workload_summary(body)["job"]
