@@ -184,4 +184,4 @@ def test_local_queues_and_examples_apply_against_the_real_crds(cluster):
                    for team in ("team-a", "team-b")])
     out = cluster.kubectl("apply", "--dry-run=server", "--server-side",
                           "-f", str(ROOT / "examples" / "kueue-queues.yaml")).stdout
-    assert out.count("serverside-applied (server dry run)") == 8, out
+    assert out.count("serverside-applied (server dry run)") == 7, out
