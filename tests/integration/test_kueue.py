@@ -7,6 +7,7 @@ run without a queue is scheduled directly as before.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -118,6 +119,7 @@ def test_high_priority_preempts_and_the_low_run_resumes_as_a_new_attempt(cluster
                            priorityClassName="low"), ns)
     running_pods(cluster, ns, "low", 1, nodes)
     wait_phase(cluster, ns, "low", "Running")
+    time.sleep(2)  # so that the preempted attempt has held its GPUs for a measurable time
     cluster.apply(manifest("high", nodes=nodes, queueName="h200",
                            priorityClassName="high"), ns)
     status = wait_until(lambda: (s := run_status(cluster, ns, "low")).get("attempts") and s,
