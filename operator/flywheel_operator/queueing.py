@@ -65,8 +65,9 @@ def pending_message(queue: str, wl: dict | None, position: int | None) -> tuple[
     """(reason, message) of a queued run: Kueue's own words, and the position if known."""
     if wl is None:
         return "WaitingForWorkload", f"queued in {queue}: waiting for Kueue to see the Job"
-    reason, why = (wl["pending"] or {}).get("reason", "Pending"), (wl["pending"] or {}).get(
-        "message", "")
+    # No QuotaReserved condition yet: Kueue has not tried to admit it.
+    reason, why = (wl["pending"] or {}).get("reason", "PendingEvaluation"), (
+        wl["pending"] or {}).get("message", "")
     where = f"position {position} in {queue}" if position is not None else f"queued in {queue}"
     return reason, f"{where}: {why}" if why else where
 
