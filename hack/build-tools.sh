@@ -34,7 +34,7 @@ build() {
   echo ">> built $tool in $((SECONDS - start))s" >&2
 }
 
-tools=${*:-etcd kubernetes kwok helm versitygw}
+tools=${*:-etcd kubernetes kwok helm versitygw kueue}
 for tool in $tools; do
   case $tool in
     etcd)       build etcd "$BIN/etcd" "-s -w" go.etcd.io/etcd/server/v3 ;;
@@ -45,6 +45,7 @@ for tool in $tools; do
     kwok)       build kwok "$BIN/kwok" "-s -w" sigs.k8s.io/kwok/cmd/kwok ;;
     helm)       build helm "$BIN/helm" "-s -w" helm.sh/helm/v3/cmd/helm ;;
     versitygw)  build versitygw "$BIN/versitygw" "-s -w" github.com/versity/versitygw/cmd/versitygw ;;
+    kueue)      build kueue "$BIN/kueue" "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=v0.19.2" sigs.k8s.io/kueue/cmd/kueue ;;
     *) echo "unknown tool: $tool" >&2; exit 2 ;;
   esac
 done

@@ -14,10 +14,30 @@ Node pools (kwok fake nodes), sized by environment variables:
   FLYWHEEL_LOCAL_NODES (2)  the `local` pool: 2 x nvidia.com/gpu each, same taint, and
                             labelled flywheel.dev/executor=local: their pods really run on
                             this machine (hack/local_executor.py), everything else is kwok's
+
+Kueue (sigs.k8s.io/kueue, hack/tools/kueue) runs out of cluster like the rest: a kubeconfig,
+leader election off, its CRDs from its module source, the admin objects of hack/kueue/
+(a ResourceFlavor, ClusterQueue and quota per GPU pool; LocalQueues `h200` and `local` in
+`default` and `flywheel-demo`: `kubectl apply -n NS -f hack/kueue/local-queues.yaml` adds
+them to another namespace), waitForPodsReady on, only the batch/job integration.
+No admission webhooks are registered. Kueue's Job webhook only defaults: it sets
+`suspend: true` on a Job that has a queue-name label (and, in a namespace with a LocalQueue
+named `default`, adds the label). The operator creates its Jobs suspended and labelled, and
+Kueue's Job reconciler does the rest without a webhook (it creates the Workload, unsuspends
+on admission with the flavor's nodeSelector and tolerations, suspends again on eviction, and
+suspends a labelled Job that starts unsuspended). Without webhooks a Kueue outage cannot
+refuse every Job in the cluster, and Jobs without the label are never touched.
+Its certificate manager still runs (turning it off makes Kueue read its metrics certificate
+from /etc/kueue/metrics/certs): it gets a Secret holding our CA and serving certificate,
+valid for the names it checks, and keeps them. It injects that CA into the CRDs' conversion
+webhook (v1beta1 <-> v1beta2, served by URL on 127.0.0.1:17443), the one webhook in use.
+The visibility API (queue positions) is off: out of cluster it has no Service to be reached
+through; the operator reports positions where a cluster serves it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -45,7 +65,7 @@ SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # Start order; down stops them in reverse.
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-              "kwok-local", "local-executor", "versitygw"]
+              "kwok-local", "local-executor", "versitygw", "kueue"]
 
 
 def log(msg: str) -> None:
@@ -59,8 +79,8 @@ def openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def issue_cert(name: str, subject: str, sans: list[str] | None = None) -> None:
-    """An EC key and a certificate for `subject`, signed by the cluster CA."""
+def issue_cert(name: str, subject: str, sans: list[str] | None = None, ca: str = "ca") -> None:
+    """An EC key and a certificate for `subject`, signed by the cluster CA (or `ca`)."""
     key, csr, crt = (PKI / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
     openssl("ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(key))
     openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
@@ -71,8 +91,8 @@ def issue_cert(name: str, subject: str, sans: list[str] | None = None) -> None:
         + (f"subjectAltName={','.join(sans)}\n" if sans else "")
     )
     openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(PKI / "ca.crt"), "-CAkey",
-        str(PKI / "ca.key"), "-CAcreateserial", "-days", "3650", "-extfile", str(ext),
+        "x509", "-req", "-in", str(csr), "-CA", str(PKI / f"{ca}.crt"), "-CAkey",
+        str(PKI / f"{ca}.key"), "-CAcreateserial", "-days", "3650", "-extfile", str(ext),
         "-out", str(crt),
     )
     csr.unlink()
@@ -175,7 +195,9 @@ def wait_for(what: str, check, timeout: float = 120.0, component: str | None = N
         except Exception:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"cluster: timed out waiting for {what} (logs in {LOGS})")
+    tail = (LOGS / f"{component}.log").read_text().splitlines()[-20:] if component else []
+    raise SystemExit(f"cluster: timed out waiting for {what} (logs in {LOGS})"
+                     + "".join(f"\n{line}" for line in tail))
 
 
 def apiserver_ready() -> bool:
@@ -361,12 +383,82 @@ def ensure_nodes() -> None:
     wait_for("nodes Ready", all_ready, timeout=60, component="kwok")
 
 
+# --- Kueue (its objects: hack/kueue/objects.py) ------------------------------------------
+
+KUEUE = STATE / "kueue"
+KUEUE_WEBHOOK_PORT = 17443  # its webhook server (127.0.0.1): CRD conversion only
+KUEUE_HEALTH = "127.0.0.1:17281"
+KUEUE_QUEUE_NAMESPACES = ["default", "flywheel-demo"]
+
+
+def kueue_pki(service: str) -> None:
+    """Kueue's CA and serving certificate, as its certificate manager accepts them (the CA
+    valid for the name kueue-ca, the server for `service` and for 127.0.0.1, where the
+    apiserver calls it), and its client certificate."""
+    if (PKI / "kueue.crt").exists():
+        return
+    ca = PKI / "kueue-ca"
+    openssl("genrsa", "-traditional", "-out", f"{ca}.key", "2048")  # it parses PKCS#1 RSA
+    openssl(
+        "req", "-x509", "-new", "-key", f"{ca}.key", "-subj", "/O=kueue/CN=kueue-ca",
+        "-days", "3650", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "subjectAltName=DNS:kueue-ca", "-out", f"{ca}.crt",
+    )
+    issue_cert("kueue-webhook", f"/CN={service}", [f"DNS:{service}", "IP:127.0.0.1"],
+               ca="kueue-ca")
+    # Like kwok: the whole cluster is its business (Jobs, Pods, Workloads, Events, Secrets).
+    issue_cert("kueue", "/O=system:masters/CN=kueue")
+
+
+def apply(objects: list[dict]) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=flywheel-cluster",
+            "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+
+
+def kueue_ready() -> bool:
+    with urllib.request.urlopen(f"http://{KUEUE_HEALTH}/readyz", timeout=2) as resp:
+        return resp.status == 200
+
+
+def start_kueue() -> None:
+    from kueue import objects as ko  # hack/kueue/objects.py (PyYAML: not needed by `down`)
+
+    kueue_pki(f"{ko.SERVICE}.{ko.NAMESPACE}.svc")
+    certs = KUEUE / "certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    files = {"tls.crt": "kueue-webhook.crt", "tls.key": "kueue-webhook.key",
+             "ca.crt": "kueue-ca.crt", "ca.key": "kueue-ca.key"}
+    for name in ("tls.crt", "tls.key"):
+        shutil.copyfile(PKI / files[name], certs / name)
+    # Its certificate manager finds our certificates valid in this Secret and keeps them.
+    secret = {k: base64.b64encode((PKI / v).read_bytes()).decode() for k, v in files.items()}
+    module = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kueue"],
+                            cwd=HACK / "tools" / "kueue", check=True, capture_output=True,
+                            text=True).stdout.strip()
+    crds = ko.crds(Path(module), secret["ca.crt"], f"https://127.0.0.1:{KUEUE_WEBHOOK_PORT}")
+    apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ko.NAMESPACE}},
+           {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": secret,
+            "metadata": {"name": ko.SECRET, "namespace": ko.NAMESPACE}}, *crds])
+    kubectl("wait", "--for=condition=Established", "--timeout=60s",
+            *[f"crd/{c['metadata']['name']}" for c in crds])
+    config = ko.config(certs, KUEUE_WEBHOOK_PORT, KUEUE_HEALTH)
+    (KUEUE / "config.json").write_text(json.dumps(config, indent=2))
+    kc = STATE / "kueue.kubeconfig"
+    write_kubeconfig(kc, "kueue")
+    start("kueue", [f"--config={KUEUE / 'config.json'}", f"--kubeconfig={kc}"])
+    wait_for("kueue /readyz", kueue_ready, timeout=180, component="kueue")
+    apply([*ko.admin(pool_nodes()), *[{"apiVersion": "v1", "kind": "Namespace",
+                                       "metadata": {"name": n}} for n in KUEUE_QUEUE_NAMESPACES]])
+    apply([q for n in KUEUE_QUEUE_NAMESPACES for q in ko.local_queues(n)])
+
+
 # --- commands ----------------------------------------------------------------------------
 
 
 def up() -> None:
-    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok", "versitygw"],
-                   check=True)
+    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok", "versitygw",
+                    "kueue"], check=True)
     if not (BIN / "kubectl").exists():
         raise SystemExit("cluster: .cache/bin/kubectl missing; run `make setup` first")
     if all(pid_of(c) for c in COMPONENTS) and apiserver_ready():
@@ -385,6 +477,7 @@ def up() -> None:
     ensure_nodes()
     start_local_executor()
     start_s3()
+    start_kueue()
     wait_for("default service account", lambda: kubectl("get", "sa", "default", "-n", "default"),
              component="kube-controller-manager")
     log(f"up; KUBECONFIG={KUBECONFIG}")

@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import kopf
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from . import handlers  # registers the handlers
+
+    if config.kueue.enabled:
+        handlers.watch_kueue()
 
     kopf.configure(verbose=args.verbose)
     if not args.verbose:  # one line per handled watch event is noise at this scale

@@ -64,6 +64,21 @@ PRESETS: dict[str, Pool] = {
         tokensPerSecondPerGpu=500.0)}
 
 
+class Kueue(_Model):
+    """Kueue integration: runs with a queue are admitted by Kueue, all pods or none."""
+
+    enabled: bool = Field(default=False, description="Off: spec.queueName is refused.")
+    defaultQueue: str = Field(default="", description="LocalQueue of runs that name none.")
+    namespaceQueues: dict[str, str] = Field(
+        default_factory=dict, description="Per-namespace default LocalQueue.")
+
+    def queue(self, namespace: str, queue_name: str | None) -> str | None:
+        """The LocalQueue of a run (None: not queued, Kueue does not see it)."""
+        if not self.enabled:
+            return None
+        return queue_name or self.namespaceQueues.get(namespace) or self.defaultQueue or None
+
+
 class OperatorConfig(_Model):
     """Everything the operator needs that is not in a FineTuneRun."""
 
@@ -91,6 +106,7 @@ class OperatorConfig(_Model):
         "ErrImagePull or CreateContainerConfigError before the run fails.")
     ncclHeartbeatTimeoutSeconds: int = Field(
         default=600, ge=10, description="TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC in trainer pods.")
+    kueue: Kueue = Field(default_factory=Kueue)
 
     @model_validator(mode="after")
     def _known_pools(self) -> OperatorConfig:

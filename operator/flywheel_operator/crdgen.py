@@ -83,6 +83,8 @@ KINDS = [
             _col("Nodes", ".spec.resources.nodes", "integer"),
             _col("GPUs", ".spec.resources.gpusPerNode", "integer", desc="GPUs per node"),
             _col("Attempt", ".status.attempt", "integer"),
+            _col("Queue", ".status.queue.name"),
+            _col("Position", ".status.queue.position", "integer", priority=1),
             _col("Progress", ".status.progress.percent"),
             _col("ETA", ".status.progress.eta", desc="Estimated end of training"),
             AGE,

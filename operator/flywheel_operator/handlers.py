@@ -22,13 +22,15 @@ from datetime import UTC, datetime
 
 import kopf
 
-from . import kube, lifecycle, metrics, poller, registry, render, schedules
+from . import kube, lifecycle, metrics, poller, queueing, registry, render, schedules
 from .config import OperatorConfig
 from .vocab import (
     API_VERSION,
     GROUP,
+    KUEUE_API_VERSION,
     MODEL_LABEL,
     PLURALS,
+    QUEUE_NAME_LABEL,
     RUN_LABEL,
     SCHEDULE_LABEL,
     TERMINAL,
@@ -154,8 +156,8 @@ def run_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
 
 
 def _reconcile_run(key: Key, memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
-                   run_pods: kopf.Index, **_) -> None:
-    RUNS.bind(lambda k: reconcile(k, runs, run_jobs, run_pods, memo.config))
+                   run_pods: kopf.Index, run_workloads: kopf.Index | None = None, **_) -> None:
+    RUNS.bind(lambda k: reconcile(k, runs, run_jobs, run_pods, memo.config, run_workloads))
     RUNS.attempt(key)
 
 
@@ -184,11 +186,53 @@ def pod_event(namespace: str, labels: kopf.Labels, **kwargs) -> None:
     _reconcile_run((namespace, labels[RUN_LABEL]), **kwargs)
 
 
+def watch_kueue() -> None:
+    """Follow Kueue's Workloads of the runs' Jobs. Registered by __main__ only when the
+    config turns Kueue on: a cluster without Kueue has no Workloads to watch."""
+    group, version = KUEUE_API_VERSION.split("/")
+
+    # Explicit ids: kopf passes each index to handlers as a keyword argument named by its id.
+    @kopf.index(group, version, "workloads", id="run_workloads")
+    def run_workloads(namespace: str, body: kopf.Body, **_) -> dict | None:
+        summary = queueing.workload_summary(body)
+        return {(namespace, summary["job"]): summary} if summary["job"] else None
+
+    @kopf.index("batch", "v1", "jobs", id="queued_jobs",
+                labels={RUN_LABEL: kopf.PRESENT, QUEUE_NAME_LABEL: kopf.PRESENT})
+    def queued_jobs(namespace: str, name: str, labels: kopf.Labels, **_) -> dict:
+        return {(namespace, name): labels[RUN_LABEL]}
+
+    @kopf.on.event(group, version, "workloads", id="workload_event")
+    def workload_event(namespace: str, body: kopf.Body, queued_jobs: kopf.Index,
+                       **kwargs) -> None:
+        job = queueing.workload_summary(body)["job"]
+        for run in set(queued_jobs.get((namespace, job), [])):
+            _reconcile_run((namespace, run), **kwargs)
+
+
+_no_visibility_until = 0.0
+
+
+def queue_position(namespace: str, jobs: list[dict], workloads: list[dict]) -> int | None:
+    """The newest queued Job's Workload's place in its LocalQueue, while it waits (Kueue's
+    visibility API; where the cluster does not serve it, asked again after a minute)."""
+    global _no_visibility_until
+    job = max((j for j in jobs if j["queue"]), key=lambda j: j["attempt"], default=None)
+    wl = next((w for w in workloads if job and w["job"] == job["name"]), None)
+    if not wl or wl["admitted"] or time.monotonic() < _no_visibility_until:
+        return None
+    positions = kube.queue_positions(namespace, job["queue"])  # type: ignore[index]
+    if positions is None:
+        _no_visibility_until = time.monotonic() + 60
+        return None
+    return positions.get(wl["name"])
+
+
 # --- reconcile ----------------------------------------------------------------------------
 
 
 def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.Index,
-              config: OperatorConfig) -> None:
+              config: OperatorConfig, run_workloads: kopf.Index | None = None) -> None:
     found = list(runs.get(key, []))
     if not found:
         return
@@ -205,8 +249,13 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
             run = {**run, "status": written[1]}
         started = time.monotonic()
         pods = list(run_pods.get(key, []))
-        plan = lifecycle.decide(run, list(run_jobs.get(key, [])), pods, config=config,
-                                polled=POLLER.polled(key) if POLLER else None)
+        jobs = list(run_jobs.get(key, []))
+        workloads = [w for j in jobs if run_workloads is not None
+                     for w in run_workloads.get((key[0], j["name"]), [])]
+        position = queue_position(key[0], jobs, workloads) if workloads else None
+        plan = lifecycle.decide(run, jobs, pods, config=config,
+                                polled=POLLER.polled(key) if POLLER else None,
+                                workloads=workloads, position=position)
         execute(key, run, plan, config)
         watch_progress(key, plan, pods)
         if plan.recheck_after is not None:  # e.g. when a start failure's grace is up
@@ -254,6 +303,9 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
     if plan.suspend_job:
         job, suspend = plan.suspend_job
         kube.patch("batch/v1", "Job", namespace, job, {"spec": {"suspend": suspend}})
+    if plan.activate:  # a Kueue run's spec.suspend: Kueue stops or requeues it
+        workload, active = plan.activate
+        kube.patch(KUEUE_API_VERSION, "Workload", namespace, workload, {"spec": {"active": active}})
     if plan.create_attempt:
         metrics.ATTEMPTS.labels(namespace).inc()
         if plan.create_attempt > 1:

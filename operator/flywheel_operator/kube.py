@@ -74,7 +74,7 @@ def collection_path(api_version: str, plural: str, namespace: str) -> str:
 
 
 PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",
-           "Deployment": "deployments", **vocab.PLURALS}
+           "Deployment": "deployments", "Workload": "workloads", **vocab.PLURALS}
 
 
 def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
@@ -128,3 +128,14 @@ def patch(api_version: str, kind: str, namespace: str, name: str, body: dict,
 def patch_status(kind: str, namespace: str, name: str, status: dict) -> dict | None:
     """Merge-patch the status subresource of one of our custom objects."""
     return patch(vocab.API_VERSION, kind, namespace, name, {"status": status}, "status")
+
+
+def queue_positions(namespace: str, queue: str) -> dict[str, int] | None:
+    """Pending Workloads of a LocalQueue by name -> position (Kueue's visibility API); None
+    where the cluster does not serve it."""
+    path = collection_path(vocab.KUEUE_VISIBILITY_API_VERSION, "localqueues", namespace)
+    try:
+        items = request("GET", f"{path}/{queue}/pendingworkloads").get("items", [])
+    except (NotFound, ApiException):
+        return None
+    return {w["metadata"]["name"]: w.get("positionInLocalQueue", 0) for w in items}

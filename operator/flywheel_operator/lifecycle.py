@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import observe
+from . import observe, queueing
 from .api import FineTuneRunStatus, checked
 from .config import OperatorConfig
 from .observe import DISRUPTION, FATAL, RETRY, Failure, Polled
@@ -28,6 +28,7 @@ from .vocab import (
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
     PROGRESS_PORT_NAME,
+    QUEUE_NAME_LABEL,
     TERMINAL,
     comet_experiment_url,
     estimate_cost,
@@ -49,6 +50,7 @@ def job_summary(body: dict) -> dict:
         "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
         "suspended": bool((body.get("spec") or {}).get("suspend")),
+        "queue": body["metadata"]["labels"].get(QUEUE_NAME_LABEL),
         "complete": "Complete" in conditions,
         "failed": conditions.get("Failed", {}).get("message") if "Failed" in conditions else None,
         "failedReason": conditions.get("Failed", {}).get("reason"),
@@ -107,6 +109,7 @@ class Plan:
     create_preflight: bool = False             # render and create the preflight Job
     delete_attempts: list[int] = field(default_factory=list)
     suspend_job: tuple[str, bool] | None = None  # (job name, suspend)
+    activate: tuple[str, bool] | None = None     # (Workload name, spec.active): Kueue runs
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
     recheck_after: float | None = None         # decide again in this many seconds
 
@@ -128,14 +131,17 @@ def describe_failure(pods: list[dict], job: dict | None) -> str:
 
 
 def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict], phase: str,
-                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig) -> None:
+                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig,
+                   gpu_hours: float | None = None, started: str | None = None) -> None:
     """Close an attempt in status.attempts and re-sum gpuHours and estimatedCost."""
     records = [a for a in status.get("attempts", []) if a["attempt"] != attempt]
     gpus = spec["resources"]["gpusPerNode"]
-    started = min((p["startedAt"] for p in pods if p["startedAt"]), default=None)
+    started = min((p["startedAt"] for p in pods if p["startedAt"]), default=started)
+    if gpu_hours is None:
+        gpu_hours = pods_gpu_hours(pods, gpus, now)
     records.append({"attempt": attempt, "job": (job or {}).get("name"), "phase": phase,
                     "startTime": started, "completionTime": now, "reason": reason,
-                    "message": message[:1024], "gpuHours": pods_gpu_hours(pods, gpus, now)})
+                    "message": message[:1024], "gpuHours": gpu_hours})
     status["attempts"] = sorted(({k: v for k, v in a.items() if v is not None}
                                  for a in records), key=lambda a: a["attempt"])
     add_gpu_hours(status, 0.0, spec, config)
@@ -192,11 +198,15 @@ def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
 
 
 def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None,
-           config: OperatorConfig | None = None, polled: Polled | None = None) -> Plan:
+           config: OperatorConfig | None = None, workloads: list[dict] | None = None,
+           position: int | None = None, polled: Polled | None = None) -> Plan:
     """The run's next status and actions (status checked against FineTuneRunStatus). One step
-    per stage: preflight, start_attempt, succeed, fail_attempt (restart or give up), else
-    follow_attempt (suspend, scheduling, running, progress, stalls); a new stage is a new
-    step here. `polled`: what the progress poller last heard from rank 0."""
+    per stage: refuse, preflight, start_attempt, succeed, preempt (Kueue took it back),
+    fail_attempt (restart or give up), else follow_queued (a Kueue run) or follow_attempt
+    (suspend, scheduling, running, progress, stalls); a new stage is a new step here.
+    `polled`: what the progress poller last heard from rank 0. `workloads`: Kueue's Workloads
+    of the run's Jobs (queueing.workload_summary); `position`: the current one's place in its
+    LocalQueue, where Kueue's visibility API gives it."""
     config, ts = config or OperatorConfig(), format_time(now)
     old = run.get("status") or {}
     plan = Plan(status=copy.deepcopy(old), was=old.get("phase"))
@@ -214,22 +224,36 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
     stuck, plan.recheck_after = observe.start_failure(current, ts,
                                                       config.startFailureGraceSeconds)
     wants_preflight = (run["spec"].get("preflight") or {}).get("enabled", True)
+    # A Job is under Kueue when it was created with a queue; a new one when the config says.
+    queue = job["queue"] if job else config.kueue.queue(
+        run["metadata"]["namespace"], run["spec"].get("queueName"))
+    wl = next((w for w in workloads or [] if job and w["job"] == job["name"]), None)
+    heard = polled if polled and polled.attempt == attempt else None  # this attempt's rank 0
 
     if plan.was in TERMINAL:
         pass
+    elif job is None and (why := refusal(run, config)):
+        plan.status["completionTime"] = ts
+        plan.transition("Failed", "InvalidSpec", why, "Warning")
+        set_condition(plan.status, "Failed", True, "InvalidSpec", why, ts,
+                      run["metadata"].get("generation", 1))
     elif (job is None and attempt == 1 and wants_preflight
           and (plan.status.get("preflight") or {}).get("phase") != "Succeeded"
           and not preflight(plan, run, pre_jobs, pre_pods, ts, config)):
         pass  # preflight is running, or failed the run
     elif job is None:
-        start_attempt(plan, run, ts)
+        start_attempt(plan, run, ts, queue)
     elif job["complete"] and not failed_pod:
         succeed(plan, run, job, current, ts, config)
+    elif queue and queueing.preempted(wl) and not run["spec"].get("suspend"):
+        preempt(plan, run, job, wl, current, ts, config, queue)  # type: ignore[arg-type]
     elif job["failed"] is not None or failed_pod or stuck:
         fail_attempt(plan, run, job, current, ts, config, stuck or observe.classify(current, job))
+    elif queue:
+        if queueing.follow_queued(plan, run, wl, ts, queue, position):
+            follow_pods(plan, run, job, current, ts, config, heard)
     else:
-        follow_attempt(plan, run, job, current, ts, config,
-                       polled if polled and polled.attempt == attempt else None)
+        follow_attempt(plan, run, job, current, ts, config, heard)
     checked(FineTuneRunStatus, plan.status)
     return plan
 
@@ -271,10 +295,29 @@ def preflight(plan: Plan, run: dict, jobs: list[dict], pods: list[dict], ts: str
     return True
 
 
-def start_attempt(plan: Plan, run: dict, ts: str) -> None:
-    """The current attempt has no Job yet: create it (suspended when spec.suspend)."""
+def refusal(run: dict, config: OperatorConfig) -> str | None:
+    """Why a run's queue settings cannot work with this operator's config (None: they can)."""
+    spec = run["spec"]
+    if spec.get("queueName") and not config.kueue.enabled:
+        return ("spec.queueName is set but the operator's Kueue integration is off "
+                "(operator config kueue.enabled)")
+    if spec.get("priorityClassName") and not config.kueue.queue(
+            run["metadata"]["namespace"], spec.get("queueName")):
+        return ("spec.priorityClassName needs a Kueue queue: set spec.queueName (or a default "
+                "queue in the operator config)")
+    return None
+
+
+def start_attempt(plan: Plan, run: dict, ts: str, queue: str | None) -> None:
+    """The current attempt has no Job yet: create it (suspended when spec.suspend; with a
+    queue, created suspended for Kueue to admit, and not at all while spec.suspend)."""
     status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
     suspend = bool(spec.get("suspend"))
+    if queue and suspend:  # Kueue would admit a Job it sees: create none until resumed
+        plan.transition("Suspended", "Suspended", "the run is suspended")
+        set_condition(status, "Suspended", True, "Suspended", "spec.suspend is true", ts,
+                      run["metadata"].get("generation", 1))
+        return
     plan.create_attempt = attempt
     status.setdefault("startTime", ts)
     comet = (spec.get("tracking") or {}).get("comet")
@@ -284,6 +327,9 @@ def start_attempt(plan: Plan, run: dict, ts: str) -> None:
             comet["workspace"], comet["project"], status["experimentKey"]))
     if suspend:
         plan.transition("Suspended", "Suspended", "the run is suspended")
+    elif queue:
+        status["queue"] = {"name": queue}
+        plan.transition("Queued", "Queued", f"attempt {attempt}: queued in {queue}")
     else:
         plan.transition("Pending", "AttemptCreated", f"attempt {attempt}: creating the Job")
     set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
@@ -306,8 +352,11 @@ def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
     set_condition(status, "Running", False, failure.reason, failure.message, ts, generation)
     if failure.reason == "Stalled":
         plan.events.append(("Warning", "Stalled", f"attempt {attempt}: {failure.message}"))
-    disrupted = sum(a.get("reason") in observe.DISRUPTED for a in status["attempts"])
-    failed = attempt - disrupted  # every attempt so far that was not disrupted failed
+    # Kueue's preemptions (phase Preempted) spend neither budget; disruptions spend their own.
+    preempted = sum(a.get("phase") == "Preempted" for a in status["attempts"])
+    disrupted = sum(a.get("phase") != "Preempted" and a.get("reason") in observe.DISRUPTED
+                    for a in status["attempts"])
+    failed = attempt - disrupted - preempted  # every other attempt so far failed
     budget, used, name = ((spec.get("maxDisruptions", 10), disrupted, "disruption")
                           if failure.kind == DISRUPTION
                           else (spec.get("maxRestarts", 3), failed, "restart"))
@@ -335,10 +384,8 @@ def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
 
 def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
                    config: OperatorConfig, polled: Polled | None = None) -> None:
-    """The attempt is under way: suspend or resume its Job, report scheduling and running;
-    while it trains, its progress and GPU-hours, or tear it down when it has stalled."""
-    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
+    """The attempt is under way: suspend or resume its Job, then follow its pods."""
+    status, spec, generation = plan.status, run["spec"], run["metadata"].get("generation", 1)
     suspend = bool(spec.get("suspend"))
     if job["suspended"] != suspend:
         plan.suspend_job = (job["name"], suspend)
@@ -348,7 +395,15 @@ def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
         plan.transition("Suspended", "Suspended", "the run is suspended; its pods are stopped")
         set_condition(status, "Running", False, "Suspended", "", ts, generation)
         return
+    follow_pods(plan, run, job, pods, ts, config, polled)
 
+
+def follow_pods(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+                config: OperatorConfig, polled: Polled | None = None) -> None:
+    """Report the attempt's scheduling and whether all of its pods run; while it trains, its
+    progress and GPU-hours, or tear it down when it has stalled."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
     unschedulable = [p for p in pods if p["unschedulable"]]
     if unschedulable:
         why = unschedulable[0]["unschedulable"]
@@ -389,6 +444,32 @@ def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
                    + ("; unschedulable" if unschedulable else ""))
         plan.transition("Pending", "Pending", message)
         set_condition(status, "Running", False, "PodsPending", message, ts, generation)
+
+
+def preempt(plan: Plan, run: dict, job: dict, wl: dict, pods: list[dict], ts: str,
+            config: OperatorConfig, queue: str) -> None:
+    """Kueue evicted the attempt (preemption, waitForPodsReady timeout): close it as
+    Preempted with the GPU-hours it held, without spending maxRestarts, and queue the next
+    attempt, which resumes from the last complete checkpoint."""
+    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
+    generation, evicted = run["metadata"].get("generation", 1), wl["evicted"]
+    why = f"{evicted['reason']}: {evicted['message']}".rstrip(": ")
+    end = evicted["at"] or ts
+    admitted_at = (status.get("queue") or {}).get("admittedAt")
+    gpus = spec["resources"]["nodes"] * spec["resources"]["gpusPerNode"]
+    hours = queueing.held_gpu_hours(pods_gpu_hours(pods, spec["resources"]["gpusPerNode"], end),
+                                    admitted_at, end, gpus)
+    record_attempt(status, attempt, job, pods, "Preempted", evicted["reason"], why, spec, end,
+                   config, gpu_hours=hours, started=admitted_at)
+    plan.delete_attempts.append(attempt)
+    status["attempt"] = plan.create_attempt = attempt + 1
+    status["queue"] = {"name": queue}
+    message = (f"attempt {attempt} preempted ({why}); attempt {attempt + 1} queued in {queue}, "
+               "resuming from the last complete checkpoint")[:1024]
+    for kind, value in (("Running", False), ("Admitted", False), ("Queued", True)):
+        set_condition(status, kind, value, "Preempted", why[:1024], ts, generation)
+    plan.events.append(("Warning", "Preempted", message))
+    status.update(phase="Queued", message=message)
 
 
 def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,

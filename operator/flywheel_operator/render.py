@@ -21,8 +21,10 @@ from .vocab import (
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
     MANAGED_BY,
+    PRIORITY_CLASS_LABEL,
     PROGRESS_PORT,
     PROGRESS_PORT_NAME,
+    QUEUE_NAME_LABEL,
     RUN_LABEL,
     experiment_key,
     owner_reference,
@@ -368,6 +370,12 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
                                                    "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                               "values": [EXIT_DATA_ERROR]}}]}
+    queue = config.kueue.queue(meta["namespace"], spec.queueName)
+    if queue:  # Kueue admits it: created suspended; Kueue alone unsuspends (all pods or none)
+        job["metadata"]["labels"][QUEUE_NAME_LABEL] = queue
+        if spec.priorityClassName:
+            job["metadata"]["labels"][PRIORITY_CLASS_LABEL] = spec.priorityClassName
+        job["spec"]["suspend"] = True
     return [config_map, service, job]
 
 

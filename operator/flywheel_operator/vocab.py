@@ -31,12 +31,17 @@ SCHEDULED_AT_ANNOTATION = f"{GROUP}/scheduled-at"    # the tick a scheduled run 
 TRIGGER_ANNOTATION = f"{GROUP}/trigger"              # on a schedule: start a run now
 DIGEST_ANNOTATION = f"{GROUP}/model-digest"          # on a served Deployment's pod template
 MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel-operator"}
+# Kueue (https://kueue.sigs.k8s.io): the labels that put a Job in a queue, with a priority.
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
+KUEUE_VISIBILITY_API_VERSION = "visibility.kueue.x-k8s.io/v1beta2"
+QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: Rank 0's progress endpoint: the trainer pod's named container port (GET /progress).
 PROGRESS_PORT_NAME, PROGRESS_PORT = "progress", 9400
 
 # --- phases ----------------------------------------------------------------------------------
-RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+RunPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 RUN_PHASES: tuple[str, ...] = get_args(RunPhase)
 TERMINAL = ("Succeeded", "Failed")
 

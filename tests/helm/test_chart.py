@@ -40,6 +40,7 @@ def allows(rules: list[dict], group: str, resource: str, verb: str) -> bool:
     {"replicas": 3},
     {"metrics": {"serviceMonitor": {"enabled": True}}},
     {"peering": {"enabled": False}},
+    {"kueue": {"enabled": True, "defaultQueue": "h200"}},
 ])
 def test_helm_lint_is_clean(values):
     from .support import set_args
@@ -154,10 +155,11 @@ def test_clusterrole_is_least_privilege(default):
     assert granted == {**NAMESPACED_GRANTS, **CLUSTERWIDE_EXTRA}
     assert not any(resource == "secrets" or "*" in (group, resource)
                    or "*" in verbs for (group, resource), verbs in granted.items())
-    # Every kind the operator reaches through kube.py is covered.
+    # Every kind the operator reaches through kube.py is covered (Workloads: with Kueue on).
     groups = {"ConfigMap": "", "Service": "", "Job": "batch", "Pod": "", "Deployment": "apps"}
     for kind, plural in kube.PLURALS.items():
-        assert (groups.get(kind, vocab.GROUP), plural) in granted, kind
+        if kind != "Workload":
+            assert (groups.get(kind, vocab.GROUP), plural) in granted, kind
     # The operator writes its custom objects' status only, and never writes pods.
     assert "patch" not in granted[("flywheel.dev", "finetuneruns")]
     assert "patch" not in granted[("flywheel.dev", "models")]
@@ -187,6 +189,49 @@ def test_watch_namespaces_uses_roles():
     args = operator_container(objs)["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
+
+
+KUEUE_GRANTS = {
+    ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch", "patch"},
+    ("kueue.x-k8s.io", "localqueues"): {"get", "list", "watch"},
+    ("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads"): {"get"},
+}
+
+
+def test_kueue_is_off_by_default(default):
+    config = yaml.safe_load(one(default, "ConfigMap")["data"]["operator.yaml"])
+    assert "kueue" not in config
+    assert not any(group.endswith("kueue.x-k8s.io")
+                   for group, _ in grants(rules_of(one(default, "ClusterRole"))))
+
+
+def test_kueue_values_set_the_default_queues_and_read_workloads():
+    values = {"kueue": {"enabled": True, "defaultQueue": "h200",
+                        "namespaceQueues": {"team-a": "team-a-h200"}}}
+    objs = render(values)
+    config = yaml.safe_load(one(objs, "ConfigMap")["data"]["operator.yaml"])
+    assert config["kueue"] == values["kueue"]
+    kueue = OperatorConfig.model_validate(config).kueue
+    assert kueue.queue("team-a", None) == "team-a-h200" and kueue.queue("other", None) == "h200"
+    assert grants(rules_of(one(objs, "ClusterRole"))) == {
+        **NAMESPACED_GRANTS, **CLUSTERWIDE_EXTRA, **KUEUE_GRANTS}
+    # Namespaced mode: the same grants in each watched namespace's Role.
+    objs = render({**values, "watchNamespaces": ["team-a"]})
+    assert grants(one(objs, "Role")["rules"]) == {
+        **NAMESPACED_GRANTS, **KUEUE_GRANTS,
+        ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"}}
+
+
+@pytest.mark.parametrize(("flag", "complaint"), [
+    (["--set", "kueue.defaultQueue=H200"], "/kueue/defaultQueue"),
+    (["--set", "kueue.enabled=yes"], "/kueue/enabled"),
+    (["--set", "kueue.namespaceQueues.team-a=Bad_Queue"], "/kueue/namespaceQueues/team-a"),
+    (["--set", "kueue.queue=h200"], "additional properties 'queue' not allowed"),
+])
+def test_schema_rejects_bad_kueue_values(flag, complaint):
+    proc = helm("template", "fw", str(CHART), *flag, check=False)
+    assert proc.returncode != 0, f"{flag} was accepted"
+    assert complaint in proc.stderr, proc.stderr
 
 
 def test_replicas_above_one_use_peering_and_a_rolling_update():

@@ -95,7 +95,7 @@ def test_names_columns_and_subresources():
     version = ftr["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     cols = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert cols == ["Phase", "Nodes", "GPUs", "Attempt", "Progress", "ETA", "Age"]
+    assert cols == ["Phase", "Nodes", "GPUs", "Attempt", "Queue", "Progress", "ETA", "Age"]
     short = {
         n: CRDS[f"{p}.flywheel.dev.yaml"]["spec"]["names"]["shortNames"]
         for n, p in [("mv", "modelversions"), ("model", "models"), ("fts", "finetuneschedules")]

@@ -77,6 +77,10 @@ seccompProfile:
 {{- define "flywheel.operatorConfig" -}}
 defaultImage: {{ include "flywheel.trainerImage" . | quote }}
 {{ toYaml .Values.config }}
+{{- if .Values.kueue.enabled }}
+kueue:
+  {{- toYaml .Values.kueue | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* Fail early on combinations the schema cannot express. */}}

@@ -43,6 +43,20 @@ by secretKeyRef, which the kubelet resolves, never the operator.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "patch"]
+{{- if .Values.kueue.enabled }}
+# Kueue: a run's Workload tells whether it is queued, admitted (and with which flavor) or
+# evicted; `spec.suspend` of a queued run deactivates its Workload (spec.active).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["localqueues"]
+  verbs: ["get", "list", "watch"]
+# The visibility API: a pending run's position in its LocalQueue.
+- apiGroups: ["visibility.kueue.x-k8s.io"]
+  resources: ["localqueues/pendingworkloads"]
+  verbs: ["get"]
+{{- end }}
 {{- end }}
 {{- define "flywheel.peeringRule" -}}
 - apiGroups: ["kopf.dev"]

@@ -110,6 +110,14 @@ class FineTuneRunSpec(SpecModel):
         default=None,
         description="Storage credentials and endpoints (Secret names, S3 endpoint, "
         "ServiceAccount); unset fields come from the operator config's `storage`.")
+    queueName: DnsLabel | None = Field(
+        default=None,
+        description="Kueue LocalQueue that admits the run (all of its pods or none). Empty: "
+        "the operator's default queue for the namespace, if any, else no queue.")
+    priorityClassName: DnsLabel | None = Field(
+        default=None,
+        description="Kueue WorkloadPriorityClass of a queued run: a higher one may preempt "
+        "lower ones, which resume from their last complete checkpoint.")
 
 
 class Progress(BaseModel):
@@ -152,7 +160,8 @@ class AttemptStatus(BaseModel):
 
     attempt: int = Field(ge=1, description="Attempt number (1-based).")
     job: str | None = Field(default=None, description="Name of the attempt's Job.")
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Deleted"] | None = Field(
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Preempted",
+                   "Deleted"] | None = Field(
         default=None, description="Outcome of the attempt.")
     startTime: Timestamp | None = Field(default=None, description="First pod start.")
     completionTime: Timestamp | None = Field(default=None, description="Last pod finish.")
@@ -189,13 +198,29 @@ class PreflightStatus(BaseModel):
     message: StatusText | None = Field(default=None, description="Summary of the result.")
 
 
+class QueueStatus(BaseModel):
+    """Where a queued run stands in Kueue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The LocalQueue.")
+    clusterQueue: str | None = Field(default=None, description="The ClusterQueue admitting it.")
+    position: int | None = Field(
+        default=None, ge=0, description="Place in the LocalQueue while pending (0: next), where "
+        "Kueue's visibility API serves it.")
+    flavors: list[str] = Field(
+        default_factory=list, description="ResourceFlavors of the admission (e.g. h200).")
+    workload: str | None = Field(default=None, description="The current attempt's Workload.")
+    admittedAt: Timestamp | None = Field(default=None, description="When Kueue admitted it.")
+
+
 class FineTuneRunStatus(BaseModel):
     """Observed state of a run; written by the operator only."""
 
     model_config = ConfigDict(extra="forbid")
 
     phase: RunPhase | None = Field(
-        default=None, description="Pending, Running, Succeeded, Failed or Suspended.")
+        default=None, description="Pending, Queued, Running, Succeeded, Failed or Suspended.")
     attempt: int | None = Field(default=None, ge=0, description="Current attempt (1-based).")
     observedGeneration: int | None = Field(
         default=None, ge=0, description="metadata.generation last acted on.")
@@ -218,6 +243,7 @@ class FineTuneRunStatus(BaseModel):
     estimatedCost: float | None = Field(
         default=None, ge=0, description="gpuHours x the pool's gpuHourPrice.")
     preflight: PreflightStatus | None = Field(default=None, description="Preflight results.")
+    queue: QueueStatus | None = Field(default=None, description="Kueue queue and admission.")
     message: StatusText | None = Field(default=None, description="Human-readable summary.")
 
 
