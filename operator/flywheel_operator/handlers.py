@@ -24,6 +24,7 @@ import kopf
 
 from . import kube, lifecycle, metrics, poller, queueing, registry, render, schedules
 from .config import OperatorConfig
+from .poller import pop_due
 from .vocab import (
     API_VERSION,
     GROUP,
@@ -112,10 +113,7 @@ class Waker(threading.Thread):
     def run(self) -> None:
         while True:
             with self.cv:
-                while not self.heap or self.heap[0][0] > time.monotonic():
-                    self.cv.wait(timeout=(self.heap[0][0] - time.monotonic())
-                                 if self.heap else None)
-                _, key = heapq.heappop(self.heap)
+                key = pop_due(self.heap, self.cv)
                 # Collapse duplicate wake-ups for the same key that are already due.
                 while self.heap and self.heap[0][1] == key and self.heap[0][0] <= time.monotonic():
                     heapq.heappop(self.heap)

@@ -30,6 +30,13 @@ def fetch(url: str, timeout: float) -> dict:
     return doc
 
 
+def pop_due(heap: list[tuple[float, Key]], cv: threading.Condition) -> Key:
+    """Wait (holding `cv`) until the earliest (when, key) of `heap` is due; pop its key."""
+    while not heap or heap[0][0] > time.monotonic():
+        cv.wait(timeout=(heap[0][0] - time.monotonic()) if heap else None)
+    return heapq.heappop(heap)[1]
+
+
 class Poller(threading.Thread):
     def __init__(self, interval: float, on_update: Callable[[Key], None], workers: int = 16,
                  timeout: float = 2.0, get: Callable[[str, float], dict] = fetch) -> None:
@@ -69,10 +76,7 @@ class Poller(threading.Thread):
     def run(self) -> None:
         while True:
             with self.cv:
-                while not self.heap or self.heap[0][0] > time.monotonic():
-                    self.cv.wait(timeout=(self.heap[0][0] - time.monotonic())
-                                 if self.heap else None)
-                _, key = heapq.heappop(self.heap)
+                key = pop_due(self.heap, self.cv)
                 target = self.targets.get(key)
             if target is not None:
                 self.pool.submit(self.poll, key, *target)
