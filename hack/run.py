@@ -28,6 +28,7 @@ week's snapshot of week 1's data), starts this week's run at once through the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python hack/run.py` as well as `from hack import run`
+    sys.path.insert(0, str(ROOT))
+from hack import local_s3  # noqa: E402
+
 KUBECONFIG = ROOT / ".cache" / "cluster" / "kubeconfig"
 KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
 WORK = ROOT / ".cache" / "run"
@@ -60,13 +65,47 @@ HYPERPARAMETERS = {"epochs": 6, "learningRate": 5.0e-3, "globalBatchSize": 2,
 GATES = {"overall": 0.7, "category": 0.5, "noRegressionTolerance": 0.1}
 
 
-# ---- where the model, data and artifacts live: the one place that knows the store
+# ---- where the model, data and artifacts live: the one place that knows the store.
+# Built locally under WORK, then published to the local S3 server (hack/local_s3.py, started
+# by `make cluster-up`) under s3://flywheel/<namespace>/, where the runs read and write them
+# with the keys of the `flywheel-s3` Secret they name, as on a real cluster.
+BUCKET = "flywheel"
+
+
 def store(*parts: str) -> Path:
     return WORK.joinpath(*parts)
 
 
-def uri(path: Path) -> str:
-    return f"file://{path}"
+def uri(location: Path | str) -> str:
+    """A URI as is, a local path as file://."""
+    return location if isinstance(location, str) else f"file://{location}"
+
+
+def publish(local: Path, target: str) -> str:
+    """Upload a file or folder to `target` on the local S3 server; returns `target`."""
+    if local.is_dir():
+        local_s3.upload_dir(local, target)
+    else:
+        bucket, _, key = target.removeprefix("s3://").partition("/")
+        with open(local, "rb") as f:
+            local_s3.load().client().put_object(Bucket=bucket, Key=key, Body=f)
+    return target
+
+
+@contextlib.contextmanager
+def store_access(location: str):
+    """Read an s3:// location with the local server's endpoint and keys (this process only)."""
+    extra = local_s3.load().env() if location.startswith("s3://") else {}
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def say(msg: str) -> None:
@@ -150,8 +189,12 @@ def weekly_snapshot(train: Path, eval_: Path) -> Path:
 # ---------------------------------------------------------------------------- manifests
 
 
-def run_manifest(name: str, model_dir: Path, train: Path, eval_: Path, output: Path,
-                 nodes: int = 2, namespace: str = NAMESPACE, epochs: int | None = None) -> dict:
+def run_manifest(name: str, model_dir: Path | str, train: Path | str, eval_: Path | str,
+                 output: Path | str, nodes: int = 2, namespace: str = NAMESPACE,
+                 epochs: int | None = None) -> dict:
+    """The week's FineTuneRun; s3:// locations name the local S3 server's credentials Secret
+    (the endpoint comes from the operator config, as a platform team would set it)."""
+    on_s3 = any(uri(x).startswith("s3://") for x in (model_dir, train, eval_, output))
     return {
         "apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
         "metadata": {"name": name, "namespace": namespace},
@@ -164,9 +207,10 @@ def run_manifest(name: str, model_dir: Path, train: Path, eval_: Path, output: P
             "hyperparameters": {**HYPERPARAMETERS, **({"epochs": epochs} if epochs else {})},
             "resources": {"nodes": nodes, "gpusPerNode": 1, "nodePool": "local"},
             "checkpoint": {"everySteps": 250, "keep": 2},
-            "output": {"uri": uri(output) + "/"},
+            "output": {"uri": uri(output).rstrip("/") + "/"},
             "tracking": {"comet": {"workspace": "local", "project": MODEL}},
             "maxRestarts": 2,
+            **({"storage": {"s3": {"credentialsSecret": local_s3.SECRET_NAME}}} if on_s3 else {}),
         },
     }
 
@@ -326,7 +370,7 @@ def production(namespace: str) -> dict | None:
     return ((model.get("status") or {}).get("aliases") or {}).get("production")
 
 
-def report(name: str, status: dict, output: Path, namespace: str = NAMESPACE) -> dict:
+def report(name: str, status: dict, output: Path | str, namespace: str = NAMESPACE) -> dict:
     """Print what the run produced; returns {ok, modelVersion, promoted, card, ...}."""
     if status["phase"] != "Succeeded":
         failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
@@ -340,8 +384,11 @@ def report(name: str, status: dict, output: Path, namespace: str = NAMESPACE) ->
                                         if prod else "no version yet"))
         return {"ok": False, "reason": failed.get("reason"), "missing": missing,
                 "production": prod}
+    from flywheel_trainer import storage
     from flywheel_trainer.card import CARD_FILE, PLOT_FILE
     from flywheel_trainer.export import digest_dir
+
+    output = uri(output).rstrip("/") + "/"
 
     mv = get("mv", status["modelVersion"], "-n", namespace)
     model = get("model", MODEL, "-n", namespace)
@@ -359,14 +406,17 @@ def report(name: str, status: dict, output: Path, namespace: str = NAMESPACE) ->
             f"({decision['reason']}: {decision['message']})")
     for alias, target in sorted(aliases.items()):
         print(f"  {alias:<11} -> version {target['version']}  {target['digest'][:23]}...")
-    actual = digest_dir(uri(output) + "/")
+    with store_access(output):  # re-read from the store: the digest covers what is there
+        actual = digest_dir(output)
+        archives = [storage.join(output, "comet-offline", e["name"]) for e in
+                    storage.listdir(storage.join(output, "comet-offline"))
+                    if e["name"].endswith(".zip")]
     expected = mv["spec"]["artifact"]["digest"]
-    say(f"artifacts: {output}  (digest {'matches' if actual == expected else 'MISMATCH'})")
-    card = mv["spec"]["artifact"].get("card") or uri(output / CARD_FILE)
-    say(f"model card: {card}  (plots: {output / PLOT_FILE})")
-    archive = sorted((output / "comet-offline").glob("*.zip")) if (
-        output / "comet-offline").exists() else []
-    for path in archive:
+    say(f"artifacts: {output}  (digest {'matches' if actual == expected else 'MISMATCH'}, "
+        "re-read from the store)")
+    card = mv["spec"]["artifact"].get("card") or storage.join(output, CARD_FILE)
+    say(f"model card: {card}  (plots: {storage.join(output, PLOT_FILE)})")
+    for path in archives:
         print(f"  Comet offline archive: {path}\n    upload with: comet upload {path}")
     prod_digest = (aliases.get("production") or {}).get("digest")
     deadline = time.monotonic() + 30
@@ -388,12 +438,18 @@ def run_week(week: str, namespace: str = NAMESPACE, work: Path = WORK) -> dict:
     """One week of the story: build that week's data, train, register, report."""
     model_dir, train, eval_ = build_assets(work, week)
     name = f"{MODEL}-week-{week}-{datetime.now(UTC):%H%M%S}"
-    output = work / "artifacts" / name
+    base = f"s3://{BUCKET}/{namespace}"
+    say(f"publishing the base model and week {week}'s data to {base}/ (the local S3 server)")
+    model_uri = publish(model_dir, f"{base}/base-model/")
+    train_uri = publish(train, f"{base}/data/week-{week}/train.jsonl")
+    eval_uri = publish(eval_, f"{base}/data/eval.jsonl")
+    output = f"{base}/artifacts/{name}/"
+    local_s3.apply_secret(namespace)  # the keys, as a Secret the run names
     epochs = None if week in ("1", "bad") else NEXT_WEEK_EPOCHS
-    apply(run_manifest(name, model_dir, train, eval_, output, namespace=namespace,
+    apply(run_manifest(name, model_uri, train_uri, eval_uri, output, namespace=namespace,
                        epochs=epochs))
     say(f"week {week}: applied FineTuneRun {name} (2 nodes x 1 device on the local pool), "
-        f"training on {train}")
+        f"training on {train_uri}")
     return {"week": week, "name": name,
             **report(name, follow(name, namespace), output, namespace)}
 
@@ -435,7 +491,7 @@ def main() -> int:
             f"({schedule['spec']['schedule']}, {schedule['spec']['timeZone']})")
         name = trigger_schedule(schedule["metadata"]["name"])
         run = get("ftr", name, "-n", NAMESPACE)
-        output = Path(run["spec"]["output"]["uri"].removeprefix("file://").rstrip("/"))
+        output = run["spec"]["output"]["uri"]
         say(f"triggered {name}: trains on {run['spec']['dataset']['train']}")
         result = report(name, follow(name), output)
         print(kubectl("get", "fts", "-n", NAMESPACE))
