@@ -18,7 +18,15 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    return demo.build_assets(tmp_path_factory.mktemp("storage-assets"))
+    """The sample's base model and a small slice of its data, train and eval side by side."""
+    from flywheel_trainer import toy
+
+    work = tmp_path_factory.mktemp("storage-assets")
+    (work / "data").mkdir()
+    eval_ = toy.write_dataset(work / "data" / "eval.jsonl", 6, seed=2)
+    train = toy.write_dataset(work / "data" / "train.jsonl", 48, seed=1,
+                              exclude=toy.requests(eval_))
+    return demo.build_base(work), train, eval_
 
 
 def _run(name: str, ns: str, model: str, train: str, eval_: str, out: str, **spec) -> dict:
@@ -26,7 +34,8 @@ def _run(name: str, ns: str, model: str, train: str, eval_: str, out: str, **spe
     run["metadata"]["namespace"] = ns
     run["spec"].update(baseModel=model, output={"uri": out},
                        resources={"nodes": 1, "gpusPerNode": 4, "nodePool": "h200"}, **spec)
-    run["spec"]["dataset"].update(train=train, eval=eval_)
+    run["spec"]["dataset"].update(train=train, eval=eval_, minExamplesPerCategory=8)
+    run["spec"]["hyperparameters"].update(globalBatchSize=4, microBatchSize=1)  # 4 GPUs
     return run
 
 
