@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 import kopf
 
-from . import kube, lifecycle, metrics, poller, queueing, registry, render, schedules
+from . import kube, lifecycle, metrics, observe, poller, queueing, registry, render, schedules
 from .config import OperatorConfig
 from .poller import pop_due
 from .vocab import (
@@ -142,12 +142,12 @@ def runs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
 
 @kopf.index("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
 def run_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[RUN_LABEL]): lifecycle.job_summary(body)}
+    return {(namespace, labels[RUN_LABEL]): observe.job_summary(body)}
 
 
 @kopf.index("v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
 def run_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[RUN_LABEL]): lifecycle.pod_summary(body)}
+    return {(namespace, labels[RUN_LABEL]): observe.pod_summary(body)}
 
 
 # --- events -------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The FineTuneRun lifecycle as a pure function: observed state in, a plan out.
 
 `decide(run, jobs, pods, now)` looks at the run and the slim summaries of its Jobs and Pods
-(kept in kopf indexes, see handlers.py) and returns a `Plan`: the status the run should have
-and the few actions that get it there. No I/O happens here, so every transition is
-unit-tested without a cluster, and re-running `decide` on the same inputs is a no-op plan.
+(observe.job_summary / pod_summary, kept in kopf indexes, see handlers.py) and returns a
+`Plan`: the status the run should have and the few actions that get it there. No I/O happens
+here, so every transition is unit-tested without a cluster, and re-running `decide` on the
+same inputs is a no-op plan.
 
 Attempts: the attempt number is the larger of `status.attempt` and the newest attempt label
 among the run's Jobs. The operator records attempt n+1 in status *before* it tears down
@@ -24,11 +25,6 @@ from .config import OperatorConfig
 from .observe import DISRUPTION, FATAL, RETRY, Failure, Polled
 from .registry import Summary, SummaryError, parse_summary
 from .vocab import (
-    ATTEMPT_LABEL,
-    COMPLETION_INDEX_ANNOTATION,
-    COMPONENT_LABEL,
-    PROGRESS_PORT_NAME,
-    QUEUE_NAME_LABEL,
     TERMINAL,
     comet_experiment_url,
     estimate_cost,
@@ -38,62 +34,6 @@ from .vocab import (
     pods_gpu_hours,
     set_condition,
 )
-
-# --- slim summaries (what the indexes keep per child) -----------------------------------
-
-
-def job_summary(body: dict) -> dict:
-    status = body.get("status") or {}
-    conditions = {c["type"]: c for c in status.get("conditions") or [] if c["status"] == "True"}
-    return {
-        "name": body["metadata"]["name"],
-        "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
-        "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
-        "suspended": bool((body.get("spec") or {}).get("suspend")),
-        "queue": body["metadata"]["labels"].get(QUEUE_NAME_LABEL),
-        "complete": "Complete" in conditions,
-        "failed": conditions.get("Failed", {}).get("message") if "Failed" in conditions else None,
-        "failedReason": conditions.get("Failed", {}).get("reason"),
-        "deleting": bool(body["metadata"].get("deletionTimestamp"))}
-
-
-def pod_summary(body: dict) -> dict:
-    status = body.get("status") or {}
-    scheduled = next((c for c in status.get("conditions") or []
-                      if c["type"] == "PodScheduled"), None)
-    terminated = next((cs["state"]["terminated"] for cs in status.get("containerStatuses") or []
-                       if (cs.get("state") or {}).get("terminated")), None)
-    running = next((cs["state"]["running"] for cs in status.get("containerStatuses") or []
-                    if (cs.get("state") or {}).get("running")), None)
-    waiting = next((cs["state"]["waiting"] for cs in status.get("containerStatuses") or []
-                    if (cs.get("state") or {}).get("waiting")), None)
-    disrupted = next((c for c in status.get("conditions") or []
-                      if c["type"] == "DisruptionTarget" and c["status"] == "True"), None)
-    port = next((p["containerPort"] for c in (body.get("spec") or {}).get("containers") or []
-                 for p in c.get("ports") or [] if p.get("name") == PROGRESS_PORT_NAME), None)
-    return {
-        "name": body["metadata"]["name"],
-        "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
-        "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
-        "index": int((body["metadata"].get("annotations") or {}).get(
-            COMPLETION_INDEX_ANNOTATION, "0")),
-        "phase": status.get("phase", "Pending"),
-        "node": (body.get("spec") or {}).get("nodeName"),
-        "unschedulable": scheduled["message"] if scheduled and scheduled["status"] == "False"
-        and scheduled.get("reason") == "Unschedulable" else None,
-        "startedAt": (running or terminated or {}).get("startedAt"),
-        "finishedAt": (terminated or {}).get("finishedAt"),
-        "exitCode": (terminated or {}).get("exitCode"),
-        "reason": (terminated or {}).get("reason"),
-        "message": (terminated or {}).get("message"),
-        # what observe.py reads: disruption, stuck containers, rank 0's progress endpoint
-        "disruption": (disrupted.get("reason"), disrupted.get("message", ""))
-        if disrupted else None,
-        "waiting": (waiting.get("reason"), waiting.get("message", "")) if waiting else None,
-        "scheduledAt": scheduled.get("lastTransitionTime")
-        if scheduled and scheduled["status"] == "True" else None,
-        "ip": status.get("podIP"), "progressPort": port}
-
 
 # --- the plan -----------------------------------------------------------------------------
 

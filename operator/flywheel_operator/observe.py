@@ -28,7 +28,74 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .vocab import format_time, parse_time
+from .vocab import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX_ANNOTATION,
+    COMPONENT_LABEL,
+    PROGRESS_PORT_NAME,
+    QUEUE_NAME_LABEL,
+    format_time,
+    parse_time,
+)
+
+# --- slim summaries: what the indexes keep of a run's Jobs and Pods ---------------------
+
+
+def job_summary(body: dict) -> dict:
+    status = body.get("status") or {}
+    conditions = {c["type"]: c for c in status.get("conditions") or [] if c["status"] == "True"}
+    return {
+        "name": body["metadata"]["name"],
+        "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
+        "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
+        "suspended": bool((body.get("spec") or {}).get("suspend")),
+        "queue": body["metadata"]["labels"].get(QUEUE_NAME_LABEL),
+        "complete": "Complete" in conditions,
+        "failed": conditions.get("Failed", {}).get("message") if "Failed" in conditions else None,
+        "failedReason": conditions.get("Failed", {}).get("reason"),
+        "deleting": bool(body["metadata"].get("deletionTimestamp"))}
+
+
+def pod_summary(body: dict) -> dict:
+    status = body.get("status") or {}
+    scheduled = next((c for c in status.get("conditions") or []
+                      if c["type"] == "PodScheduled"), None)
+    terminated = next((cs["state"]["terminated"] for cs in status.get("containerStatuses") or []
+                       if (cs.get("state") or {}).get("terminated")), None)
+    running = next((cs["state"]["running"] for cs in status.get("containerStatuses") or []
+                    if (cs.get("state") or {}).get("running")), None)
+    waiting = next((cs["state"]["waiting"] for cs in status.get("containerStatuses") or []
+                    if (cs.get("state") or {}).get("waiting")), None)
+    disrupted = next((c for c in status.get("conditions") or []
+                      if c["type"] == "DisruptionTarget" and c["status"] == "True"), None)
+    port = next((p["containerPort"] for c in (body.get("spec") or {}).get("containers") or []
+                 for p in c.get("ports") or [] if p.get("name") == PROGRESS_PORT_NAME), None)
+    return {
+        "name": body["metadata"]["name"],
+        "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
+        "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
+        "index": int((body["metadata"].get("annotations") or {}).get(
+            COMPLETION_INDEX_ANNOTATION, "0")),
+        "phase": status.get("phase", "Pending"),
+        "node": (body.get("spec") or {}).get("nodeName"),
+        "unschedulable": scheduled["message"] if scheduled and scheduled["status"] == "False"
+        and scheduled.get("reason") == "Unschedulable" else None,
+        "startedAt": (running or terminated or {}).get("startedAt"),
+        "finishedAt": (terminated or {}).get("finishedAt"),
+        "exitCode": (terminated or {}).get("exitCode"),
+        "reason": (terminated or {}).get("reason"),
+        "message": (terminated or {}).get("message"),
+        # what observe.py reads: disruption, stuck containers, rank 0's progress endpoint
+        "disruption": (disrupted.get("reason"), disrupted.get("message", ""))
+        if disrupted else None,
+        "waiting": (waiting.get("reason"), waiting.get("message", "")) if waiting else None,
+        "scheduledAt": scheduled.get("lastTransitionTime")
+        if scheduled and scheduled["status"] == "True" else None,
+        "ip": status.get("podIP"), "progressPort": port}
+
+
+
+# --- failures, progress, stalls ---------------------------------------------------------
 
 RETRY, DISRUPTION, FATAL = "retry", "disruption", "fatal"
 

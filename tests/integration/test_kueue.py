@@ -42,7 +42,14 @@ def kueue_operator(operator: Operator, tmp_path_factory):
 
 @pytest.fixture
 def queued(cluster: Cluster, kueue_operator, namespace: str) -> str:
-    """A fresh namespace with the local cluster's LocalQueues (`h200`, `local`)."""
+    """A fresh namespace with the local cluster's LocalQueues (`h200`, `local`), once the
+    H200 pool is free: Kueue's quota is the whole pool, so pods other tests left there (their
+    namespaces still being deleted) would take room Kueue counts as free."""
+    def pool_free() -> bool:
+        pods = cluster.get("pods", "-A")["items"]
+        return not any((p["spec"].get("nodeName") or "").startswith("h200-") for p in pods)
+
+    wait_until(pool_free, timeout=120, interval=1, message="the H200 pool has no pods left")
     cluster.kubectl("apply", "--server-side", "-n", namespace,
                     "-f", str(ROOT / "hack" / "kueue" / "local-queues.yaml"))
     return namespace

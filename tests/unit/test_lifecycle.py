@@ -6,7 +6,8 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from flywheel_operator.lifecycle import decide, job_summary, pod_summary, registered
+from flywheel_operator.lifecycle import decide, registered
+from flywheel_operator.observe import job_summary, pod_summary
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 T0, T1 = "2026-11-26T10:00:00Z", "2026-11-26T11:30:00Z"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from flywheel_operator.lifecycle import decide, job_summary, pod_summary
-from flywheel_operator.observe import Polled
+from flywheel_operator.lifecycle import decide
+from flywheel_operator.observe import Polled, job_summary, pod_summary
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 T0 = "2026-11-29T11:00:00Z"
