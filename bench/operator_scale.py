@@ -121,6 +121,17 @@ def job_manifest(name: str) -> dict:
     }
 
 
+def wait_for_metrics(timeout: float = 60) -> None:
+    """Until the operator's metrics endpoint answers (or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            scrape_requests()
+            return
+        except OSError:
+            time.sleep(0.5)
+
+
 def scrape_requests() -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
     return sum(float(m) for m in re.findall(r'^flywheel_api_requests_total\{[^}]*\} (\S+)',
@@ -179,13 +190,7 @@ def main() -> None:
             time.sleep(0.1)
 
     threading.Thread(target=sample_rss, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            scrape_requests()
-            break
-        except OSError:
-            time.sleep(0.5)
+    wait_for_metrics()
     time.sleep(2)  # let the initial listing settle
     requests_before = scrape_requests()
     cpu_before = sum(proc.cpu_times()[:2])
@@ -325,13 +330,7 @@ def training(n: int, window: float, record: bool) -> None:
     proc = psutil.Process(operator.pid)
     stop = threading.Event()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                scrape_requests()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_metrics()
         post_all(api, f"/apis/flywheel.dev/v1alpha1/namespaces/{ns}/finetuneruns",
                  [run_manifest(f"run-{i}") for i in range(n)])
         deadline = time.monotonic() + 900
