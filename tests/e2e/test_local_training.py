@@ -63,7 +63,7 @@ def wait_done(cluster: Cluster, ns: str, name: str, seen: list | None = None) ->
             seen.append(s["progress"])
         return s.get("phase") in ("Succeeded", "Failed") and s
 
-    return wait_until(done, timeout=TRAIN_TIMEOUT, interval=1, message=f"{name} finishes")
+    return wait_until(done, timeout=TRAIN_TIMEOUT, interval=0.3, message=f"{name} finishes")
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,12 @@ def test_run_trains_and_registers(cluster, demo_ns, uninterrupted):
 def test_progress_shows_in_status_while_it_trains(uninterrupted):
     seen = uninterrupted["progress"]
     training = [p for p in seen if p.get("stage") == "training"]
-    steps = sorted({p["step"] for p in training})
-    total = training[-1]["totalSteps"] if training else None
-    assert len(steps) >= 2 and steps[-1] < total, seen  # it advanced before it finished
+    assert training, seen
+    total = training[-1]["totalSteps"]
+    # Seen mid-run: a training step short of the end while the run was still Running (how
+    # many snapshots land depends on the machine's speed, so no count is asserted).
+    assert any(0 < p["step"] < total for p in training), seen
+    assert [p["step"] for p in training] == sorted(p["step"] for p in training), seen
     assert any(p.get("eta") and p.get("tokensPerSecond") and p.get("loss") for p in training)
     assert all(p.get("heartbeatTime") for p in training)
     status = uninterrupted["status"]
