@@ -89,10 +89,14 @@ def test_high_priority_run_preempts_and_the_low_run_resumes_to_the_same_weights(
             assert record["phase"] == "Preempted" and record["gpuHours"] > 0, record
             assert low["phase"] == "Queued" and low["attempt"] == 2
 
-            # One run at a time: while the high run trains, the low run has no pod at all.
+            # One run at a time: while the high run trains, the low run's preempted pods have
+            # stopped (Kueue frees the quota once they are terminating) and its next attempt
+            # has no pod at all.
             wait_until(lambda: run_status(cluster, high_ns, "high").get("phase") == "Running",
                        timeout=TRAIN_TIMEOUT, message="high running")
-            assert attempt_pods(cluster, low_ns, "low", 1) == []
+            wait_until(lambda: not [p for p in attempt_pods(cluster, low_ns, "low", 1)
+                                    if p["status"].get("phase") in ("Pending", "Running")],
+                       timeout=30, message="low's preempted pods stopped")
             assert attempt_pods(cluster, low_ns, "low", 2) == []
             assert run_status(cluster, low_ns, "low")["phase"] == "Queued"
 
