@@ -35,20 +35,31 @@ from operator_scale import (
 
 class Reached(threading.Thread):
     """Records when each object first reaches a state (local clock): `key(obj)` names it
-    (its run) once it has, None before."""
+    (its run) once it has, None before. Watches again when a watch ends; `errors` keeps what
+    ended one."""
 
     def __init__(self, list_fn, namespace: str, key):
         super().__init__(daemon=True)
         self.list_fn, self.namespace, self.key = list_fn, namespace, key
         self.seen: dict[str, float] = {}
+        self.events, self.errors = 0, []
 
     def run(self) -> None:
-        for event in kubernetes.watch.Watch().stream(self.list_fn, self.namespace,
-                                                     timeout_seconds=1800,
-                                                     _preload_content=False):
-            key = event["type"] != "DELETED" and self.key(event["raw_object"])
-            if key:
-                self.seen.setdefault(key, time.monotonic())
+        while True:
+            try:
+                for event in kubernetes.watch.Watch().stream(
+                        self.list_fn, self.namespace, timeout_seconds=1800,
+                        _preload_content=False):
+                    self.events += 1
+                    if event["type"] == "ERROR":
+                        self.errors.append(str(event["raw_object"])[:200])
+                        break
+                    key = event["type"] != "DELETED" and self.key(event["raw_object"])
+                    if key:
+                        self.seen.setdefault(key, time.monotonic())
+            except Exception as err:  # noqa: BLE001 (reported in the result)
+                self.errors.append(repr(err)[:200])
+                time.sleep(0.5)
 
 
 def _admitted(wl: dict) -> str | None:
@@ -113,6 +124,12 @@ def _through(api, ns: str, n: int, queue: str | None, timeout: float) -> dict:
     pods = watchers["pods"].seen
     out["admitted_to_pods_running" if queue else "job_created_to_pods_running"] = _stats(
         [pods[r] - since[r] for r in done if r in since and r in pods])
+    if len(done) < n:  # say why: what the watches saw, and what the API server says
+        phases = [(r.get("status") or {}).get("phase") for r in json.loads(kubectl(
+            "get", "ftr", "-n", ns, "-o", "json"))["items"]]
+        out["incomplete"] = {"running_in_api": phases.count("Running"),
+                             **{k: {"events": w.events, "seen": len(w.seen),
+                                    "errors": w.errors[:3]} for k, w in watchers.items()}}
     if queue:
         out["apply_to_admitted"] = _stats([since[r] - applied[r] for r in done if r in since])
     return out
