@@ -17,6 +17,9 @@ step that advances every 2 s; fake pods get loopback IPs from FLYWHEEL_FAKE_POD_
 the cluster must have been started with). Measures, over `--window` seconds of steady
 training, the operator's CPU and its API writes per run per minute, and how fresh
 status.progress is.
+
+`--kueue`: admission -> Running through Kueue beside the direct path (see
+bench/operator_scale_kueue.py).
 """
 
 from __future__ import annotations
@@ -147,8 +150,14 @@ def main() -> None:
                         help="runs training at once with progress endpoints (see above)")
     parser.add_argument("--window", type=float, default=120.0,
                         help="--training: seconds of steady training measured")
+    parser.add_argument("--kueue", action="store_true",
+                        help="admission -> Running through Kueue beside the direct path")
     args = parser.parse_args()
     n = args.runs
+    if args.kueue:
+        from operator_scale_kueue import kueue  # bench/operator_scale_kueue.py
+
+        return kueue(n, not args.no_record)
     if args.training:
         return training(n, args.window, not args.no_record)
 
