@@ -139,6 +139,21 @@ def apiserver_writes(api: kubernetes.client.ApiClient) -> dict[str, float]:
     return out
 
 
+def events_since(ns: str, since: float) -> dict[str, int]:
+    """Events in `ns` seen since `since` (epoch s), counted by `component: reason`."""
+    from flywheel_operator.vocab import parse_time
+
+    out: dict[str, int] = {}
+    for e in json.loads(kubectl("get", "events", "-n", ns, "-o", "json"))["items"]:
+        last = parse_time(e.get("lastTimestamp") or e.get("eventTime")
+                          or e["metadata"]["creationTimestamp"])
+        if last and last.timestamp() >= since:
+            who = e.get("reportingComponent") or (e.get("source") or {}).get("component") or "?"
+            key = f"{who}: {e.get('reason')}"
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
@@ -233,7 +248,7 @@ def training(n: int, window: float, record: bool) -> None:
         # --- the window: everything that happens while N runs train
         ops0, api0, served0 = (scrape("flywheel_api_requests_total"), apiserver_writes(api),
                                standins.served)
-        cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        cpu0, t0, wall0 = sum(proc.cpu_times()[:2]), time.monotonic(), time.time()
         before = progressing(runs())
         time.sleep(window)
         ops1, api1, served1 = (scrape("flywheel_api_requests_total"), apiserver_writes(api),
@@ -243,6 +258,7 @@ def training(n: int, window: float, record: bool) -> None:
         now = time.time()
         after = progressing(items)
         rss = proc.memory_info().rss
+        events = events_since(ns, wall0)
         _say(t_start, "measured; tearing down")
     finally:
         stop.set()
@@ -256,7 +272,7 @@ def training(n: int, window: float, record: bool) -> None:
     ops = _delta(ops1, ops0)
     op_writes = sum(v for verb, v in ops.items() if verb in WRITE_VERBS)
     server = _delta(api1, api0)
-    run_writes = sum(v for k, v in server.items() if k.split("/")[0] == "finetuneruns")
+    run_writes = sum(v for k, v in server.items() if k.split("/")[0].split()[0] == "finetuneruns")
     ages = [now - parse_time(p["heartbeatTime"]).timestamp() for p in after.values()
             if p.get("heartbeatTime")]
     phases = {}
@@ -276,6 +292,7 @@ def training(n: int, window: float, record: bool) -> None:
         "operator_api_reads_per_run_per_min": round(ops.get("GET", 0) / n / minutes, 3),
         "apiserver_finetunerun_writes_per_run_per_min": round(run_writes / n / minutes, 3),
         "apiserver_writes_in_window": {k: int(v) for k, v in sorted(server.items())},
+        "events_in_window": events,
         "progress_polls_per_run_per_min": round((served1 - served0) / n / minutes, 3),
         "status_progress_age_s": {"p50": round(percentile(ages, 0.5), 1),
                                   "p99": round(percentile(ages, 0.99), 1),
