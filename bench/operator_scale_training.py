@@ -249,6 +249,7 @@ def training(n: int, window: float, record: bool) -> None:
         ops0, api0, served0 = (scrape("flywheel_api_requests_total"), apiserver_writes(api),
                                standins.served)
         cpu0, t0, wall0 = sum(proc.cpu_times()[:2]), time.monotonic(), time.time()
+        rss0 = proc.memory_info().rss
         before = progressing(runs())
         time.sleep(window)
         ops1, api1, served1 = (scrape("flywheel_api_requests_total"), apiserver_writes(api),
@@ -297,7 +298,8 @@ def training(n: int, window: float, record: bool) -> None:
         "status_progress_age_s": {"p50": round(percentile(ages, 0.5), 1),
                                   "p99": round(percentile(ages, 0.99), 1),
                                   "max": round(max(ages), 1)} if ages else None,
-        "operator_rss_mb": round(rss / 2**20, 1),
+        "operator_rss_mb": {"window_start": round(rss0 / 2**20, 1),
+                            "window_end": round(rss / 2**20, 1)},
         "operator_peak_rss_mb": round(peak_rss / 2**20, 1),
         "ramp": {"create_s": round(t_created - t_start, 1),
                  "all_pods_running_s": round(t_running - t_created, 1),
