@@ -174,6 +174,11 @@ def training(n: int, window: float, record: bool) -> None:
     subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
+    # A quiet cluster: an earlier run's namespace may still be deleting (its runs would be
+    # counted: the operator watches every namespace).
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and "bench-" in kubectl("get", "namespaces", "-o", "name"):
+        time.sleep(2)
     ns = f"bench-train-{datetime.now(UTC):%H%M%S}"
     kubectl("create", "namespace", ns)
     kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
