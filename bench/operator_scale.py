@@ -11,12 +11,9 @@ yardstick. Prints one JSON line last and appends the figures to bench/RESULTS.md
     FLYWHEEL_FAKE_POD_CIDR=127.20.0.0/16 /work/wt/with-cluster.sh \
         .venv/bin/python bench/operator_scale.py --training --runs 200
 
-`--training`: N runs training at once on the fake pool, each rank 0 answered by a stand-in
-progress endpoint (one asyncio thread here, listening on every pod's IP, port 9400, with a
-step that advances every 2 s; fake pods get loopback IPs from FLYWHEEL_FAKE_POD_CIDR, which
-the cluster must have been started with). Measures, over `--window` seconds of steady
-training, the operator's CPU and its API writes per run per minute, and how fresh
-status.progress is.
+`--training`: N runs training at once on the fake pool, rank 0 of each answered by a stand-in
+progress endpoint; the operator's CPU and API writes per run per minute in steady state (see
+bench/operator_scale_training.py).
 
 `--kueue`: admission -> Running through Kueue beside the direct path (see
 bench/operator_scale_kueue.py).
@@ -266,140 +263,13 @@ def main() -> None:
     print(json.dumps(result), flush=True)
 
 
-# --- --training ------------------------------------------------------------------------------
-
-
-def standins(ips: list[str], stop: threading.Event) -> None:
-    """Serve a trainer-like /progress on ip:9400 for every ip until `stop` (asyncio thread)."""
-    import asyncio
-
-    t0 = time.time()
-
-    def doc() -> bytes:
-        now = time.time()
-        iso = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        step = 1 + int((now - t0) / 2)
-        return json.dumps({
-            "stage": "training", "stageTime": iso, "step": step, "totalSteps": 100000,
-            "epoch": 1, "loss": 1.0, "tokensPerSecond": 1000.0, "mfu": 0.4,
-            "secondsPerStep": 2.0, "etaSeconds": 2.0 * (100000 - step),
-            "lastCheckpoint": None, "heartbeatTime": iso, "stepTime": iso, "startTime": iso,
-            "worldSize": 1, "ranks": [{"rank": 0, "stage": "training", "step": step,
-                                       "stepTime": iso, "heartbeatTime": iso}]}).encode()
-
-    async def handle(reader, writer) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            body = doc()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def main() -> None:
-        servers = [await asyncio.start_server(handle, ip, 9400) for ip in ips]
-        while not stop.is_set():
-            await asyncio.sleep(0.5)
-        for server in servers:
-            server.close()
-
-    asyncio.run(main())
-
-
-def scrape(name: str) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(
-        rf'^{name}\{{[^}}]*verb="(\w+)"[^}}]*\}} (\S+)', text, re.M)}
+# --- --training (bench/operator_scale_training.py) --------------------------------------------
 
 
 def training(n: int, window: float, record: bool) -> None:
-    cidr = os.environ.get("FLYWHEEL_FAKE_POD_CIDR", "")
-    if not cidr.startswith("127."):
-        raise SystemExit("--training: start the cluster with FLYWHEEL_FAKE_POD_CIDR=127.20.0.0/16 "
-                         "(fake pods need addresses the stand-ins can listen on)")
-    extra_nodes = (n + 7) // 8 + 1
-    env = {**os.environ, "FLYWHEEL_H200_NODES": str(4 + extra_nodes)}
-    subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
-    ns = f"bench-train-{datetime.now(UTC):%H%M%S}"
-    kubectl("create", "namespace", ns)
-    kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
-    api = kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG))
-    api.configuration.connection_pool_maxsize = 32
-    core = kubernetes.client.CoreV1Api(api)
-    log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
-         "--metrics-port", str(METRICS_PORT), "--liveness", ""],
-        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
-    proc = psutil.Process(operator.pid)
-    stop = threading.Event()
-    try:
-        wait_for_metrics()
-        post_all(api, f"/apis/flywheel.dev/v1alpha1/namespaces/{ns}/finetuneruns",
-                 [run_manifest(f"run-{i}") for i in range(n)])
-        deadline = time.monotonic() + 900
-        ips: list[str] = []
-        while time.monotonic() < deadline:
-            pods = core.list_namespaced_pod(ns).items
-            ips = [p.status.pod_ip for p in pods if p.status.phase == "Running"
-                   and p.status.pod_ip]
-            if len(ips) >= n:
-                break
-            time.sleep(2)
-        threading.Thread(target=standins, args=(ips, stop), daemon=True).start()
+    from operator_scale_training import training as run
 
-        def running_with_progress() -> list[dict]:
-            items = json.loads(kubectl("get", "ftr", "-n", ns, "-o", "json"))["items"]
-            return [r for r in items if (r.get("status") or {}).get("phase") == "Running"
-                    and (r["status"].get("progress") or {}).get("step")]
-
-        deadline = time.monotonic() + 300
-        while len(running_with_progress()) < n and time.monotonic() < deadline:
-            time.sleep(5)
-        settled = len(running_with_progress())
-        # steady state: measure the window
-        writes0, cpu0, t0 = scrape("flywheel_api_requests_total"), sum(proc.cpu_times()[:2]), \
-            time.monotonic()
-        before = {r["metadata"]["name"]: r["status"]["progress"]["step"]
-                  for r in running_with_progress()}
-        time.sleep(window)
-        writes1, cpu1, t1 = scrape("flywheel_api_requests_total"), sum(proc.cpu_times()[:2]), \
-            time.monotonic()
-        after = {r["metadata"]["name"]: r["status"]["progress"]
-                 for r in running_with_progress()}
-    finally:
-        stop.set()
-        operator.terminate()
-        operator.wait(timeout=30)
-        kubectl("delete", "namespace", ns, "--wait=false")
-        extra = [f"node/h200-{i}" for i in range(4, 4 + extra_nodes)]
-        kubectl("delete", "--wait=false", "--ignore-not-found", *extra)
-    minutes = (t1 - t0) / 60
-    writes = sum(writes1.get(v, 0) - writes0.get(v, 0) for v in ("POST", "PATCH", "PUT",
-                                                                 "DELETE"))
-    advanced = sum(1 for name, p in after.items() if p["step"] > before.get(name, p["step"]))
-    result = {
-        "mode": "training", "runs": n, "window_s": round(t1 - t0, 1),
-        "runs_with_progress_before_window": settled,
-        "operator_cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
-        "operator_cpu_ms_per_run_per_min": round(1000 * (cpu1 - cpu0) / n / minutes, 2),
-        "api_writes_per_run_per_min": round(writes / n / minutes, 2),
-        "api_gets_per_run_per_min": round((writes1.get("GET", 0) - writes0.get("GET", 0))
-                                          / n / minutes, 2),
-        "runs_whose_progress_advanced_in_window": advanced,
-        "progress_interval_s": 30,
-    }
-    if record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as out:
-            out.write(f"\n### operator_scale --training, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
-                      f"`bench/operator_scale.py --training --runs {n}` (2-core dev machine, "
-                      f"local control plane)\n\n```json\n{json.dumps(result)}\n```\n")
-    print(json.dumps(result), flush=True)
+    run(n, window, record)
 
 
 if __name__ == "__main__":

@@ -69,20 +69,25 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 
 
 class Waker(threading.Thread):
-    """Reconciles keys when they are due: a heap of (when, key), one thread, no finalizers.
+    """Reconciles keys when they are due: a heap of (when, key), no finalizers.
 
     kopf's timers would put a finalizer on every object; this keeps the objects untouched.
     `attempt` runs a reconcile now (in the caller's thread); one that raises comes back after
-    1 s, 2 s, 4 s ... `MAX_BACKOFF` until it succeeds.
+    1 s, 2 s, 4 s ... `MAX_BACKOFF` until it succeeds. Due keys are reconciled by `workers`
+    threads (one slow API call holds up no other run; 1000 runs training send ~33 progress
+    wake-ups a second), one at a time per key; the wake-ups that arrive meanwhile collapse
+    into one more reconcile.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, workers: int = 8) -> None:
         super().__init__(daemon=True, name=f"flywheel-{what}")
         self.what = what
         self.heap: list[tuple[float, Key]] = []
         self.cv = threading.Condition()
         self.reconcile: Callable[[Key], None] | None = None
         self.failures: dict[Key, int] = {}
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"flywheel-{what}")
+        self.busy: dict[Key, str] = {}  # key -> "waiting", "running" or "again"
 
     def bind(self, reconcile: Callable[[Key], None]) -> None:
         """The reconcile to call (the first binding wins: kopf's indexes never change)."""
@@ -114,10 +119,25 @@ class Waker(threading.Thread):
         while True:
             with self.cv:
                 key = pop_due(self.heap, self.cv)
-                # Collapse duplicate wake-ups for the same key that are already due.
-                while self.heap and self.heap[0][1] == key and self.heap[0][0] <= time.monotonic():
-                    heapq.heappop(self.heap)
-            self.context.run(self.attempt, key)
+                state = self.busy.get(key)
+                if state == "running":  # once it is done, again: this wake-up may be news
+                    self.busy[key] = "again"
+                if state is not None:  # a waiting reconcile will see it anyway
+                    continue
+                self.busy[key] = "waiting"
+            # kopf's context, a copy per call: one Context cannot be entered by two threads
+            self.pool.submit(self.context.copy().run, self.work, key)
+
+    def work(self, key: Key) -> None:
+        """Reconcile `key` until no wake-up arrived meanwhile (one worker per key at a time)."""
+        while True:
+            with self.cv:
+                self.busy[key] = "running"
+            self.attempt(key)
+            with self.cv:
+                if self.busy[key] == "running":
+                    del self.busy[key]
+                    return
 
 
 RUNS = Waker("run")
@@ -231,10 +251,14 @@ def queue_position(namespace: str, jobs: list[dict], workloads: list[dict]) -> i
 
 def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.Index,
               config: OperatorConfig, run_workloads: kopf.Index | None = None) -> None:
-    found = list(runs.get(key, []))
-    if not found:
+    if key not in runs:
         return
     with _locks[key]:
+        # Read under the lock: a copy read before it may predate a status another thread
+        # wrote meanwhile, and the write would be repeated.
+        found = list(runs.get(key, []))
+        if not found:
+            return
         run = found[0]
         if run["metadata"].get("deletionTimestamp"):
             return

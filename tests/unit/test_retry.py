@@ -27,3 +27,39 @@ def test_a_failing_reconcile_comes_back_with_growing_backoff_until_it_succeeds()
     assert waker.failures == {("ns", "r"): 10}
     waker.attempt(("ns", "r"))  # succeeds: no retry, and the next failure starts at 1 s again
     assert not waker.heap and not waker.failures and len(calls) == 11
+
+
+def test_one_slow_reconcile_holds_up_no_other_run_and_waiting_wakeups_collapse():
+    import contextvars
+    import threading
+
+    release, started = threading.Event(), threading.Event()
+    calls: list[tuple[str, str]] = []
+    done = threading.Semaphore(0)
+
+    def reconcile(key):
+        calls.append(key)
+        if key == ("ns", "slow") and not started.is_set():
+            started.set()
+            release.wait(10)  # a slow API call
+        done.release()
+
+    waker = Waker("test", workers=4)
+    waker.reconcile, waker.context = reconcile, contextvars.copy_context()
+    waker.start()
+    waker.wake(("ns", "slow"))
+    assert started.wait(10)
+    # While "slow" is in its reconcile, three wake-ups of it queue one more reconcile (they
+    # may carry new state), and other runs go on.
+    for _ in range(3):
+        waker.wake(("ns", "slow"))
+    for i in range(5):
+        waker.wake(("ns", f"r{i}"))
+    for _ in range(5):
+        assert done.acquire(timeout=10)
+    assert sorted(k for k in calls if k[1] != "slow") == [("ns", f"r{i}") for i in range(5)]
+    release.set()
+    for _ in range(2):  # the first slow one, and the one its three wake-ups collapsed into
+        assert done.acquire(timeout=10)
+    assert not done.acquire(timeout=0.5)
+    assert calls.count(("ns", "slow")) == 2
