@@ -4,27 +4,32 @@ Level-triggered: runs, their Jobs and Pods are kept in kopf indexes (slim summar
 stays small at thousands of runs); any event on any of them reconciles the run: decide from the
 indexes (`lifecycle.decide`), then act through `kube`. Registration applies `registry`'s
 decisions, schedules `schedules.plan`. kopf writes nothing to the runs (no annotations, no
-finalizers). A failed reconcile comes back with backoff (`Waker`). The operator config
+finalizers). A failed reconcile comes back with backoff (`waker.Waker`). The operator config
 arrives at start-up in kopf's memo (`memo.config`, see __main__)."""
 
 from __future__ import annotations
 
-import contextvars
 import copy
-import heapq
 import logging
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import kopf
 
-from . import kube, lifecycle, metrics, observe, poller, queueing, registry, render, schedules
+from . import (
+    kube,
+    lifecycle,
+    metrics,
+    observe,
+    poller,
+    queueing,
+    registry,
+    render,
+    schedules,
+    waker,
+)
 from .config import OperatorConfig
-from .poller import pop_due
 from .vocab import (
     API_VERSION,
     GROUP,
@@ -42,10 +47,6 @@ from .vocab import (
 log = logging.getLogger("flywheel")
 API = API_VERSION
 Key = tuple[str, str]
-#: Backoff of a failed reconcile: 1 s, doubling, at most this many seconds.
-MAX_BACKOFF = 300.0
-
-_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
 CREATORS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
 # The status we last wrote per run, with the resourceVersion it was based on: until the
 # watch delivers a newer version of the run, the index still holds the pre-write copy.
@@ -68,80 +69,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(memo.config.pools)))
 
 
-class Waker(threading.Thread):
-    """Reconciles keys when they are due: a heap of (when, key), no finalizers.
-
-    kopf's timers would put a finalizer on every object; this keeps the objects untouched.
-    `attempt` runs a reconcile now (in the caller's thread); one that raises comes back after
-    1 s, 2 s, 4 s ... `MAX_BACKOFF` until it succeeds. Due keys are reconciled by `workers`
-    threads (one slow API call holds up no other run; 1000 runs training send ~33 progress
-    wake-ups a second), one at a time per key; the wake-ups that arrive meanwhile collapse
-    into one more reconcile.
-    """
-
-    def __init__(self, what: str, workers: int = 8) -> None:
-        super().__init__(daemon=True, name=f"flywheel-{what}")
-        self.what = what
-        self.heap: list[tuple[float, Key]] = []
-        self.cv = threading.Condition()
-        self.reconcile: Callable[[Key], None] | None = None
-        self.failures: dict[Key, int] = {}
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"flywheel-{what}")
-        self.busy: dict[Key, str] = {}  # key -> "waiting", "running" or "again"
-
-    def bind(self, reconcile: Callable[[Key], None]) -> None:
-        """The reconcile to call (the first binding wins: kopf's indexes never change)."""
-        if self.reconcile is None:
-            self.reconcile = reconcile
-            # kopf's context (its settings, which kopf.event needs) for this thread's reconciles
-            self.context = contextvars.copy_context()
-            self.start()
-
-    def wake(self, key: Key, after: float = 0.0) -> None:
-        with self.cv:
-            heapq.heappush(self.heap, (time.monotonic() + after, key))
-            self.cv.notify()
-
-    def attempt(self, key: Key) -> None:
-        assert self.reconcile is not None
-        try:
-            self.reconcile(key)
-        except Exception:
-            failures = self.failures[key] = self.failures.get(key, 0) + 1
-            delay = min(2.0 ** (failures - 1), MAX_BACKOFF)
-            log.exception("%s %s/%s: reconcile failed (%d in a row); retrying in %gs",
-                          self.what, *key, failures, delay)
-            self.wake(key, delay)
-        else:
-            self.failures.pop(key, None)
-
-    def run(self) -> None:
-        while True:
-            with self.cv:
-                key = pop_due(self.heap, self.cv)
-                state = self.busy.get(key)
-                if state == "running":  # once it is done, again: this wake-up may be news
-                    self.busy[key] = "again"
-                if state is not None:  # a waiting reconcile will see it anyway
-                    continue
-                self.busy[key] = "waiting"
-            # kopf's context, a copy per call: one Context cannot be entered by two threads
-            self.pool.submit(self.context.copy().run, self.work, key)
-
-    def work(self, key: Key) -> None:
-        """Reconcile `key` until no wake-up arrived meanwhile (one worker per key at a time)."""
-        while True:
-            with self.cv:
-                self.busy[key] = "running"
-            self.attempt(key)
-            with self.cv:
-                if self.busy[key] == "running":
-                    del self.busy[key]
-                    return
-
-
-RUNS = Waker("run")
-SCHEDULER = Waker("schedule")
+RUNS = waker.Waker("run")
+SCHEDULER = waker.Waker("schedule")
 
 
 # --- indexes ------------------------------------------------------------------------------
@@ -253,7 +182,7 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
               config: OperatorConfig, run_workloads: kopf.Index | None = None) -> None:
     if key not in runs:
         return
-    with _locks[key]:
+    with waker.lock(key):
         # Read under the lock: a copy read before it may predate a status another thread
         # wrote meanwhile, and the write would be repeated.
         found = list(runs.get(key, []))
@@ -364,7 +293,7 @@ def register(run: dict, summary: registry.Summary) -> dict:
     its Model, creating the Model when it is new. Returns the ModelVersion."""
     namespace, uid = run["metadata"]["namespace"], run["metadata"]["uid"]
     model_name = run["spec"]["modelName"]
-    with _locks[("model", namespace, model_name)]:
+    with waker.lock(("model", namespace, model_name)):
         model = kube.get(API, "Model", namespace, model_name)
         if model is None:
             kube.create({"apiVersion": API, "kind": "Model",
@@ -406,7 +335,7 @@ def model_event(type: str, body: kopf.Body, namespace: str, name: str, **_) -> N
     """Keep pinned aliases and serving targets in step with the Model."""
     if type == "DELETED":
         return
-    with _locks[("model", namespace, name)]:
+    with waker.lock(("model", namespace, name)):
         model = kube.get(API, "Model", namespace, name)
         if model is None:
             return
@@ -469,7 +398,7 @@ def reconcile_schedule(key: Key, index: kopf.Index, runs_index: kopf.Index) -> N
     if not found:
         return
     namespace, name = key
-    with _locks[("schedule", namespace, name)]:
+    with waker.lock(("schedule", namespace, name)):
         schedule = found[0]
         if schedule["metadata"].get("deletionTimestamp"):
             return

@@ -1,10 +1,10 @@
-"""A reconcile that fails is retried with backoff until it succeeds (handlers.Waker)."""
+"""A reconcile that fails is retried with backoff until it succeeds (waker.Waker)."""
 
 from __future__ import annotations
 
 import time
 
-from flywheel_operator.handlers import MAX_BACKOFF, Waker
+from flywheel_operator.waker import MAX_BACKOFF, Waker
 
 
 def test_a_failing_reconcile_comes_back_with_growing_backoff_until_it_succeeds():

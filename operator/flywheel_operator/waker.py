@@ -1,0 +1,102 @@
+"""Reconciles on due times, off kopf's own timers: `Waker` keeps a heap of (when, key) and
+reconciles each due key on a small worker pool, one at a time per key, retrying a failure
+with backoff. `lock` gives each key its own lock (a run's reconcile and a registration of
+the same model never interleave)."""
+
+from __future__ import annotations
+
+import contextvars
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+
+from .poller import pop_due
+
+log = logging.getLogger("flywheel")
+Key = tuple[str, str]
+#: Backoff of a failed reconcile: 1 s, doubling, at most this many seconds.
+MAX_BACKOFF = 300.0
+
+_locks: dict[Hashable, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def lock(key: Hashable) -> threading.Lock:
+    """The one lock of `key` (created once, even when two threads ask at the same time)."""
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
+
+
+class Waker(threading.Thread):
+    """Reconciles keys when they are due: a heap of (when, key), no finalizers.
+
+    kopf's timers would put a finalizer on every object; this keeps the objects untouched.
+    `attempt` runs a reconcile now (in the caller's thread); one that raises comes back after
+    1 s, 2 s, 4 s ... `MAX_BACKOFF` until it succeeds. Due keys are reconciled by `workers`
+    threads (one slow API call holds up no other run; 1000 runs training send ~33 progress
+    wake-ups a second), one at a time per key; the wake-ups that arrive meanwhile collapse
+    into one more reconcile.
+    """
+
+    def __init__(self, what: str, workers: int = 8) -> None:
+        super().__init__(daemon=True, name=f"flywheel-{what}")
+        self.what = what
+        self.heap: list[tuple[float, Key]] = []
+        self.cv = threading.Condition()
+        self.reconcile: Callable[[Key], None] | None = None
+        self.failures: dict[Key, int] = {}
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"flywheel-{what}")
+        self.busy: dict[Key, str] = {}  # key -> "waiting", "running" or "again"
+
+    def bind(self, reconcile: Callable[[Key], None]) -> None:
+        """The reconcile to call (the first binding wins: kopf's indexes never change)."""
+        if self.reconcile is None:
+            self.reconcile = reconcile
+            # kopf's context (its settings, which kopf.event needs) for this thread's reconciles
+            self.context = contextvars.copy_context()
+            self.start()
+
+    def wake(self, key: Key, after: float = 0.0) -> None:
+        with self.cv:
+            heapq.heappush(self.heap, (time.monotonic() + after, key))
+            self.cv.notify()
+
+    def attempt(self, key: Key) -> None:
+        assert self.reconcile is not None
+        try:
+            self.reconcile(key)
+        except Exception:
+            failures = self.failures[key] = self.failures.get(key, 0) + 1
+            delay = min(2.0 ** (failures - 1), MAX_BACKOFF)
+            log.exception("%s %s/%s: reconcile failed (%d in a row); retrying in %gs",
+                          self.what, *key, failures, delay)
+            self.wake(key, delay)
+        else:
+            self.failures.pop(key, None)
+
+    def run(self) -> None:
+        while True:
+            with self.cv:
+                key = pop_due(self.heap, self.cv)
+                state = self.busy.get(key)
+                if state == "running":  # once it is done, again: this wake-up may be news
+                    self.busy[key] = "again"
+                if state is not None:  # a waiting reconcile will see it anyway
+                    continue
+                self.busy[key] = "waiting"
+            # kopf's context, a copy per call: one Context cannot be entered by two threads
+            self.pool.submit(self.context.copy().run, self.work, key)
+
+    def work(self, key: Key) -> None:
+        """Reconcile `key` until no wake-up arrived meanwhile (one worker per key at a time)."""
+        while True:
+            with self.cv:
+                self.busy[key] = "running"
+            self.attempt(key)
+            with self.cv:
+                if self.busy[key] == "running":
+                    del self.busy[key]
+                    return
