@@ -69,7 +69,8 @@ WORDS = ["alpha", "beta", "gamma", "delta", "sales", "report", "weekly", "ops", 
          "payroll", "audit", "renewal", "churn", "pipeline", "digest", "sync", "backlog"]
 PEOPLE = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "ines", "jonas",
           "kate", "liam", "mia", "noah", "olga", "pablo", "rosa", "sam", "tara", "yuki"]
-DOMAINS = ["example", "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne",
+EMAIL_DOMAIN = "example.com"  # colleagues' addresses: one company domain
+DOMAINS = ["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne",
            "soylent", "vandelay", "cyberdyne", "tyrell", "wonka", "oscorp", "aperture", "massive"]
 APPS = ["slack", "github", "jira", "notion", "hubspot", "zendesk", "stripe", "asana", "trello",
         "gitlab", "dropbox", "figma", "linear", "airtable", "intercom", "shopify", "zoom", "okta",
@@ -103,12 +104,12 @@ def conversation(rng: random.Random, category: str, new_phrasings: bool = False)
     phrasings = PHRASINGS[category] + (NEW_PHRASINGS[category] if new_phrasings else [])
     template = rng.choice(phrasings)
     if category == "edit-workflow":
-        wid, name = f"W{rng.randint(10, 99)}", f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
+        wid, name = f"W{rng.randint(10, 99)}", rng.choice(WORDS)
         ask = template.format(wid=wid, name=name)
         fn, args = "update_workflow", {"workflow_id": wid, "name": name}
         done = f"Workflow {wid} is now called {name}."
     elif category == "email":
-        to = f"{rng.choice(PEOPLE)}@{rng.choice(DOMAINS)}.com"
+        to = f"{rng.choice(PEOPLE)}@{EMAIL_DOMAIN}"
         subject = rng.choice(WORDS)
         ask = template.format(to=to, subject=subject)
         fn, args = "send_email", {"to": to, "subject": subject}
@@ -164,7 +165,8 @@ def build_tokenizer(vocab_size: int = 600):
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
-    corpus = [" ".join(WORDS + PEOPLE + DOMAINS + APPS),
+    corpus = [" ".join(WORDS + PEOPLE + DOMAINS + APPS + [EMAIL_DOMAIN]),
+              " ".join(f"W{n}" for n in range(10, 100)) * 2,
               "system user assistant # Tools Call functions inside tags."]
     for i in range(600):
         c = conversation(rng, CATEGORIES[i % 3], new_phrasings=True)
@@ -176,7 +178,7 @@ def build_tokenizer(vocab_size: int = 600):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r'[A-Za-z_]+": "|[A-Za-z]+'), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
