@@ -68,10 +68,14 @@ WORDS = ["alpha", "beta", "gamma", "delta", "sales", "report", "weekly", "ops", 
          "billing", "onboarding", "invoice", "review", "growth", "support", "launch", "triage",
          "payroll", "audit", "renewal", "churn", "pipeline", "digest", "sync", "backlog"]
 PEOPLE = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "ines", "jonas",
-          "kate", "liam", "mia", "noah", "olga", "pablo", "rosa", "sam", "tara", "yuki"]
+          "kate", "liam", "mia", "noah", "olga", "pablo", "rosa", "sam", "tara", "yuki",
+          "amir", "bea", "carlos", "dana", "eli", "fatima", "gus", "hana", "ivan", "jade",
+          "kofi", "lena", "marco", "nina", "omar", "priya", "quinn", "ravi", "sofia", "tom"]
 EMAIL_DOMAIN = "example.com"  # colleagues' addresses: one company domain
 DOMAINS = ["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne",
-           "soylent", "vandelay", "cyberdyne", "tyrell", "wonka", "oscorp", "aperture", "massive"]
+           "soylent", "vandelay", "cyberdyne", "tyrell", "wonka", "oscorp", "aperture", "massive",
+           "contoso", "fabrikam", "northwind", "tailspin", "litware", "adatum", "proseware",
+           "wingtip", "fourth", "lucerne", "margie", "nod", "trey", "woodgrove", "alpine"]
 APPS = ["slack", "github", "jira", "notion", "hubspot", "zendesk", "stripe", "asana", "trello",
         "gitlab", "dropbox", "figma", "linear", "airtable", "intercom", "shopify", "zoom", "okta",
         "salesforce", "mailchimp", "twilio", "datadog", "sentry", "pagerduty"]
@@ -99,10 +103,11 @@ NEW_PHRASINGS = {
 }
 
 
-def conversation(rng: random.Random, category: str, new_phrasings: bool = False) -> dict:
-    """One synthetic tool-calling conversation of the given category."""
-    phrasings = PHRASINGS[category] + (NEW_PHRASINGS[category] if new_phrasings else [])
-    template = rng.choice(phrasings)
+def conversation(rng: random.Random, category: str, new_phrasings: float = 0.0) -> dict:
+    """One synthetic tool-calling conversation of the given category; `new_phrasings` is the
+    share of requests asked in one of NEW_PHRASINGS."""
+    new = rng.random() < new_phrasings
+    template = rng.choice(NEW_PHRASINGS[category] if new else PHRASINGS[category])
     if category == "edit-workflow":
         wid, name = f"W{rng.randint(10, 99)}", rng.choice(WORDS)
         ask = template.format(wid=wid, name=name)
@@ -135,7 +140,7 @@ def conversation(rng: random.Random, category: str, new_phrasings: bool = False)
 
 
 def write_dataset(path: str | Path, n: int, seed: int, categories=CATEGORIES,
-                  new_phrasings: bool = False, exclude: set[str] = frozenset()) -> Path:
+                  new_phrasings: float = 0.0, exclude: set[str] = frozenset()) -> Path:
     """`n` conversations, categories in turn, none of whose user requests is in `exclude` and
     none repeated (so a held-out eval set really is held out: see `requests`)."""
     rng = random.Random(seed)
@@ -169,7 +174,7 @@ def build_tokenizer(vocab_size: int = 600):
               " ".join(f"W{n}" for n in range(10, 100)) * 2,
               "system user assistant # Tools Call functions inside tags."]
     for i in range(600):
-        c = conversation(rng, CATEGORIES[i % 3], new_phrasings=True)
+        c = conversation(rng, CATEGORIES[i % 3], new_phrasings=0.2)
         corpus += [m["content"] or "" for m in c["messages"]]
         corpus += [json.dumps(t) for t in c["tools"]]
         corpus += [json.dumps({"name": t["function"]["name"],
