@@ -1,11 +1,13 @@
 """Toy assets for tests, CPU benchmarks and `make run`, built locally (nothing is downloaded).
 
 - synthetic `chat-tools` JSONL in three categories: templated requests in varied phrasings
-  whose tool-call arguments are copied from the user's words (so a model can learn to copy);
+  whose tool-call arguments are copied from the user's words (so a model can learn to copy),
+  each argument value one token (a word, a workflow number, a colleague's name, an app, an
+  account) so that a tiny model learns the task in minutes on a CPU;
 - a BPE tokenizer trained with `tokenizers` on such chats, wrapped as `PreTrainedTokenizerFast`
-  with a Qwen-style, tools-capable chat template (Hermes `<tool_call>` format). Words, digits
-  and the punctuation between them are pre-tokenized apart, so a value is the same tokens in
-  the user's sentence and in the JSON arguments;
+  with a Qwen-style, tools-capable chat template (Hermes `<tool_call>` format). Words, digit
+  runs and the punctuation between them are pre-tokenized apart, so a value is the same tokens
+  in the user's sentence and in the JSON arguments;
 - a randomly initialised Qwen3 model with tiny dimensions (`SAMPLE_MODEL`: the size that
   learns the sample task within `make run`'s CPU budget).
 """
@@ -165,7 +167,7 @@ def requests(path: str | Path) -> set[str]:
 
 def build_tokenizer(vocab_size: int = 600):
     """BPE trained on synthetic chats, with the tools-capable chat template. Letter runs,
-    single digits and the punctuation/space runs between them are separate pre-tokens."""
+    digit runs and the punctuation/space runs between them are separate pre-tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
