@@ -1,11 +1,13 @@
 """Toy assets for tests, CPU benchmarks and `make run`, built locally (nothing is downloaded).
 
 - synthetic `chat-tools` JSONL in three categories: templated requests in varied phrasings
-  whose tool-call arguments are copied from the user's words (so a model can learn to copy);
+  whose tool-call arguments are copied from the user's words (so a model can learn to copy),
+  each argument value one token (a word, a workflow number, a colleague's name, an app, an
+  account) so that a tiny model learns the task in minutes on a CPU;
 - a BPE tokenizer trained with `tokenizers` on such chats, wrapped as `PreTrainedTokenizerFast`
-  with a Qwen-style, tools-capable chat template (Hermes `<tool_call>` format). Words, digits
-  and the punctuation between them are pre-tokenized apart, so a value is the same tokens in
-  the user's sentence and in the JSON arguments;
+  with a Qwen-style, tools-capable chat template (Hermes `<tool_call>` format). Words, digit
+  runs and the punctuation between them are pre-tokenized apart, so a value is the same tokens
+  in the user's sentence and in the JSON arguments;
 - a randomly initialised Qwen3 model with tiny dimensions (`SAMPLE_MODEL`: the size that
   learns the sample task within `make run`'s CPU budget).
 """
@@ -68,9 +70,14 @@ WORDS = ["alpha", "beta", "gamma", "delta", "sales", "report", "weekly", "ops", 
          "billing", "onboarding", "invoice", "review", "growth", "support", "launch", "triage",
          "payroll", "audit", "renewal", "churn", "pipeline", "digest", "sync", "backlog"]
 PEOPLE = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "ines", "jonas",
-          "kate", "liam", "mia", "noah", "olga", "pablo", "rosa", "sam", "tara", "yuki"]
-DOMAINS = ["example", "acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne",
-           "soylent", "vandelay", "cyberdyne", "tyrell", "wonka", "oscorp", "aperture", "massive"]
+          "kate", "liam", "mia", "noah", "olga", "pablo", "rosa", "sam", "tara", "yuki",
+          "amir", "bea", "carlos", "dana", "eli", "fatima", "gus", "hana", "ivan", "jade",
+          "kofi", "lena", "marco", "nina", "omar", "priya", "quinn", "ravi", "sofia", "tom"]
+EMAIL_DOMAIN = "example.com"  # colleagues' addresses: one company domain
+DOMAINS = ["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne",
+           "soylent", "vandelay", "cyberdyne", "tyrell", "wonka", "oscorp", "aperture", "massive",
+           "contoso", "fabrikam", "northwind", "tailspin", "litware", "adatum", "proseware",
+           "wingtip", "fourth", "lucerne", "margie", "nod", "trey", "woodgrove", "alpine"]
 APPS = ["slack", "github", "jira", "notion", "hubspot", "zendesk", "stripe", "asana", "trello",
         "gitlab", "dropbox", "figma", "linear", "airtable", "intercom", "shopify", "zoom", "okta",
         "salesforce", "mailchimp", "twilio", "datadog", "sentry", "pagerduty"]
@@ -98,17 +105,18 @@ NEW_PHRASINGS = {
 }
 
 
-def conversation(rng: random.Random, category: str, new_phrasings: bool = False) -> dict:
-    """One synthetic tool-calling conversation of the given category."""
-    phrasings = PHRASINGS[category] + (NEW_PHRASINGS[category] if new_phrasings else [])
-    template = rng.choice(phrasings)
+def conversation(rng: random.Random, category: str, new_phrasings: float = 0.0) -> dict:
+    """One synthetic tool-calling conversation of the given category; `new_phrasings` is the
+    share of requests asked in one of NEW_PHRASINGS."""
+    new = rng.random() < new_phrasings
+    template = rng.choice(NEW_PHRASINGS[category] if new else PHRASINGS[category])
     if category == "edit-workflow":
-        wid, name = f"W{rng.randint(10, 99)}", f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
+        wid, name = f"W{rng.randint(10, 99)}", rng.choice(WORDS)
         ask = template.format(wid=wid, name=name)
         fn, args = "update_workflow", {"workflow_id": wid, "name": name}
         done = f"Workflow {wid} is now called {name}."
     elif category == "email":
-        to = f"{rng.choice(PEOPLE)}@{rng.choice(DOMAINS)}.com"
+        to = f"{rng.choice(PEOPLE)}@{EMAIL_DOMAIN}"
         subject = rng.choice(WORDS)
         ask = template.format(to=to, subject=subject)
         fn, args = "send_email", {"to": to, "subject": subject}
@@ -134,7 +142,7 @@ def conversation(rng: random.Random, category: str, new_phrasings: bool = False)
 
 
 def write_dataset(path: str | Path, n: int, seed: int, categories=CATEGORIES,
-                  new_phrasings: bool = False, exclude: set[str] = frozenset()) -> Path:
+                  new_phrasings: float = 0.0, exclude: set[str] = frozenset()) -> Path:
     """`n` conversations, categories in turn, none of whose user requests is in `exclude` and
     none repeated (so a held-out eval set really is held out: see `requests`)."""
     rng = random.Random(seed)
@@ -159,15 +167,16 @@ def requests(path: str | Path) -> set[str]:
 
 def build_tokenizer(vocab_size: int = 600):
     """BPE trained on synthetic chats, with the tools-capable chat template. Letter runs,
-    single digits and the punctuation/space runs between them are separate pre-tokens."""
+    digit runs and the punctuation/space runs between them are separate pre-tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
-    corpus = [" ".join(WORDS + PEOPLE + DOMAINS + APPS),
+    corpus = [" ".join(WORDS + PEOPLE + DOMAINS + APPS + [EMAIL_DOMAIN]),
+              " ".join(f"W{n}" for n in range(10, 100)) * 2,
               "system user assistant # Tools Call functions inside tags."]
     for i in range(600):
-        c = conversation(rng, CATEGORIES[i % 3], new_phrasings=True)
+        c = conversation(rng, CATEGORIES[i % 3], new_phrasings=0.2)
         corpus += [m["content"] or "" for m in c["messages"]]
         corpus += [json.dumps(t) for t in c["tools"]]
         corpus += [json.dumps({"name": t["function"]["name"],
@@ -176,7 +185,7 @@ def build_tokenizer(vocab_size: int = 600):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r'[A-Za-z_]+": "|[A-Za-z]+'), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
