@@ -138,6 +138,21 @@ def scrape_requests() -> float:
                                             text, re.M))
 
 
+def quiet_cluster(pods: int) -> int:
+    """The cluster up with fake H200 nodes for `pods` one-GPU pods (8 a node, beside the 4
+    of the pool), the CRDs established, and no earlier bench namespace still deleting (the
+    operator watches every namespace: its runs would be counted). The extra nodes' count."""
+    extra_nodes = (pods + 7) // 8 + 1
+    env = {**os.environ, "FLYWHEEL_H200_NODES": str(4 + extra_nodes)}
+    subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and "bench-" in kubectl("get", "namespaces", "-o", "name"):
+        time.sleep(2)
+    return extra_nodes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,15 +173,7 @@ def main() -> None:
     if args.training:
         return training(n, args.window, not args.no_record)
 
-    extra_nodes = (n + 7) // 8 + 1
-    env = {**os.environ, "FLYWHEEL_H200_NODES": str(4 + extra_nodes)}
-    subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
-    # Start from a quiet cluster: an earlier run's namespaces may still be terminating.
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and "bench-" in kubectl("get", "namespaces", "-o", "name"):
-        time.sleep(2)
+    extra_nodes = quiet_cluster(n)
     stamp = datetime.now(UTC).strftime("%H%M%S")
     ns_ops, ns_native = f"bench-ops-{stamp}", f"bench-native-{stamp}"
     for ns in (ns_ops, ns_native):

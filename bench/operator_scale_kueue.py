@@ -28,6 +28,7 @@ from operator_scale import (
     kubectl,
     percentile,
     post_all,
+    quiet_cluster,
     run_manifest,
     wait_for_metrics,
 )
@@ -140,11 +141,7 @@ def _through(api, ns: str, n: int, queue: str | None, timeout: float) -> dict:
 
 def kueue(n: int, record: bool) -> None:
     """Admission -> Running through Kueue, beside the direct path (module docstring)."""
-    extra_nodes = (2 * n + 7) // 8 + 1  # room for both sets of pods at once
-    env = {**os.environ, "FLYWHEEL_H200_NODES": str(4 + extra_nodes)}
-    subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
+    extra_nodes = quiet_cluster(2 * n)  # room for both sets of pods at once
     stamp = datetime.now(UTC).strftime("%H%M%S")
     ns_direct, ns_queued, cq = f"bench-direct-{stamp}", f"bench-kueue-{stamp}", f"bench-{stamp}"
     for ns in (ns_direct, ns_queued):

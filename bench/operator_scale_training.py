@@ -38,6 +38,7 @@ from operator_scale import (
     kubectl,
     percentile,
     post_all,
+    quiet_cluster,
     run_manifest,
     wait_for_metrics,
 )
@@ -169,16 +170,7 @@ def training(n: int, window: float, record: bool) -> None:
         raise SystemExit("--training: start the cluster with FLYWHEEL_FAKE_POD_CIDR=127.20.0.0/16 "
                          "(fake pods need addresses the stand-ins can listen on)")
     interval = OperatorConfig().progressIntervalSeconds  # the operator runs on its defaults
-    extra_nodes = (n + 7) // 8 + 1
-    env = {**os.environ, "FLYWHEEL_H200_NODES": str(4 + extra_nodes)}
-    subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "up"], check=True, env=env)
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
-    # A quiet cluster: an earlier run's namespace may still be deleting (its runs would be
-    # counted: the operator watches every namespace).
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and "bench-" in kubectl("get", "namespaces", "-o", "name"):
-        time.sleep(2)
+    extra_nodes = quiet_cluster(n)
     ns = f"bench-train-{datetime.now(UTC):%H%M%S}"
     kubectl("create", "namespace", ns)
     kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
