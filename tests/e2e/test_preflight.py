@@ -24,7 +24,7 @@ def apply_run(cluster: Cluster, ns: str, name: str, assets, train=None, **datase
                             assets[0].parent / "out" / name)
     run["metadata"]["namespace"] = ns
     run["spec"]["resources"] = {"nodes": 1, "gpusPerNode": 4, "nodePool": "h200"}
-    run["spec"]["hyperparameters"]["globalBatchSize"] = 4  # a multiple of the 4 GPUs
+    run["spec"]["hyperparameters"].update(globalBatchSize=4, microBatchSize=1)  # 4 GPUs
     run["spec"]["dataset"].update(dataset)
     cluster.apply(run)
 
