@@ -138,6 +138,23 @@ def scrape_requests() -> float:
                                             text, re.M))
 
 
+class PeakRss(threading.Thread):
+    """The peak RSS of a process, sampled `every` seconds until `stop` is set."""
+
+    def __init__(self, proc: psutil.Process, every: float) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.every, self.peak, self.stop = proc, every, 0, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(self.every)
+
+
 def quiet_cluster(pods: int) -> int:
     """The cluster up with fake H200 nodes for `pods` one-GPU pods (8 a node, beside the 4
     of the pool), the CRDs established, and no earlier bench namespace still deleting (the
@@ -190,19 +207,8 @@ def main() -> None:
          "--metrics-port", str(METRICS_PORT), "--liveness", ""],
         env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
     proc = psutil.Process(operator.pid)
-    peak_rss, cpu_before = 0, None
-    stop = threading.Event()
-
-    def sample_rss() -> None:
-        nonlocal peak_rss
-        while not stop.is_set():
-            try:
-                peak_rss = max(peak_rss, proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.1)
-
-    threading.Thread(target=sample_rss, daemon=True).start()
+    cpu_before = None
+    rss = PeakRss(proc, every=0.1)
     wait_for_metrics()
     time.sleep(2)  # let the initial listing settle
     requests_before = scrape_requests()
@@ -241,7 +247,7 @@ def main() -> None:
             time.sleep(0.2)
         native = [pods.seen[name] - created[name] for name in created if name in pods.seen]
     finally:
-        stop.set()
+        rss.stop.set()
         operator.terminate()
         operator.wait(timeout=30)
         for ns in (ns_ops, ns_native):
@@ -256,7 +262,7 @@ def main() -> None:
         "native_p50_s": round(percentile(native, 0.5), 4),
         "native_p99_s": round(percentile(native, 0.99), 4),
         "runs_per_s": round(runs_per_s, 1),
-        "operator_peak_rss_mb": round(peak_rss / 2**20, 1),
+        "operator_peak_rss_mb": round(rss.peak / 2**20, 1),
         "api_requests_per_run": round(requests_per_run, 2),
         "operator_cpu_ms_per_run": round(cpu_per_run * 1000, 1),
     }

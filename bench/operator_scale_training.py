@@ -35,6 +35,7 @@ from operator_scale import (
     KUBECONFIG,
     METRICS_PORT,
     ROOT,
+    PeakRss,
     kubectl,
     percentile,
     post_all,
@@ -186,18 +187,7 @@ def training(n: int, window: float, record: bool) -> None:
     proc = psutil.Process(operator.pid)
     standins = StandIns()
     standins.start()
-    peak_rss, stop = 0, threading.Event()
-
-    def sample_rss() -> None:
-        nonlocal peak_rss
-        while not stop.is_set():
-            try:
-                peak_rss = max(peak_rss, proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.5)
-
-    threading.Thread(target=sample_rss, daemon=True).start()
+    rss = PeakRss(proc, every=0.5)
 
     def pods_running() -> list[str]:
         """Serve every Running pod's IP; returns them."""
@@ -259,7 +249,7 @@ def training(n: int, window: float, record: bool) -> None:
         events = events_since(ns, wall0)
         _say(t_start, "measured; tearing down")
     finally:
-        stop.set()
+        rss.stop.set()
         operator.terminate()
         operator.wait(timeout=60)
         standins.stop()
@@ -297,7 +287,7 @@ def training(n: int, window: float, record: bool) -> None:
                                   "max": round(max(ages), 1)} if ages else None,
         "operator_rss_mb": {"window_start": round(rss0 / 2**20, 1),
                             "window_end": round(rss / 2**20, 1)},
-        "operator_peak_rss_mb": round(peak_rss / 2**20, 1),
+        "operator_peak_rss_mb": round(rss.peak / 2**20, 1),
         "ramp": {"create_s": round(t_created - t_start, 1),
                  "all_pods_running_s": round(t_running - t_created, 1),
                  "all_progress_s": round(t_settled - t_running, 1),
