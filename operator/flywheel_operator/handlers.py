@@ -30,6 +30,7 @@ from . import (
     waker,
 )
 from .config import OperatorConfig
+from .poller import Key
 from .vocab import (
     API_VERSION,
     GROUP,
@@ -46,7 +47,6 @@ from .vocab import (
 
 log = logging.getLogger("flywheel")
 API = API_VERSION
-Key = tuple[str, str]
 CREATORS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
 # The status we last wrote per run, with the resourceVersion it was based on: until the
 # watch delivers a newer version of the run, the index still holds the pre-write copy.

@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
-from .poller import pop_due
+from .poller import Key, pop_due
 
 log = logging.getLogger("flywheel")
-Key = tuple[str, str]
 #: Backoff of a failed reconcile: 1 s, doubling, at most this many seconds.
 MAX_BACKOFF = 300.0
 
@@ -27,7 +26,9 @@ _locks_guard = threading.Lock()
 def lock(key: Hashable) -> threading.Lock:
     """The one lock of `key` (created once, even when two threads ask at the same time)."""
     with _locks_guard:
-        return _locks.setdefault(key, threading.Lock())
+        if (found := _locks.get(key)) is None:
+            found = _locks[key] = threading.Lock()
+        return found
 
 
 class Waker(threading.Thread):
