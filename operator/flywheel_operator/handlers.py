@@ -244,10 +244,12 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
         if spent > 0:
             metrics.COST.labels(namespace, run["spec"]["modelName"]).inc(spent)
     for attempt in plan.delete_attempts:
+        # The Job last: while it exists the attempt is seen, so a crash in between deletes
+        # the rest on the next reconcile instead of leaving them behind.
         names = render.child_names(name, attempt)
-        kube.delete("batch/v1", "Job", namespace, names.job)
         kube.delete("v1", "Service", namespace, names.service)
         kube.delete("v1", "ConfigMap", namespace, names.configmap)
+        kube.delete("batch/v1", "Job", namespace, names.job)
     if plan.create_preflight:
         for obj in render.preflight_objects(run, config):
             kube.create(obj, namespace)
@@ -264,8 +266,11 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
         run_for_render = {**run, "status": plan.status}
         objects = render.attempt_objects(run_for_render, plan.create_attempt, config,
                                          _promoted(namespace, run["spec"]["modelName"]))
-        # Independent objects: create them together (a pod waits for its ConfigMap anyway).
-        list(CREATORS.map(lambda obj: kube.create(obj, namespace), objects))
+        # The Job last: its existence says the attempt was created, so a crash before it
+        # makes the next reconcile create the attempt again (existing objects are kept).
+        *parts, job = objects
+        list(CREATORS.map(lambda obj: kube.create(obj, namespace), parts))
+        kube.create(job, namespace)
     for event_type, reason, message in plan.events:
         kopf.event(run, type=event_type, reason=reason, message=message)
         log.info("%s/%s: %s: %s", namespace, name, reason, message)

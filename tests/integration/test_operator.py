@@ -249,6 +249,6 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, operator, namespac
         assert len(attempts) == len(set(attempts)) == 1, (name, attempts)
         services = cluster.get("services", "-n", namespace, "-l",
                                f"flywheel.dev/run={name}")["items"]
-        assert len(services) == 1
+        assert len(services) == 1, (name, [s["metadata"]["name"] for s in services])
         expected = 2 if name in names[:3] else 1
         assert run_status(cluster, namespace, name)["attempt"] == expected
