@@ -27,8 +27,14 @@ class _Model(BaseModel):
 class PodResources(_Model):
     """CPU and memory requested per pod (also the memory limit). Empty: not set."""
 
-    cpu: str | None = None
+    cpu: str | None = Field(default=None, pattern=r"^([0-9]+(\.[0-9]+)?|[0-9]+m)$",
+                            description="Cores (2, 1.5) or millicores (500m).")
     memory: str | None = None
+
+    def cores(self) -> float:
+        """The CPU request in cores: `500m` -> 0.5, `2` -> 2.0."""
+        cpu = self.cpu or "0"
+        return float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
 
 
 class Pool(_Model):
@@ -61,7 +67,9 @@ PRESETS: dict[str, Pool] = {
         nodeSelector={EXECUTOR_LABEL: "local"},
         tolerations=[_GPU_TOLERATION],
         gpusPerNode=2,
-        tokensPerSecondPerGpu=500.0)}
+        tokensPerSecondPerGpu=500.0,
+        # one core per rank: the pods share this machine's cores
+        resources=PodResources(cpu="1"))}
 
 
 class Kueue(_Model):

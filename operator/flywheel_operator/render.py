@@ -188,6 +188,15 @@ def _resources(pool: Pool, gpus: int) -> dict[str, Any]:
     return out
 
 
+def _threads_env(pool: Pool, ranks: int) -> list[dict[str, Any]]:
+    """OMP_NUM_THREADS: the pod's CPU request shared by its ranks, where the pool sets one.
+    Without it every rank starts a thread per core of the node (torchrun sets 1 only for
+    several ranks a pod), and ranks that share few cores slow each other down."""
+    if not pool.resources.cpu:
+        return []
+    return [_env("OMP_NUM_THREADS", max(1, int(pool.resources.cores() // max(ranks, 1))))]
+
+
 def _pod_security() -> dict[str, Any]:
     return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"}}
@@ -343,7 +352,8 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
         _env("TORCH_NCCL_ASYNC_ERROR_HANDLING", 1),
         _env("TORCH_NCCL_ENABLE_MONITORING", 1),
         _env("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", config.ncclHeartbeatTimeoutSeconds),
-        *_comet_env(spec)]
+        *_comet_env(spec),
+        *_threads_env(pool, gpus)]
     # torchrun through the launcher, which keeps the trainer's exit code 2 (data error)
     container = {"name": "trainer", "image": spec.image or config.defaultImage,
                  "command": ["python", "-m", "flywheel_trainer.launch"],

@@ -162,6 +162,26 @@ def test_pool_cpu_memory_resources():
     res = _container(_objects(config=config)[2])["resources"]
     assert res["requests"] == {"cpu": "90", "memory": "1000Gi", "nvidia.com/gpu": "8"}
     assert res["limits"] == {"memory": "1000Gi", "nvidia.com/gpu": "8"}
+    # 90 cores shared by the pod's 8 ranks
+    assert _env(_objects(config=config)[2])["OMP_NUM_THREADS"]["value"] == "11"
+
+
+def test_threads_per_rank_follow_the_pools_cpu_request():
+    # No CPU request (the h200 preset): torch's and torchrun's own defaults.
+    assert "OMP_NUM_THREADS" not in _env(_objects()[2])
+    # The local pool requests a core per pod: one thread per rank, not one per host core.
+    local = _objects(_run(resources={"nodes": 2, "gpusPerNode": 1, "nodePool": "local"}))[2]
+    assert _env(local)["OMP_NUM_THREADS"]["value"] == "1"
+    assert _container(local)["resources"]["requests"]["cpu"] == "1"
+    half = OperatorConfig.model_validate({"pools": {"cpu": {"resources": {"cpu": "500m"}}}})
+    cpu = _objects(_run(resources={"nodes": 1, "gpusPerNode": 2, "nodePool": "cpu"}),
+                   config=half)[2]
+    assert _env(cpu)["OMP_NUM_THREADS"]["value"] == "1"
+
+
+def test_a_cpu_request_that_is_no_quantity_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"pools\.h200\.resources\.cpu"):
+        OperatorConfig.model_validate({"pools": {"h200": {"resources": {"cpu": "two"}}}})
 
 
 def test_unknown_pool_raises():
