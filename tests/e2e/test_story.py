@@ -3,9 +3,10 @@ week 1 trains and goes to production, week 2 is registered with deltas against i
 only if its gates hold, a bad week is stopped by preflight, and every exported model carries a
 model card whose metrics are the ModelVersion's.
 
-On a small slice of the sample (the full sample trains for minutes): the gates' floors are set
-to 0 here, so the test checks the story's mechanics (promotion, deltas, rollout, preflight,
-card), not how well the tiny model learns; the sample's own floors are in hack/run.py.
+Week 1 is the sample at full size with its own gates, so the test asserts what a newcomer
+sees: the model learns its task (the accuracy floor of issue 15) and goes to production.
+Week 2 is a small slice of its week (the full one trains for minutes more): its own model is
+weak, so it shows the comparison with week 1 and a promotion decided by the same gates.
 One run per week, shared by the tests below (training is the expensive part).
 """
 
@@ -22,9 +23,10 @@ from tests.conftest import Cluster
 
 pytestmark = pytest.mark.cluster
 
-SMALL = {"WEEK1_EXAMPLES": 60, "NEXT_WEEK_EXAMPLES": 72, "EVAL_EXAMPLES": 6, "MIN_EXAMPLES": 8,
-         "NEXT_WEEK_EPOCHS": 1, "HYPERPARAMETERS": {**demo.HYPERPARAMETERS, "epochs": 1},
-         "GATES": {"overall": 0.0, "category": 0.0, "noRegressionTolerance": 1.0}}
+# Week 2 and the bad week on a slice (MIN_EXAMPLES: the slice's categories still pass preflight).
+SMALL = {"NEXT_WEEK_EXAMPLES": 72, "NEXT_WEEK_EPOCHS": 1, "MIN_EXAMPLES": 8}
+# What issue 15 promises of the sample: greedy tool-call accuracy on the held-out eval set.
+FLOOR = {"overall": 0.8, "category": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,10 @@ def test_week_one_goes_to_production(cluster, story):
     week = story["1"]
     assert week["ok"], week
     metrics = week["modelVersion"]["spec"]["metrics"]
-    for category in demo.CATEGORIES:  # measured per category on the held-out eval set
-        assert 0.0 <= metrics[f"tool_call_accuracy/{category}"] <= 1.0, (category, metrics)
+    # Learned, on the held-out eval set: overall and in every category.
+    assert metrics["tool_call_accuracy"] >= FLOOR["overall"], metrics
+    for category in demo.CATEGORIES:
+        assert metrics[f"tool_call_accuracy/{category}"] > FLOOR["category"], (category, metrics)
     assert week["production_before"] is None
     assert week["promoted"]
     assert week["production"]["modelVersion"] == week["modelVersion"]["metadata"]["name"]

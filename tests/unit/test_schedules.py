@@ -568,3 +568,22 @@ def test_placeholder_uris_pass_the_crd_uri_rule():
                 "pvc://datasets/flow/{{ timestamp }}.jsonl"):
         assert re.match(DATA_URI_RE, uri), uri
         assert re.match(DATA_URI_RE, s.fill_placeholders(uri, utc(2026, 11, 26), None))
+
+
+def test_the_local_schedule_example_trains_make_runs_sample():
+    """`make run-schedule` applies examples/finetuneschedule-local.yaml: the same sample, so
+    the same hyperparameters, FSDP options, data floor and checkpoint interval as `make run`."""
+    from pathlib import Path
+
+    import yaml
+    from hack import run as demo
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "finetuneschedule-local.yaml"
+    schedule = yaml.safe_load(path.read_text())
+    spec = schedule["spec"]["runTemplate"]["spec"]
+    FineTuneScheduleSpec.model_validate(schedule["spec"])
+    sample = demo.run_manifest("x", "file:///m", "file:///t", "file:///e", "file:///o")["spec"]
+    for field in ("hyperparameters", "fsdp", "checkpoint", "resources", "maxRestarts"):
+        assert spec[field] == sample[field], field
+    assert (spec["dataset"]["minExamplesPerCategory"]
+            == sample["dataset"]["minExamplesPerCategory"])
