@@ -35,6 +35,12 @@ build() {
 }
 
 tools=${*:-etcd kubernetes kwok helm versitygw kueue}
+# Every tool's modules at once first (instant when cached): a build that downloads as it goes
+# leaves the cores idle meanwhile, about a fifth of a cold build.
+for tool in $tools; do
+  [[ -d hack/tools/$tool ]] && (cd "hack/tools/$tool" && go mod download) &
+done
+wait
 for tool in $tools; do
   case $tool in
     etcd)       build etcd "$BIN/etcd" "-s -w" go.etcd.io/etcd/server/v3 ;;
