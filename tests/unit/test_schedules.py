@@ -576,6 +576,7 @@ def test_the_local_schedule_example_trains_make_runs_sample():
     from pathlib import Path
 
     import yaml
+
     from hack import run as demo
 
     path = Path(__file__).resolve().parents[2] / "examples" / "finetuneschedule-local.yaml"
