@@ -51,7 +51,7 @@ NAMESPACE = "flywheel-demo"
 MODEL = "tiny-agent"
 CATEGORIES = ("edit-workflow", "email", "integration")
 
-# ---- the sample: sized so the tiny model learns its task within about 3 minutes of training on
+# ---- the sample: sized so the tiny model learns its task in about 3.5 minutes of training on
 # 2 CPU cores (bench/sample_learning.py measures it without the cluster). Every argument value
 # is one token, copied from the request: the model learns which word of the request fills
 # which argument, in about 1000 steps of 4 packed sequences at a high learning rate. It learns

@@ -31,11 +31,6 @@ class PodResources(_Model):
                             description="Cores (2, 1.5) or millicores (500m).")
     memory: str | None = None
 
-    def cores(self) -> float:
-        """The CPU request in cores: `500m` -> 0.5, `2` -> 2.0."""
-        cpu = self.cpu or "0"
-        return float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-
 
 class Pool(_Model):
     """A node pool preset that runs can name in `spec.resources.nodePool`."""

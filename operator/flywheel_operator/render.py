@@ -12,6 +12,7 @@ import json
 from typing import Any, NamedTuple
 
 from flywheel_trainer.config import TrainerConfig
+from kubernetes.utils.quantity import parse_quantity
 
 from .api import S3_SECRET_KEYS, FineTuneRunSpec, merge_storage
 from .config import GPU_RESOURCE, OperatorConfig, Pool
@@ -194,7 +195,8 @@ def _threads_env(pool: Pool, ranks: int) -> list[dict[str, Any]]:
     several ranks a pod), and ranks that share few cores slow each other down."""
     if not pool.resources.cpu:
         return []
-    return [_env("OMP_NUM_THREADS", max(1, int(pool.resources.cores() // max(ranks, 1))))]
+    cores = parse_quantity(pool.resources.cpu)
+    return [_env("OMP_NUM_THREADS", max(1, int(cores // max(ranks, 1))))]
 
 
 def _pod_security() -> dict[str, Any]:
