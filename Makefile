@@ -77,7 +77,10 @@ operator: cluster-up
 	$(KUBECTL) apply --server-side -f crds/
 	$(PY) -m flywheel_operator --standalone --all-namespaces --config hack/operator-local.yaml
 
-run: cluster-up
+# The sample queues nothing: its first run does not wait for Kueue's build (cluster-up and
+# the tests add Kueue to the running cluster).
+run: setup
+	$(PY) hack/cluster.py up --without-kueue
 	$(PY) hack/run.py
 
 run-schedule: cluster-up

@@ -2,6 +2,7 @@
 plus a real S3 server (versitygw, hack/local_s3.py) for the runs' models, data and outputs.
 
     python hack/cluster.py up      # idempotent: a no-op when the cluster is already healthy
+    python hack/cluster.py up --without-kueue   # make run's: the sample queues nothing
     python hack/cluster.py down    # stops every process it started and removes the state
 
 Everything lives under .cache/: binaries in .cache/bin (hack/build-tools.sh), state, PKI,
@@ -456,13 +457,19 @@ def start_kueue() -> None:
 # --- commands ----------------------------------------------------------------------------
 
 
-def up() -> None:
+def up(kueue: bool = True) -> None:
+    """Start what is not running. Without `kueue` (make run: the sample queues nothing) Kueue
+    is neither built nor started, which spares a first `make run` its build; a later `up`
+    with it (make cluster-up, the tests) adds it to the running cluster."""
+    core = [c for c in COMPONENTS if c != "kueue"]
     subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok", "versitygw",
-                    "kueue"], check=True)
+                    *(["kueue"] if kueue else [])], check=True)
     if not (BIN / "kubectl").exists():
         raise SystemExit("cluster: .cache/bin/kubectl missing; run `make setup` first")
-    if all(pid_of(c) for c in COMPONENTS) and apiserver_ready():
+    if all(pid_of(c) for c in core) and apiserver_ready():
         ensure_nodes()
+        if kueue and not pid_of("kueue"):
+            start_kueue()
         log(f"already up; KUBECONFIG={KUBECONFIG}")
         return
     STATE.mkdir(parents=True, exist_ok=True)
@@ -477,7 +484,8 @@ def up() -> None:
     ensure_nodes()
     start_local_executor()
     start_s3()
-    start_kueue()
+    if kueue:
+        start_kueue()
     wait_for("default service account", lambda: kubectl("get", "sa", "default", "-n", "default"),
              component="kube-controller-manager")
     log(f"up; KUBECONFIG={KUBECONFIG}")
@@ -499,7 +507,10 @@ def down() -> None:
 
 
 if __name__ == "__main__":
-    commands = {"up": up, "down": down}
-    if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        raise SystemExit(f"usage: {sys.argv[0]} up|down")
-    commands[sys.argv[1]]()
+    args = sys.argv[1:]
+    if args == ["up"] or args == ["up", "--without-kueue"]:
+        up(kueue=len(args) == 1)
+    elif args == ["down"]:
+        down()
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} up [--without-kueue] | down")

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -106,8 +107,18 @@ def run_to_end(work: Path, cfg: dict, timeout: float = 300, **env) -> str:
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """torchrun and its ranks. torch elastic starts each rank in a session of its own, so
+    killing torchrun's process group alone leaves ranks blocked in a collective running
+    after the test: they are found by ancestry first."""
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        ranks = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.send_signal(sig)
 
 
 @pytest.fixture(scope="session")
