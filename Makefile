@@ -30,11 +30,11 @@ $(UV):
 	python$(PY_VERSION) -m venv .cache/uv
 	.cache/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
+# Bytecode at install: every rank, preflight and operator process would otherwise compile
+# torch and transformers again on import (about 6 s of CPU each where bytecode is not written
+# back, e.g. under PYTHONDONTWRITEBYTECODE).
 $(VENV)/.installed: requirements.lock pyproject.toml | $(UV)
 	$(UV) venv --quiet --allow-existing --python python$(PY_VERSION) $(VENV)
-	# Bytecode at install: every rank, preflight and operator process would otherwise compile
-	# torch and transformers again on import (about 6 s of CPU each where bytecode is not
-	# written back, e.g. under PYTHONDONTWRITEBYTECODE).
 	VIRTUAL_ENV=$(VENV) $(UV) pip sync --quiet --compile-bytecode requirements.lock
 	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet --no-deps -e .
 	touch $@
