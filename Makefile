@@ -12,7 +12,7 @@ KUBECTL := .cache/bin/kubectl --kubeconfig $(KUBECONFIG)
 export KUBECONFIG
 
 .PHONY: help setup tools cluster-up cluster-down test test-unit lint crds lock operator run \
-	run-schedule clean
+	run-tools run-schedule clean
 
 help:
 	@echo "make run           bring up the local cluster and run the sample fine-tune end to end"
@@ -54,7 +54,8 @@ lock: | $(UV)
 tools:
 	hack/build-tools.sh
 
-cluster-up: setup
+cluster-up:
+	@$(MAKE) --no-print-directory -j2 setup tools
 	$(PY) hack/cluster.py up
 
 cluster-down:
@@ -67,7 +68,9 @@ crds: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup tools
+# The venv installs while the tools build (-j2): on a cold machine the two overlap.
+test:
+	@$(MAKE) --no-print-directory -j2 setup tools
 	$(PY) -m pytest
 
 test-unit: setup
@@ -78,10 +81,14 @@ operator: cluster-up
 	$(PY) -m flywheel_operator --standalone --all-namespaces --config hack/operator-local.yaml
 
 # The sample queues nothing: its first run does not wait for Kueue's build (cluster-up and
-# the tests add Kueue to the running cluster).
-run: setup
+# the tests add Kueue to the running cluster). The venv installs while the tools build.
+run:
+	@$(MAKE) --no-print-directory -j2 setup run-tools
 	$(PY) hack/cluster.py up --without-kueue
 	$(PY) hack/run.py
+
+run-tools:
+	python$(PY_VERSION) hack/cluster.py tools --without-kueue
 
 run-schedule: cluster-up
 	$(PY) hack/run.py --schedule

@@ -4,6 +4,7 @@ plus a real S3 server (versitygw, hack/local_s3.py) for the runs' models, data a
     python hack/cluster.py up      # idempotent: a no-op when the cluster is already healthy
     python hack/cluster.py up --without-kueue   # make run's: the sample queues nothing
     python hack/cluster.py down    # stops every process it started and removes the state
+    python hack/cluster.py tools [--without-kueue]   # only build the binaries `up` starts
 
 Everything lives under .cache/: binaries in .cache/bin (hack/build-tools.sh), state, PKI,
 kubeconfigs and logs in .cache/cluster. All components listen on loopback only, with
@@ -457,13 +458,18 @@ def start_kueue() -> None:
 # --- commands ----------------------------------------------------------------------------
 
 
+def build_tools(kueue: bool = True) -> None:
+    """The binaries `up` starts (hack/build-tools.sh: instant when they are built)."""
+    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok", "versitygw",
+                    *(["kueue"] if kueue else [])], check=True)
+
+
 def up(kueue: bool = True) -> None:
     """Start what is not running. Without `kueue` (make run: the sample queues nothing) Kueue
     is neither built nor started, which spares a first `make run` its build; a later `up`
     with it (make cluster-up, the tests) adds it to the running cluster."""
     core = [c for c in COMPONENTS if c != "kueue"]
-    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok", "versitygw",
-                    *(["kueue"] if kueue else [])], check=True)
+    build_tools(kueue)
     if not (BIN / "kubectl").exists():
         raise SystemExit("cluster: .cache/bin/kubectl missing; run `make setup` first")
     if all(pid_of(c) for c in core) and apiserver_ready():
@@ -508,9 +514,11 @@ def down() -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if args == ["up"] or args == ["up", "--without-kueue"]:
+    if args in (["up"], ["up", "--without-kueue"]):
         up(kueue=len(args) == 1)
+    elif args in (["tools"], ["tools", "--without-kueue"]):
+        build_tools(kueue=len(args) == 1)
     elif args == ["down"]:
         down()
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} up [--without-kueue] | down")
+        raise SystemExit(f"usage: {sys.argv[0]} up|tools [--without-kueue] | down")
