@@ -460,8 +460,8 @@ def start_kueue() -> None:
 
 def build_tools(kueue: bool = True) -> None:
     """The binaries `up` starts (hack/build-tools.sh: instant when they are built)."""
-    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "kwok", "versitygw",
-                    *(["kueue"] if kueue else [])], check=True)
+    subprocess.run([str(HACK / "build-tools.sh"), "etcd", "kubernetes", "versitygw",
+                    *(["kueue"] if kueue else [])], check=True)  # kubernetes builds kwok too
 
 
 def up(kueue: bool = True) -> None:
