@@ -20,7 +20,7 @@ K8S_LDFLAGS="-s -w \
 # Compiler flags, which dominate a cold build (about 10 of a cold `make run`'s 15 minutes on
 # two cores). These binaries only run the local control plane, so:
 # - -N -l: our tools' packages unoptimised and not inlined, a third less compiler work
-#   (Kubernetes: 726 against 493 CPU-seconds) for about a fifth more apiserver CPU under load
+#   (Kubernetes: 726 against 493 CPU-seconds) for about a quarter more apiserver CPU under load
 #   and no change in `make test`'s time;
 # - the Go standard library (runtime, GC, crypto, encoding) optimised, the later -gcflags
 #   winning for it (with it unoptimised as well, the apiserver used twice the CPU);
