@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -41,7 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 KUBECONFIG = ROOT / ".cache" / "cluster" / "kubeconfig"
 KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
-METRICS_PORT = 19090
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The operator's metrics endpoint: a port the OS handed out, kept in the environment so the
+# mode modules (which import this file again as `operator_scale`) see the same one.
+METRICS_PORT = int(os.environ.setdefault("FLYWHEEL_BENCH_METRICS_PORT", str(free_port())))
 
 
 def kubectl(*args: str, input: str | None = None) -> str:

@@ -36,9 +36,9 @@ def failures(model_dir: Path, eval_: Path) -> None:
     from flywheel_trainer.model import Dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # a one-process group on a store of its own: the port comes from the operating system
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     d = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), mesh=None)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
