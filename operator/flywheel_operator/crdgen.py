@@ -103,6 +103,7 @@ KINDS = [
             _col("Version", ".spec.version", "integer"),
             _col("Digest", ".spec.artifact.digest"),
             AGE,
+            _col("Parent", ".spec.parent.modelVersion"),
             _col("Run", ".spec.sourceRun.name", priority=1),
             _col("URI", ".spec.artifact.uri", priority=1)]),
     Kind(

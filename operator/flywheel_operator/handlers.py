@@ -43,6 +43,7 @@ from .vocab import (
     TERMINAL,
     VERSION,
     format_time,
+    set_condition,
 )
 
 log = logging.getLogger("flywheel")
@@ -63,6 +64,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 32
     memo.setdefault("config", OperatorConfig())
+    kube.configure(memo.config.apiConnectTimeoutSeconds, memo.config.apiReadTimeoutSeconds)
     global POLLER
     POLLER = poller.Poller(memo.config.progressIntervalSeconds, on_update=RUNS.wake)
     metrics.serve(memo.get("metrics_port", 0))
@@ -70,6 +72,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 
 
 RUNS = waker.Waker("run")
+CONFLICT_RECHECK_SECONDS = 30
 SCHEDULER = waker.Waker("schedule")
 
 
@@ -199,19 +202,67 @@ def reconcile(key: Key, runs: kopf.Index, run_jobs: kopf.Index, run_pods: kopf.I
                 and (run.get("status") or {}).get("phase") not in TERMINAL)):
             run = {**run, "status": written[1]}
         started = time.monotonic()
-        pods = list(run_pods.get(key, []))
-        jobs = list(run_jobs.get(key, []))
+        # Only the run's own children (by owner uid): a namesake's are never adopted.
+        jobs, pods = observe.owned(run["metadata"]["uid"], list(run_jobs.get(key, [])),
+                                   list(run_pods.get(key, [])))
         workloads = [w for j in jobs if run_workloads is not None
                      for w in run_workloads.get((key[0], j["name"]), [])]
         position = queue_position(key[0], jobs, workloads) if workloads else None
         plan = lifecycle.decide(run, jobs, pods, config=config,
                                 polled=POLLER.polled(key) if POLLER else None,
-                                workloads=workloads, position=position)
-        execute(key, run, plan, config)
+                                workloads=workloads, position=position,
+                                base_model=resolve_base_model(run) if not jobs else None)
+        try:
+            execute(key, run, plan, config)
+        except kube.Conflict as conflict:
+            report_conflict(key, run, plan, conflict)
+            return
+        except kube.Terminating:
+            return  # the namespace is going away, and the run with it
+        clear_conflict(key, run, plan)
         watch_progress(key, plan, pods)
         if plan.recheck_after is not None:  # e.g. when a start failure's grace is up
             RUNS.wake(key, plan.recheck_after + 1)
         metrics.RECONCILE.observe(time.monotonic() - started)
+
+
+def resolve_base_model(run: dict) -> dict | str | None:
+    """For a model:// base model not yet resolved: status.baseModel, or why it names no
+    version (lifecycle.resolve_base_model records either)."""
+    ref = registry.parse_ref(run["spec"]["baseModel"])
+    if ref is None or (run.get("status") or {}).get("baseModel"):
+        return None
+    namespace = run["metadata"]["namespace"]
+    try:
+        name = registry.ref_version_name(ref, kube.get(API, "Model", namespace, ref.model))
+        mv = kube.get(API, "ModelVersion", namespace, name)
+        return registry.resolve_ref(run["spec"]["baseModel"], ref, mv, name)
+    except registry.RefError as err:
+        return str(err)
+
+
+def report_conflict(key: Key, run: dict, plan: lifecycle.Plan, err: kube.Conflict) -> None:
+    """A child's name is taken by an object that is not the run's: say so on the run (it is
+    never adopted nor deleted) and look again later (a deleted namesake's children go)."""
+    status = {**plan.status}
+    set_condition(status, "Conflict", True, "NameTaken", str(err), format_time(),
+                  run["metadata"].get("generation", 1))
+    status["message"] = str(err)[:1024]
+    if status != (run.get("status") or {}):
+        kube.patch_status("FineTuneRun", *key, status)
+        _written[key] = (run["metadata"]["resourceVersion"], status)
+        kopf.event(run, type="Warning", reason="Conflict", message=str(err))
+    RUNS.wake(key, CONFLICT_RECHECK_SECONDS)
+
+
+def clear_conflict(key: Key, run: dict, plan: lifecycle.Plan) -> None:
+    conditions = (plan.status.get("conditions") or [])
+    if any(c["type"] == "Conflict" and c["status"] == "True" for c in conditions):
+        status = {**plan.status}
+        set_condition(status, "Conflict", False, "Resolved", "", format_time(),
+                      run["metadata"].get("generation", 1))
+        kube.patch_status("FineTuneRun", *key, status)
+        _written[key] = (run["metadata"]["resourceVersion"], status)
 
 
 def watch_progress(key: Key, plan: lifecycle.Plan, pods: list[dict]) -> None:
@@ -243,16 +294,14 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
                  - (run.get("status") or {}).get("estimatedCost", 0))
         if spent > 0:
             metrics.COST.labels(namespace, run["spec"]["modelName"]).inc(spent)
+    uid = run["metadata"]["uid"]
+    run_for_render = {**run, "status": plan.status}
     for attempt in plan.delete_attempts:
-        # The Job last: while it exists the attempt is seen, so a crash in between deletes
-        # the rest on the next reconcile instead of leaving them behind.
-        names = render.child_names(name, attempt)
-        kube.delete("v1", "Service", namespace, names.service)
-        kube.delete("v1", "ConfigMap", namespace, names.configmap)
-        kube.delete("batch/v1", "Job", namespace, names.job)
+        for child in render.attempt_children(name, attempt):  # only the run's own
+            kube.delete_owned(child.api_version, child.kind, namespace, child.name, uid)
     if plan.create_preflight:
-        for obj in render.preflight_objects(run, config):
-            kube.create(obj, namespace)
+        for obj in render.preflight_objects(run_for_render, config):
+            kube.create_owned(obj, namespace, uid)
     if plan.suspend_job:
         job, suspend = plan.suspend_job
         kube.patch("batch/v1", "Job", namespace, job, {"spec": {"suspend": suspend}})
@@ -263,14 +312,13 @@ def execute(key: Key, run: dict, plan: lifecycle.Plan, config: OperatorConfig) -
         metrics.ATTEMPTS.labels(namespace).inc()
         if plan.create_attempt > 1:
             metrics.RESTARTS.labels(namespace).inc()
-        run_for_render = {**run, "status": plan.status}
         objects = render.attempt_objects(run_for_render, plan.create_attempt, config,
                                          _promoted(namespace, run["spec"]["modelName"]))
         # The Job last: its existence says the attempt was created, so a crash before it
         # makes the next reconcile create the attempt again (existing objects are kept).
         *parts, job = objects
-        list(CREATORS.map(lambda obj: kube.create(obj, namespace), parts))
-        kube.create(job, namespace)
+        list(CREATORS.map(lambda obj: kube.create_owned(obj, namespace, uid), parts))
+        kube.create_owned(job, namespace, uid)
     for event_type, reason, message in plan.events:
         kopf.event(run, type=event_type, reason=reason, message=message)
         log.info("%s/%s: %s: %s", namespace, name, reason, message)
@@ -305,21 +353,15 @@ def register(run: dict, summary: registry.Summary) -> dict:
                          "metadata": {"name": model_name}, "spec": {}}, namespace)
             model = kube.get(API, "Model", namespace, model_name)
 
-        def listed() -> list[dict]:
-            return kube.list_objects(API, "ModelVersion", namespace, f"{MODEL_LABEL}={model_name}")
-
-        versions = listed()
-        mv = registry.own_version(versions, uid)
-        while mv is None:  # a concurrent registration may take a number: take the next one
-            candidate = registry.model_version(run, summary, registry.next_version(versions),
-                                               registry.baseline(model, versions),
-                                               registry.promoted_alias(model))
-            if kube.create(candidate, namespace):
-                mv = candidate
-                versions.append(mv)
-            else:  # 409: someone took this number, or our own create succeeded before a retry
-                versions = listed()
-                mv = registry.own_version(versions, uid)
+        mv, versions = registry.allocate_version(
+            uid,
+            make=lambda number, versions: registry.model_version(
+                run, summary, number, registry.baseline(model, versions),
+                registry.promoted_alias(model)),
+            list_versions=lambda: kube.list_objects(API, "ModelVersion", namespace,
+                                                    f"{MODEL_LABEL}={model_name}"),
+            create=lambda candidate: kube.create(candidate, namespace),
+            get=lambda name: kube.get(API, "ModelVersion", namespace, name))
         update = registry.record_version(model, mv, versions, format_time())
         name = model["metadata"]["name"]
         for gate in update.blocked_gates:
@@ -414,10 +456,15 @@ def reconcile_schedule(key: Key, index: kopf.Index, runs_index: kopf.Index) -> N
         runs = [r for r in runs_index.get(key, [])
                 if any(o.get("uid") == uid for o in r["metadata"].get("ownerReferences") or [])]
         plan = schedules.plan(schedule, runs, datetime.now(UTC))
-        for run_name in plan.delete:
-            kube.delete(API, "FineTuneRun", namespace, run_name)
-        for run in plan.create:
-            kube.create(run, namespace)
+        for run_name in plan.delete:  # only runs the schedule owns
+            kube.delete_owned(API, "FineTuneRun", namespace, run_name, uid)
+        try:
+            for run in plan.create:
+                kube.create_owned(run, namespace, uid)
+        except kube.Terminating:
+            return
+        except kube.Conflict as err:
+            kopf.event(schedule, type="Warning", reason="Conflict", message=str(err))
         # None values are removals in a merge patch; compare without them.
         if {k: v for k, v in plan.status.items() if v is not None} != (
                 schedule.get("status") or {}):

@@ -4,17 +4,22 @@ Objects travel as plain dicts over the kubernetes client's authenticated REST tr
 typed models: they cost CPU and drop fields they don't know). Everything is idempotent:
 creates tolerate AlreadyExists, deletes tolerate NotFound, status writes are JSON merge
 patches of the status subresource (no resourceVersion, so no 409), and transient errors are
-retried with backoff.
+retried with backoff. Every call has a (connect, read) timeout (`configure`), so a stalled
+connection cannot hold a worker and a run's lock.
+
+Children are the run's by owner uid, not by name: `create_owned` accepts an existing object
+only when the owner's uid is in its ownerReferences (else `Conflict`, naming the object), and
+`delete_owned` deletes only such an object, with a uid precondition.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import time
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from . import vocab
@@ -27,6 +32,28 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 class NotFound(Exception):
     pass
+
+
+class Conflict(Exception):
+    """An object of the name a child needs exists and belongs to someone else."""
+
+    def __init__(self, kind: str, namespace: str, name: str, owners: str):
+        self.kind, self.namespace, self.name = kind, namespace, name
+        super().__init__(f"{kind} {namespace}/{name} already exists and is not this run's "
+                         f"(owned by {owners}); it is left alone: delete or rename it")
+
+
+class Terminating(Exception):
+    """The namespace is being deleted: nothing new can be created in it."""
+
+
+#: (connect, read) seconds for every request; set from the operator config at start-up.
+TIMEOUT: tuple[float, float] = (5.0, 60.0)
+
+
+def configure(connect: float, read: float) -> None:
+    global TIMEOUT
+    TIMEOUT = (connect, read)
 
 
 @functools.cache
@@ -52,16 +79,21 @@ def request(method: str, path: str, body: dict | list | None = None,
             body=body, auth_settings=["BearerToken"])
         API_REQUESTS.labels(method).inc()
         try:
-            response = api.call_api(method, url, header_params=headers, body=payload)
+            response = api.call_api(method, url, header_params=headers, body=payload,
+                                    _request_timeout=TIMEOUT)
             response.read()
             if response.status >= 400:
                 raise ApiException(http_resp=response)
             return json.loads(response.data) if response.data else {}
+        except urllib3.exceptions.HTTPError:  # timeouts, refused or dropped connections
+            if attempt == 4:
+                raise
+            time.sleep(min(0.1 * 2**attempt, 2.0))
         except ApiException as err:
             if err.status == 404:
                 raise NotFound(path) from None
             if err.status not in RETRYABLE or attempt == 4 or (
-                err.status == 409 and method == "POST"
+                err.status == 409 and method in ("POST", "DELETE")
             ):
                 raise
             time.sleep(min(0.1 * 2**attempt, 2.0))
@@ -74,7 +106,8 @@ def collection_path(api_version: str, plural: str, namespace: str) -> str:
 
 
 PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",
-           "Deployment": "deployments", "Workload": "workloads", **vocab.PLURALS}
+           "Deployment": "deployments", "Workload": "workloads",
+           "NetworkPolicy": "networkpolicies", **vocab.PLURALS}
 
 
 def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
@@ -82,7 +115,8 @@ def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
 
 
 def create(obj: dict, namespace: str) -> bool:
-    """Create `obj`; False when it already exists (a re-run of the same step)."""
+    """Create `obj`; False when one of its name already exists. `Terminating` when the
+    namespace is being deleted."""
     try:
         request("POST", collection_path(obj["apiVersion"], PLURALS[obj["kind"]], namespace), obj)
         return True
@@ -90,8 +124,35 @@ def create(obj: dict, namespace: str) -> bool:
         if err.status == 409:
             return False
         if err.status == 403 and "being terminated" in str(err.body):
-            return False  # the namespace is going away, and the object with it
+            raise Terminating(namespace) from None
         raise
+
+
+def owners(obj: dict) -> str:
+    """Who owns `obj`, in words (for Conflict messages)."""
+    refs = obj["metadata"].get("ownerReferences") or []
+    return ", ".join(f"{r['kind']} {r['name']} uid {r['uid']}" for r in refs) or "nothing"
+
+
+def owned_by(obj: dict, uid: str) -> bool:
+    return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
+
+
+def create_owned(obj: dict, namespace: str, owner_uid: str) -> bool:
+    """Create a child of `owner_uid`; False when it exists already as that owner's (a re-run
+    of the same step). An object of the name owned by anyone else raises `Conflict`."""
+    for _ in range(3):
+        if create(obj, namespace):
+            return True
+        meta = obj["metadata"]
+        existing = get(obj["apiVersion"], obj["kind"], namespace, meta["name"])
+        if existing is None:
+            continue  # deleted in between: create it again
+        if not owned_by(existing, owner_uid):
+            raise Conflict(obj["kind"], namespace, meta["name"], owners(existing))
+        return False
+    raise Conflict(obj["kind"], namespace, obj["metadata"]["name"], "an object that keeps "
+                   "coming back")
 
 
 def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:
@@ -107,11 +168,28 @@ def list_objects(api_version: str, kind: str, namespace: str, selector: str = ""
     return request("GET", path, query=query).get("items", [])
 
 
-def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
-    """Delete in the background (the garbage collector takes dependents); absent is fine."""
-    with contextlib.suppress(NotFound):
-        request("DELETE", object_path(api_version, kind, namespace, name),
-                {"propagationPolicy": "Background"})
+def delete(api_version: str, kind: str, namespace: str, name: str,
+           uid: str | None = None) -> None:
+    """Delete in the background (the garbage collector takes dependents); absent is fine. With
+    `uid`, only that very object (a precondition: a namesake created since is kept)."""
+    body: dict = {"propagationPolicy": "Background"}
+    if uid:
+        body["preconditions"] = {"uid": uid}
+    try:
+        request("DELETE", object_path(api_version, kind, namespace, name), body)
+    except NotFound:
+        pass
+    except ApiException as err:
+        if not (uid and err.status == 409):  # 409: the precondition failed, a namesake
+            raise
+
+
+def delete_owned(api_version: str, kind: str, namespace: str, name: str,
+                 owner_uid: str) -> None:
+    """Delete the object `name` only if `owner_uid` owns it (never someone else's)."""
+    existing = get(api_version, kind, namespace, name)
+    if existing is not None and owned_by(existing, owner_uid):
+        delete(api_version, kind, namespace, name, existing["metadata"]["uid"])
 
 
 def patch(api_version: str, kind: str, namespace: str, name: str, body: dict,

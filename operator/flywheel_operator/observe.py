@@ -41,11 +41,26 @@ from .vocab import (
 # --- slim summaries: what the indexes keep of a run's Jobs and Pods ---------------------
 
 
+def _owner_uid(body: dict, kind: str) -> str | None:
+    return next((r.get("uid") for r in body["metadata"].get("ownerReferences") or []
+                 if r.get("kind") == kind), None)
+
+
+def owned(run_uid: str, jobs: list[dict], pods: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The run's own Jobs (ownerReferences name its uid) and those Jobs' Pods. Objects that
+    only carry the run's name (a deleted namesake's, or anyone's) are never the run's."""
+    mine = [j for j in jobs if j.get("owner") == run_uid]
+    uids = {j["uid"] for j in mine}
+    return mine, [p for p in pods if p.get("job") in uids]
+
+
 def job_summary(body: dict) -> dict:
     status = body.get("status") or {}
     conditions = {c["type"]: c for c in status.get("conditions") or [] if c["status"] == "True"}
     return {
         "name": body["metadata"]["name"],
+        "uid": body["metadata"].get("uid"),
+        "owner": _owner_uid(body, "FineTuneRun"),
         "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
         "suspended": bool((body.get("spec") or {}).get("suspend")),
@@ -72,6 +87,7 @@ def pod_summary(body: dict) -> dict:
                  for p in c.get("ports") or [] if p.get("name") == PROGRESS_PORT_NAME), None)
     return {
         "name": body["metadata"]["name"],
+        "job": _owner_uid(body, "Job"),
         "component": body["metadata"]["labels"].get(COMPONENT_LABEL, "trainer"),
         "attempt": int(body["metadata"]["labels"].get(ATTEMPT_LABEL, "0")),
         "index": int((body["metadata"].get("annotations") or {}).get(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,12 @@ from .vocab import (
 )
 
 URI_ENV = "FLYWHEEL_MODEL_URI"
+#: How many version numbers a registration tries before it gives up (each one taken by a
+#: concurrent registration or by a foreign object of that name moves on to the next).
+MAX_VERSION_TRIES = 20
+#: model://MODEL@ALIAS or model://MODEL/VERSION (as in MLflow's models:/name@alias, /name/7).
+MODEL_REF = re.compile(r"^model://(?P<model>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+                       r"(@(?P<alias>[a-z0-9]([-a-z0-9]*[a-z0-9])?)|/(?P<version>[1-9][0-9]*))$")
 
 
 class SummaryError(ValueError):
@@ -94,10 +102,57 @@ def comparison(alias: str, baseline: dict | None, metrics: dict[str, float]) -> 
             "deltas": {k: round(v - base[k], 6) for k, v in sorted(metrics.items()) if k in base}}
 
 
+# --- registry references: a run trained from a registered version ----------------------
+
+
+class RefError(ValueError):
+    """A model:// reference that does not name a registered version."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    model: str
+    alias: str | None = None
+    version: int | None = None
+
+
+def parse_ref(uri: str) -> ModelRef | None:
+    """The registry reference in a baseModel (None: not a model:// reference)."""
+    m = MODEL_REF.match(uri)
+    if not m:
+        return None
+    return ModelRef(m["model"], m["alias"], int(m["version"]) if m["version"] else None)
+
+
+def ref_version_name(ref: ModelRef, model: dict | None) -> str:
+    """The ModelVersion a reference names: its version, or where its alias points now."""
+    if model is None:
+        raise RefError(f"Model {ref.model} does not exist in this namespace")
+    if ref.version is not None:
+        return version_name(ref.model, ref.version)
+    target = ((model.get("status") or {}).get("aliases") or {}).get(ref.alias)
+    if not target or not target.get("modelVersion"):
+        known = ", ".join(sorted((model.get("status") or {}).get("aliases") or {})) or "none"
+        raise RefError(f"Model {ref.model} has no alias {ref.alias} (aliases: {known})")
+    return target["modelVersion"]
+
+
+def resolve_ref(uri: str, ref: ModelRef, mv: dict | None, name: str) -> dict:
+    """status.baseModel for a reference resolved to ModelVersion `mv` (named `name`)."""
+    if mv is None:
+        raise RefError(f"ModelVersion {name} (named by {uri}) does not exist")
+    if mv["spec"].get("modelName") != ref.model:
+        raise RefError(f"ModelVersion {name} is a version of {mv['spec'].get('modelName')}, "
+                       f"not of {ref.model}")
+    return {"ref": uri, "modelVersion": name, "version": mv["spec"]["version"],
+            "uri": mv["spec"]["artifact"]["uri"], "digest": mv["spec"]["artifact"]["digest"]}
+
+
 def model_version(run: dict, summary: Summary, version: int, baseline: dict | None,
                   alias: str) -> dict:
     """The immutable ModelVersion record for a succeeded run (validated against the API)."""
     spec = run["spec"]
+    parent = (run.get("status") or {}).get("baseModel")
     metrics = finite_metrics(summary.metrics)
     tracking = {k: v for k, v in {"url": summary.tracking.url,
                                   "experimentKey": summary.tracking.experimentKey}.items() if v}
@@ -105,7 +160,9 @@ def model_version(run: dict, summary: Summary, version: int, baseline: dict | No
         "modelName": spec["modelName"],
         "version": version,
         "artifact": summary.artifact.model_dump(),
-        "baseModel": spec["baseModel"],
+        "baseModel": parent["uri"] if parent else spec["baseModel"],
+        "parent": {"modelVersion": parent["modelVersion"], "version": parent["version"],
+                   "digest": parent["digest"], "ref": parent["ref"]} if parent else None,
         "sourceRun": {"name": run["metadata"]["name"], "uid": run["metadata"]["uid"]},
         "dataset": {"train": spec["dataset"]["train"], "eval": spec["dataset"].get("eval"),
                     "digests": summary.dataset.get("digests") or {}},
@@ -131,11 +188,43 @@ def alias_target(mv: dict, now: str) -> dict:
 def own_version(versions: list[dict], run_uid: str) -> dict | None:
     """The ModelVersion a run already registered (a retried registration), if any."""
     return next((v for v in versions
-                 if v["metadata"].get("labels", {}).get(RUN_UID_LABEL) == run_uid), None)
+                 if (v["metadata"].get("labels") or {}).get(RUN_UID_LABEL) == run_uid
+                 or ((v.get("spec") or {}).get("sourceRun") or {}).get("uid") == run_uid), None)
 
 
-def next_version(versions: list[dict]) -> int:
-    return max((v["spec"]["version"] for v in versions), default=0) + 1
+def next_version(versions: list[dict], taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """The next free version number: above every registered one and every number found
+    taken (by a concurrent registration or a foreign object of that name)."""
+    return max([v["spec"]["version"] for v in versions] + list(taken), default=0) + 1
+
+
+def allocate_version(run_uid: str, make: Callable[[int, list[dict]], dict],
+                     list_versions: Callable[[], list[dict]],
+                     create: Callable[[dict], bool],
+                     get: Callable[[str], dict | None]) -> tuple[dict, list[dict]]:
+    """Register a run's ModelVersion under the next free number, at most once: returns (the
+    run's ModelVersion, the versions listed). `make(number, versions)` builds the candidate,
+    `create` returns False when its name exists, `get` reads an object by name. A name taken
+    by a concurrent registration or by a foreign object (no model label, another model's)
+    moves on to the next number; after MAX_VERSION_TRIES numbers it gives up with an error
+    instead of looping. A namespace being deleted stops it through `create`'s exception."""
+    versions = list_versions()
+    taken: set[int] = set()
+    for _ in range(MAX_VERSION_TRIES):
+        mine = own_version(versions, run_uid)
+        if mine is not None:
+            return mine, versions
+        number = next_version(versions, taken)
+        candidate = make(number, versions)
+        if create(candidate):
+            return candidate, [*versions, candidate]
+        existing = get(candidate["metadata"]["name"])
+        if existing is not None and own_version([existing], run_uid):
+            return existing, [*versions, existing]  # our own create, retried
+        taken.add(number)
+        versions = list_versions()
+    raise RuntimeError(f"no free version number after {MAX_VERSION_TRIES} tries (numbers "
+                       f"{min(taken)}..{max(taken)} are taken by other objects)")
 
 
 def promoted_alias(model: dict) -> str:

@@ -44,6 +44,7 @@ PROGRESS_PORT_NAME, PROGRESS_PORT = "progress", 9400
 RunPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 RUN_PHASES: tuple[str, ...] = get_args(RunPhase)
 TERMINAL = ("Succeeded", "Failed")
+MODEL_REF_SCHEME = "model://"  # a registry base model: model://MODEL@ALIAS, model://MODEL/N
 
 # --- times: RFC3339 in UTC with second precision (`2026-11-26T03:00:00Z`) ----------------------
 

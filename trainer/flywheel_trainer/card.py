@@ -1,7 +1,8 @@
 """The model card: `README.md` in the Hugging Face model-card format, and `training.png` beside it.
 
 The card is written into the artifact directory with the weights (so the artifact digest covers
-it). Its YAML front matter carries `base_model`, `datasets`, `library_name` and a `model-index`
+it). Its YAML front matter carries `base_model` (a registry parent's artifact URI, the parent
+version named in the body), `datasets`, `library_name` and a `model-index`
 with one result per eval category (plus one for the whole eval set) holding exactly the metrics
 the run reports, so the registry's ModelVersion and the card agree (`card_metrics` reads them
 back). The body lists the dataset digests, hyperparameters, device-hours, run name and the
@@ -38,6 +39,7 @@ class CardInfo:
     tracking: dict = field(default_factory=dict)  # url, experimentKey
     curve: list[dict] = field(default_factory=list)  # {"step", "train_loss"[, "eval_loss"]}
     baseline: dict | None = None  # {"name": ..., "metrics": {...}} of the production version
+    parent: str | None = None  # the ModelVersion trained from (a registry base model)
 
 
 def _split(metric: str) -> tuple[str, str]:
@@ -103,6 +105,8 @@ def render(info: CardInfo) -> str:
              f"# {info.name}", "",
              f"Fine-tuned from `{info.base_model}` by the Flywheel FineTuneRun `{info.name}` "
              f"({info.steps} optimizer steps, {info.tokens} tokens, {info.world_size} ranks).", "",
+             *([f"Parent version: `{info.parent}` (the registry version it was trained from).",
+                ""] if info.parent else []),
              f"![training and eval loss, per-category accuracy]({PLOT_FILE})", "",
              "## Evaluation", "",
              f"Greedy tool-call accuracy (exact names and JSON arguments) and eval loss on "
@@ -128,6 +132,7 @@ def render(info: CardInfo) -> str:
              f"offline (experiment key `{key}`; the archive is in `comet-offline/` beside this "
              "card: `comet upload <archive.zip>`)")
     lines += ["", f"- Run: `{info.name}`",
+              *([f"- Parent version: `{info.parent}`"] if info.parent else []),
               f"- GPU-hours: {info.device_hours:.4f} (this attempt, {info.world_size} devices)",
               f"- Comet experiment: {comet}", ""]
     return "\n".join(lines)

@@ -9,6 +9,10 @@ store, rank 0 writes `.complete` last, listing each object of the step and its s
 trusted only when its `.complete` exists and every object it lists is there with that size;
 anything else is a torn write and ignored (and cleared before that step is written again).
 After each save the newest `keep` complete steps are kept; older ones lose `.complete` first.
+
+A run owns its checkpoints: `.complete` records the run's uid, and a run resumes only from
+steps it wrote itself (its directory is its own anyway, see config.run_scoped). Another run's
+checkpoint is used only when the run names it in `resumeFrom` (a deliberate warm start).
 """
 
 from __future__ import annotations
@@ -40,37 +44,59 @@ def _steps(uri: str) -> dict[int, str]:
             if e["type"] == "directory" and (m := STEP_DIR.match(e["name"]))}
 
 
-def is_complete(step_uri: str) -> bool:
-    """The step's marker exists and every object it lists is on the store with its size."""
+def is_complete(step_uri: str, run: str | None = None) -> bool:
+    """The step's marker exists and every object it lists is on the store with its size;
+    with `run`, the marker must also name that run (a step another run wrote is not ours)."""
     files = {e["name"]: e["size"] for e in storage.listdir(step_uri) if e["type"] == "file"}
     if MARKER not in files:
         return False
     try:
         with storage.open_uri(storage.join(step_uri, MARKER), "rb") as f:
-            listed = json.loads(f.read())["files"]
+            marker = json.loads(f.read())
+        listed = marker["files"]
     except (OSError, ValueError, KeyError):
+        return False
+    if run is not None and marker.get("run") != run:
+        log.warning("ignoring checkpoint %s: written by run %s, not this run (%s)",
+                    step_uri, marker.get("run"), run)
         return False
     return all(files.get(name) == size for name, size in listed.items())
 
 
-def complete_steps(uri: str) -> list[int]:
-    """Steps under `uri` that are complete on the store, oldest first."""
-    return sorted(step for step, path in _steps(uri).items() if is_complete(path))
+def complete_steps(uri: str, run: str | None = None) -> list[int]:
+    """Steps under `uri` that are complete on the store (and `run`'s), oldest first."""
+    return sorted(step for step, path in _steps(uri).items() if is_complete(path, run))
 
 
-def mark_complete(step_uri: str, step: int) -> None:
-    """Write the step's marker, last: it lists every object of the step and its size."""
+def mark_complete(step_uri: str, step: int, run: str | None = None) -> None:
+    """Write the step's marker, last: it lists every object of the step and its size, and the
+    run that wrote it."""
     files = {e["name"]: e["size"] for e in storage.listdir(step_uri)
              if e["type"] == "file" and e["name"] != MARKER}
     if ".metadata" not in files:
         raise OSError(f"{step_uri}: DCP's .metadata is missing after the save")
-    storage.pipe(storage.join(step_uri, MARKER),
-                 json.dumps({"step": step, "files": files}, sort_keys=True).encode())
+    storage.pipe(storage.join(step_uri, MARKER), json.dumps(
+        {"step": step, "files": files, "run": run}, sort_keys=True).encode())
+
+
+def warm_start_step(uri: str) -> str:
+    """The step directory `resumeFrom` names: itself when it is a complete step, else the
+    newest complete step under it. A clear error when there is none."""
+    uri = uri.rstrip("/")
+    if STEP_DIR.match(uri.rsplit("/", 1)[-1]) and is_complete(uri):
+        return uri
+    steps = complete_steps(uri)
+    if not steps:
+        raise FileNotFoundError(f"resumeFrom {uri}: no complete checkpoint there (a step-N "
+                                f"directory with its {MARKER} marker, or a directory of them)")
+    return storage.join(uri, f"step-{steps[-1]}")
 
 
 class CheckpointManager:
-    def __init__(self, uri: str, every_steps: int, keep: int, model, optimizer, scheduler):
+    def __init__(self, uri: str, every_steps: int, keep: int, model, optimizer, scheduler,
+                 run: str | None = None, resume_from: str | None = None):
         self.uri = uri.rstrip("/")
+        self.run, self.resume_from = run, resume_from
         self.every = every_steps
         self.keep = max(2, keep)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -101,7 +127,7 @@ class CheckpointManager:
 
     def save(self, step: int) -> None:
         path = self._path(step)
-        done = is_complete(path) if self.rank == 0 else None
+        done = is_complete(path, self.run) if self.rank == 0 else None
         flag = [done]
         dist.broadcast_object_list(flag, src=0)  # one rank decides, all agree
         if flag[0]:
@@ -112,13 +138,13 @@ class CheckpointManager:
         dcp.save(self._state(step), storage_writer=storage.dcp_writer(path))
         # dcp.save returns on every rank only after all shards and `.metadata` are written
         if self.rank == 0:
-            mark_complete(path, step)
+            mark_complete(path, step, self.run)
             self._purge(step)
         dist.barrier()
         log.info("saved checkpoint step %d to %s", step, path)
 
     def _purge(self, newest: int) -> None:
-        keep = set(complete_steps(self.uri)[-self.keep:])
+        keep = set(complete_steps(self.uri, self.run)[-self.keep:])
         for step, path in sorted(_steps(self.uri).items()):
             if step not in keep and step <= newest:
                 marker = storage.join(path, MARKER)
@@ -127,15 +153,20 @@ class CheckpointManager:
                 storage.rm(path, recursive=True)
 
     def load_latest(self) -> int:
-        """Restore the newest complete checkpoint; returns its step (0 when there is none)."""
-        steps = complete_steps(self.uri) if self.rank == 0 else None
-        flag = [steps[-1] if steps else 0]
+        """Restore the run's newest complete checkpoint, else the `resume_from` one; returns
+        its step (0 when there is none)."""
+        path = None
+        if self.rank == 0:
+            steps = complete_steps(self.uri, self.run)
+            path = (self._path(steps[-1]) if steps
+                    else warm_start_step(self.resume_from) if self.resume_from else None)
+        flag = [path]
         dist.broadcast_object_list(flag, src=0)  # every rank loads the same step
-        step = flag[0]
-        if not step:
+        path = flag[0]
+        if not path:
             return 0
-        state = self._state(step)
-        dcp.load(state, storage_reader=storage.dcp_reader(self._path(step)))
+        state = self._state(0)
+        dcp.load(state, storage_reader=storage.dcp_reader(path))
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         self.scheduler.last_epoch = int(state["scheduler"]["last_epoch"])
@@ -143,8 +174,9 @@ class CheckpointManager:
         torch.set_rng_state(state[f"rng/rank{self.rank}"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state(state[f"cuda_rng/rank{self.rank}"])
-        log.info("resumed from checkpoint step %d at %s", step, self._path(step))
+        step = int(state["train"]["step"])
+        log.info("resumed from checkpoint step %d at %s", step, path)
         loss = float(state["train"]["loss"])
         self.extra = {"tokens": int(state["train"]["tokens"]),
                       "loss": None if loss != loss else loss}
-        return int(state["train"]["step"])
+        return step

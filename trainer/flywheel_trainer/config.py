@@ -130,6 +130,18 @@ class TrainerConfig(SpecModel):
     output: Output
     tracking: Tracking = Field(default_factory=Tracking)
     runName: str | None = Field(default=None, description="FineTuneRun name (for tracking).")
+    resumeFrom: str | None = Field(
+        default=None, description="A checkpoint to warm-start from when the run has none of "
+        "its own: a `step-N/` directory or a checkpoint directory (its newest complete step).")
+    # ---- set by the operator ----
+    runUid: str | None = Field(
+        default=None, description="FineTuneRun uid: recorded in each checkpoint it writes; a "
+        "checkpoint of another run is never resumed from (unless named in resumeFrom).")
+    baseModelDigest: str | None = Field(
+        default=None, description="The base model's content digest (a registry version): "
+        "verified before training.")
+    parentVersion: str | None = Field(
+        default=None, description="The ModelVersion the base model is (lineage, model card).")
     # ---- runtime fields (not part of FineTuneRun.spec) ----
     attempt: int | None = Field(
         default=None, ge=0, description="Attempt number; `FLYWHEEL_ATTEMPT` from env wins."
@@ -168,4 +180,16 @@ class TrainerConfig(SpecModel):
         return cls.model_validate(json.loads(Path(path).read_text()))
 
     def checkpoint_uri(self) -> str:
-        return self.checkpoint.uri or self.output.uri.rstrip("/") + "/checkpoints/"
+        return self.checkpoint.uri or default_checkpoint_uri(self.output.uri)
+
+
+def default_checkpoint_uri(output_uri: str) -> str:
+    """Where checkpoints go when the spec names no place: `<output>/checkpoints/`."""
+    return output_uri.rstrip("/") + "/checkpoints/"
+
+
+def run_scoped(uri: str, run_name: str, run_uid: str) -> str:
+    """A run's own directory under a user's URI: `<uri>/<run-name>-<uid8>/`. Two runs that
+    name the same output (or a run deleted and applied again) never share a directory, so a
+    run neither resumes from another's checkpoints nor overwrites a registered artifact."""
+    return f"{uri.rstrip('/')}/{run_name}-{run_uid[:8]}/"

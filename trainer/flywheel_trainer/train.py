@@ -130,7 +130,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
 
     hp = cfg.hyperparameters
     progress.stage("loading-model")
-    model_path = resolve_model_path(cfg.baseModel, d)
+    model_path = resolve_model_path(cfg.baseModel, d, digest=cfg.baseModelDigest)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     fmt = ChatFormat(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -167,12 +167,14 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
     warmup = int(hp.warmupRatio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
     ckpt = CheckpointManager(cfg.checkpoint_uri(), cfg.checkpoint.everySteps, cfg.checkpoint.keep,
-                             model, optimizer, scheduler)
+                             model, optimizer, scheduler, run=cfg.runUid,
+                             resume_from=cfg.resumeFrom)
     step = ckpt.load_latest()
     start_step = step
     tracker.log_params({**hp.model_dump(), **cfg.fsdp.model_dump(), "worldSize": d.world_size,
                         "gradAccum": accum, "effectiveGlobalBatchSize": global_batch,
-                        "totalSteps": total_steps, "baseModel": cfg.baseModel})
+                        "totalSteps": total_steps, "baseModel": cfg.baseModel,
+                        **({"parentVersion": cfg.parentVersion} if cfg.parentVersion else {})})
     if start_step == 0:
         tracker.log_data_report(report)
 
@@ -269,7 +271,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
             hyperparameters=hp.model_dump(), metrics=metrics, steps=step, tokens=tokens_total,
             world_size=d.world_size, device_hours=d.world_size * (time.time() - t_start) / 3600,
             tracking={"url": tracker.url, "experimentKey": tracker.key}, curve=curve,
-            baseline=cfg.baseline)
+            baseline=cfg.baseline, parent=cfg.parentVersion)
     artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d,
                          extra_files=card_files(card) if card else None)
     if d.is_main:
@@ -278,6 +280,7 @@ def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
             "artifact": {**artifact, "card": artifact["uri"].rstrip("/") + "/" + CARD_FILE},
             "metrics": metrics,
             "steps": step,
+            "startStep": start_step,  # > 0: resumed from a checkpoint at that step
             "dataset": {
                 "digests": {"train": train.report["digest"],
                             **({"eval": evals.report["digest"]} if evals else {})},

@@ -18,9 +18,11 @@ DATA_URI_RE = (
     r"|file:///[^?#]*"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^?#]+)$"
 )
-#: Base model URIs: the data schemes plus hf://[org/]name[@revision].
+#: Base model URIs: the data schemes, hf://[org/]name[@revision] and registry references
+#: model://MODEL@ALIAS or model://MODEL/VERSION (a Model of the run's namespace).
 MODEL_URI_RE = (
-    r"^(hf://([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?"
+    r"^(model://[a-z0-9]([-a-z0-9]*[a-z0-9])?(@[a-z0-9]([-a-z0-9]*[a-z0-9])?|/[1-9][0-9]{0,8})"
+    r"|hf://([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._/-]*)?"
     r"|(s3|gs)://[a-z0-9][a-z0-9._-]{1,62}(/[^?#]*)?"
     r"|file:///[^?#]*"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^?#]+)$"
@@ -58,8 +60,9 @@ def uri_rules(kind: Literal["data", "model"]) -> list[dict[str, str]]:
     if kind == "model":
         scheme = {
             "rule": f"self.matches(r'{MODEL_URI_RE}')",
-            "message": "must be hf://[org/]name[@revision], s3://bucket/path, gs://bucket/path, "
-            "file:///path or pvc://claim/path"}
+            "message": "must be model://MODEL@ALIAS, model://MODEL/VERSION, "
+            "hf://[org/]name[@revision], s3://bucket/path, gs://bucket/path, file:///path or "
+            "pvc://claim/path"}
     else:
         scheme = {
             "rule": f"self.matches(r'{DATA_URI_RE}')",

@@ -46,6 +46,18 @@ class SourceRun(BaseModel):
     uid: str = Field(max_length=64, description="FineTuneRun uid.")
 
 
+class ParentRecord(BaseModel):
+    """The registry version a version was trained from (lineage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modelVersion: str = Field(max_length=253, description="Parent ModelVersion name.")
+    version: int = Field(ge=1, description="Parent version number.")
+    digest: str = Field(max_length=128, description="Parent artifact digest (verified).")
+    ref: str | None = Field(default=None, max_length=URI_MAX,
+                            description="The reference the run named, e.g. model://m@production.")
+
+
 class DatasetRecord(BaseModel):
     """The data a version was trained on."""
 
@@ -86,7 +98,10 @@ class ModelVersionSpec(BaseModel):
     modelName: DnsLabel = Field(description="The Model this is a version of.")
     version: int = Field(ge=1, description="Version number, increasing per model.")
     artifact: Artifact = Field(description="The exported files.")
-    baseModel: str = Field(max_length=URI_MAX, description="Base model URI.")
+    baseModel: str = Field(max_length=URI_MAX, description="Base model URI (for a registry "
+                           "parent: its artifact URI).")
+    parent: ParentRecord | None = Field(
+        default=None, description="The registry version it was trained from, if any.")
     sourceRun: SourceRun = Field(description="The run that produced it.")
     dataset: DatasetRecord = Field(description="The data it was trained on.")
     metrics: dict[str, float] = Field(
