@@ -58,6 +58,32 @@ def test_errors_name_file_and_line(tmp_path):
     assert report["invalid"] == 4 and report["skippedInvalid"] == 4
 
 
+def test_a_line_longer_than_the_cap_is_a_file_line_error(tmp_path, monkeypatch):
+    """A huge line (or a file without newlines) is read past in blocks, never held whole."""
+    import io
+
+    from flywheel_trainer.data import capped_lines
+
+    good, cap = json.dumps(_good(1)), 100_000
+    monkeypatch.setenv("FLYWHEEL_MAX_LINE_BYTES", str(cap))
+    path = tmp_path / "long.jsonl"
+    huge = json.dumps({**_good(2), "padding": "x" * 3_000_000})
+    path.write_text("\n".join([good, huge, json.dumps(_good(3))]) + "\n")
+    with pytest.raises(DataError) as err:
+        read_conversations(str(path), skip_invalid=False)
+    assert f"{path}:2: line longer than {cap} bytes (FLYWHEEL_MAX_LINE_BYTES)" in str(err.value)
+    convs, report = read_conversations(str(path), skip_invalid=True)
+    assert [c.line for c in convs] == [1, 3] and report["invalid"] == 1
+    assert report["digest"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    # Every split of the blocks gives the same lines.
+    data = b"ab\n" + b"x" * 10 + b"\nabcd\n\n" + b"y" * 25 + b"\nlast"
+    for block in (1, 2, 3, 7, 100):
+        digest = hashlib.sha256()
+        lines = list(capped_lines(io.BytesIO(data), 4, digest, block))
+        assert lines == [b"ab\n", None, b"abcd\n", b"\n", None, b"last"], block
+        assert digest.digest() == hashlib.sha256(data).digest()
+
+
 def test_quality_filters_are_counted(tmp_path, toy):
     good = _good(3)
     bad_args = _good(4)

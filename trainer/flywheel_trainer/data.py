@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .chat import ChatError, ChatFormat
 from .storage import open_uri
@@ -33,6 +34,37 @@ FILTERS = ("invalid_tool_arguments", "unknown_tool", "empty_assistant", "duplica
 
 class DataError(ValueError):
     """Malformed input lines; the message lists `file:line: what is wrong` for each."""
+
+
+#: Longest line read (bytes, without its newline); the operator sets it per cluster.
+MAX_LINE_ENV = "FLYWHEEL_MAX_LINE_BYTES"
+DEFAULT_MAX_LINE_BYTES = 16 * 2**20
+
+
+def max_line_bytes() -> int:
+    return int(os.environ.get(MAX_LINE_ENV) or DEFAULT_MAX_LINE_BYTES)
+
+
+def capped_lines(f: BinaryIO, cap: int, digest: Any, block_size: int = 2**20):
+    """The lines of a binary file (with their newline), every byte fed to `digest`; None in
+    place of a line longer than `cap` bytes, which is read past in blocks and never held
+    whole (a file without newlines cannot exhaust memory)."""
+    buf, too_long = b"", False
+    while block := f.read(block_size):
+        digest.update(block)
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            piece = block[start:end + 1]
+            yield None if too_long or len(buf) + len(piece) - 1 > cap else buf + piece
+            buf, too_long, start = b"", False, end + 1
+        if not too_long:
+            buf += block[start:]
+            if len(buf) > cap:
+                buf, too_long = b"", True
+    if too_long:
+        yield None
+    elif buf:
+        yield buf
 
 
 # ----------------------------------------------------------------------------- validation
@@ -139,10 +171,14 @@ def read_conversations(uri: str, skip_invalid: bool) -> tuple[list[Conversation]
     seen: set[str] = set()
     filtered: Counter[str] = Counter()
     lines = 0
-    file_hash = hashlib.sha256()
+    file_hash = hashlib.sha256()  # over the file's bytes
+    cap = max_line_bytes()
     with open_uri(uri, "rb") as f:
-        for lineno, data in enumerate(f, start=1):
-            file_hash.update(data)  # the digest is over the file's bytes
+        for lineno, data in enumerate(capped_lines(f, cap, file_hash), start=1):
+            if data is None:
+                lines += 1
+                errors.append(f"{uri}:{lineno}: line longer than {cap} bytes ({MAX_LINE_ENV})")
+                continue
             if not data.strip():
                 continue
             lines += 1
