@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -166,6 +167,41 @@ class PeakRss(threading.Thread):
             time.sleep(self.every)
 
 
+def stop_operator(operator: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    if operator is None or operator.poll() is not None:
+        return
+    operator.terminate()
+    try:
+        operator.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        operator.kill()
+        operator.wait(timeout=30)
+
+
+def teardown(operator: subprocess.Popen | None, namespaces: list[str], extra_nodes: int,
+             *cleanups) -> None:
+    """Whatever happened before: every `cleanups` callable, the operator stopped (killed if it
+    lingers), the bench namespaces and the extra fake nodes deleted. A failing step is
+    reported and the others still run, so no bench leaves its operator or its runs behind."""
+    steps = [*cleanups, lambda: stop_operator(operator),
+             *[lambda ns=ns: kubectl("delete", "namespace", ns, "--wait=false",
+                                     "--ignore-not-found") for ns in namespaces]]
+    if extra_nodes:
+        steps.append(lambda: kubectl("delete", "--wait=false", "--ignore-not-found",
+                                     *[f"node/h200-{i}" for i in range(4, 4 + extra_nodes)]))
+    for step in steps:
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 (teardown goes on; the error is shown)
+            print(f"teardown: {err!r}", file=sys.stderr, flush=True)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a timeout's kill) unwinds like Ctrl-C: the `finally` teardowns run."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def quiet_cluster(pods: int) -> int:
     """The cluster up with fake H200 nodes for `pods` one-GPU pods (8 a node, beside the 4
     of the pool), the CRDs established, and no earlier bench namespace still deleting (the
@@ -194,6 +230,7 @@ def main() -> None:
                         help="admission -> Running through Kueue beside the direct path")
     args = parser.parse_args()
     n = args.runs
+    exit_on_sigterm()
     if args.kueue:
         from operator_scale_kueue import kueue  # bench/operator_scale_kueue.py
 
@@ -204,28 +241,29 @@ def main() -> None:
     extra_nodes = quiet_cluster(n)
     stamp = datetime.now(UTC).strftime("%H%M%S")
     ns_ops, ns_native = f"bench-ops-{stamp}", f"bench-native-{stamp}"
-    for ns in (ns_ops, ns_native):
-        kubectl("create", "namespace", ns)
-        kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
-
-    api = kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG))
-    api.configuration.connection_pool_maxsize = 32
-    core, batch = kubernetes.client.CoreV1Api(api), kubernetes.client.BatchV1Api(api)
-
-    log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
-         "--metrics-port", str(METRICS_PORT), "--liveness", ""],
-        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
-    proc = psutil.Process(operator.pid)
-    cpu_before = None
-    rss = PeakRss(proc, every=0.1)
-    wait_for_metrics()
-    time.sleep(2)  # let the initial listing settle
-    requests_before = scrape_requests()
-    cpu_before = sum(proc.cpu_times()[:2])
-
+    operator, rss = None, None
     try:
+        for ns in (ns_ops, ns_native):
+            kubectl("create", "namespace", ns)
+            kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
+
+        api = kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG))
+        api.configuration.connection_pool_maxsize = 32
+        core, batch = kubernetes.client.CoreV1Api(api), kubernetes.client.BatchV1Api(api)
+
+        log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
+             "--metrics-port", str(METRICS_PORT), "--liveness", ""],
+            env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log,
+            stderr=subprocess.STDOUT)
+        proc = psutil.Process(operator.pid)
+        rss = PeakRss(proc, every=0.1)
+        wait_for_metrics()
+        time.sleep(2)  # let the initial listing settle
+        requests_before = scrape_requests()
+        cpu_before = sum(proc.cpu_times()[:2])
+
         # --- the operator: FineTuneRun created -> Job created ---
         jobs = Watcher(api, batch.list_namespaced_job, ns_ops,
                        lambda o: o["metadata"]["labels"].get("flywheel.dev/run"))
@@ -258,13 +296,7 @@ def main() -> None:
             time.sleep(0.2)
         native = [pods.seen[name] - created[name] for name in created if name in pods.seen]
     finally:
-        rss.stop.set()
-        operator.terminate()
-        operator.wait(timeout=30)
-        for ns in (ns_ops, ns_native):
-            kubectl("delete", "namespace", ns, "--wait=false")
-        extra = [f"node/h200-{i}" for i in range(4, 4 + extra_nodes)]
-        kubectl("delete", "--wait=false", "--ignore-not-found", *extra)
+        teardown(operator, [ns_ops, ns_native], extra_nodes, *([rss.stop.set] if rss else []))
 
     result = {
         "runs": n,

@@ -30,6 +30,7 @@ from operator_scale import (
     post_all,
     quiet_cluster,
     run_manifest,
+    teardown,
     wait_for_metrics,
 )
 
@@ -144,46 +145,43 @@ def kueue(n: int, record: bool) -> None:
     extra_nodes = quiet_cluster(2 * n)  # room for both sets of pods at once
     stamp = datetime.now(UTC).strftime("%H%M%S")
     ns_direct, ns_queued, cq = f"bench-direct-{stamp}", f"bench-kueue-{stamp}", f"bench-{stamp}"
-    for ns in (ns_direct, ns_queued):
-        kubectl("create", "namespace", ns)
-        kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
-    # A ClusterQueue whose quota holds every run (1 GPU each), and the namespace's LocalQueue.
-    kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "List", "items": [
-            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
-             "metadata": {"name": cq},
-             "spec": {"namespaceSelector": {}, "resourceGroups": [{
-                 "coveredResources": ["nvidia.com/gpu", "cpu", "memory"],
-                 "flavors": [{"name": "h200", "resources": [
-                     {"name": "nvidia.com/gpu", "nominalQuota": n},
-                     {"name": "cpu", "nominalQuota": 1000 * n},
-                     {"name": "memory", "nominalQuota": f"{1000 * n}Gi"}]}]}]}},
-            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-             "metadata": {"name": "bench", "namespace": ns_queued},
-             "spec": {"clusterQueue": cq}}]}))
-    # The operator's defaults (as the plain benchmark runs it), with the Kueue integration on.
-    config_file = Path(tempfile.mkdtemp()) / "operator.yaml"
-    config_file.write_text(yaml.safe_dump({"kueue": {"enabled": True}}))
-    api = kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG))
-    api.configuration.connection_pool_maxsize = 32
-    log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
-         "--metrics-port", str(METRICS_PORT), "--liveness", "", "--config", str(config_file)],
-        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
+    operator = None
     try:
+        for ns in (ns_direct, ns_queued):
+            kubectl("create", "namespace", ns)
+            kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
+        # A ClusterQueue whose quota holds every run (1 GPU each), and the namespace's LocalQueue.
+        kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
+                 "metadata": {"name": cq},
+                 "spec": {"namespaceSelector": {}, "resourceGroups": [{
+                     "coveredResources": ["nvidia.com/gpu", "cpu", "memory"],
+                     "flavors": [{"name": "h200", "resources": [
+                         {"name": "nvidia.com/gpu", "nominalQuota": n},
+                         {"name": "cpu", "nominalQuota": 1000 * n},
+                         {"name": "memory", "nominalQuota": f"{1000 * n}Gi"}]}]}]}},
+                {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+                 "metadata": {"name": "bench", "namespace": ns_queued},
+                 "spec": {"clusterQueue": cq}}]}))
+        # The operator's defaults (as the plain benchmark runs it), with the Kueue integration on.
+        config_file = Path(tempfile.mkdtemp()) / "operator.yaml"
+        config_file.write_text(yaml.safe_dump({"kueue": {"enabled": True}}))
+        api = kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG))
+        api.configuration.connection_pool_maxsize = 32
+        log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
+             "--metrics-port", str(METRICS_PORT), "--liveness", "", "--config", str(config_file)],
+            env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
         wait_for_metrics()
         time.sleep(2)  # let the initial listing settle
         direct = _through(api, ns_direct, n, None, timeout=600)
         queued = _through(api, ns_queued, n, "bench", timeout=1200)
     finally:
-        operator.terminate()
-        operator.wait(timeout=30)
-        for ns in (ns_direct, ns_queued):
-            kubectl("delete", "namespace", ns, "--wait=false")
-        kubectl("delete", "clusterqueue", cq, "--wait=false")
-        extra = [f"node/h200-{i}" for i in range(4, 4 + extra_nodes)]
-        kubectl("delete", "--wait=false", "--ignore-not-found", *extra)
+        teardown(operator, [ns_direct, ns_queued], extra_nodes,
+                 lambda: kubectl("delete", "clusterqueue", cq, "--wait=false",
+                                 "--ignore-not-found"))
     result = {"mode": "kueue", "runs": n, "kueue": queued, "direct": direct}
     if record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as out:

@@ -41,6 +41,7 @@ from operator_scale import (
     post_all,
     quiet_cluster,
     run_manifest,
+    teardown,
     wait_for_metrics,
 )
 
@@ -173,21 +174,12 @@ def training(n: int, window: float, record: bool) -> None:
     interval = OperatorConfig().progressIntervalSeconds  # the operator runs on its defaults
     extra_nodes = quiet_cluster(n)
     ns = f"bench-train-{datetime.now(UTC):%H%M%S}"
-    kubectl("create", "namespace", ns)
-    kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
     api = kubernetes.config.new_client_from_config(config_file=str(KUBECONFIG))
     api.configuration.connection_pool_maxsize = 32
     core = kubernetes.client.CoreV1Api(api)
-    log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
-    operator_env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
-         "--metrics-port", str(METRICS_PORT), "--liveness", ""],
-        env={**operator_env, "KUBECONFIG": str(KUBECONFIG)}, stdout=log, stderr=subprocess.STDOUT)
-    proc = psutil.Process(operator.pid)
     standins = StandIns()
     standins.start()
-    rss = PeakRss(proc, every=0.5)
+    operator, peak = None, None
 
     def pods_running() -> list[str]:
         """Serve every Running pod's IP; returns them."""
@@ -207,6 +199,17 @@ def training(n: int, window: float, record: bool) -> None:
                 and (r["status"].get("progress") or {}).get("step")}
 
     try:
+        kubectl("create", "namespace", ns)
+        kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
+        log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
+        operator_env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
+             "--metrics-port", str(METRICS_PORT), "--liveness", ""],
+            env={**operator_env, "KUBECONFIG": str(KUBECONFIG)}, stdout=log,
+            stderr=subprocess.STDOUT)
+        proc = psutil.Process(operator.pid)
+        peak = PeakRss(proc, every=0.5)
         wait_for_metrics()
         cpu_start = sum(proc.cpu_times()[:2])
         _say(t_start, f"operator up; creating {n} runs in {ns}")
@@ -245,17 +248,11 @@ def training(n: int, window: float, record: bool) -> None:
         items = runs()
         now = time.time()
         after = progressing(items)
-        rss = proc.memory_info().rss
+        rss_end = proc.memory_info().rss
         events = events_since(ns, wall0)
         _say(t_start, "measured; tearing down")
     finally:
-        rss.stop.set()
-        operator.terminate()
-        operator.wait(timeout=60)
-        standins.stop()
-        kubectl("delete", "namespace", ns, "--wait=false")
-        extra = [f"node/h200-{i}" for i in range(4, 4 + extra_nodes)]
-        kubectl("delete", "--wait=false", "--ignore-not-found", *extra)
+        teardown(operator, [ns], extra_nodes, standins.stop, *([peak.stop.set] if peak else []))
     minutes = (t1 - t0) / 60
     ops = _delta(ops1, ops0)
     op_writes = sum(v for verb, v in ops.items() if verb in WRITE_VERBS)
@@ -286,8 +283,8 @@ def training(n: int, window: float, record: bool) -> None:
                                   "p99": round(percentile(ages, 0.99), 1),
                                   "max": round(max(ages), 1)} if ages else None,
         "operator_rss_mb": {"window_start": round(rss0 / 2**20, 1),
-                            "window_end": round(rss / 2**20, 1)},
-        "operator_peak_rss_mb": round(rss.peak / 2**20, 1),
+                            "window_end": round(rss_end / 2**20, 1)},
+        "operator_peak_rss_mb": round(peak.peak / 2**20, 1),
         "ramp": {"create_s": round(t_created - t_start, 1),
                  "all_pods_running_s": round(t_running - t_created, 1),
                  "all_progress_s": round(t_settled - t_running, 1),
