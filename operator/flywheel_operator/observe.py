@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
+from flywheel_trainer.contract import EXIT_DATA_ERROR, TRAINING
+
 from .vocab import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX_ANNOTATION,
@@ -123,7 +125,6 @@ DISRUPTED = frozenset(DISRUPTIONS.values())  # attempt reasons that spend maxDis
 #: Container waiting reasons that do not fix themselves: fail after a short grace period.
 START_FAILURES = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                   "CreateContainerConfigError", "CreateContainerError")
-EXIT_DATA_ERROR = 2  # the trainer's contract (flywheel_trainer.launch)
 #: Termination message patterns, checked in order.
 PATTERNS = [
     ("CUDAOutOfMemory", re.compile(r"CUDA out of memory|OutOfMemoryError", re.I)),
@@ -338,10 +339,10 @@ def stalled(polled: Polled | None, running_since: str | None, now: str,
             return ("NoHeartbeat", f"rank {r['rank']} has gone silent ({where}); ranks last "
                     f"heard: {ranks}")
     limit = getattr(allow, STAGE_ALLOWANCE.get(stage, "stall"))
-    since = _ts(doc.get("stepTime") if stage == "training" else doc.get("stageTime"))
+    since = _ts(doc.get("stepTime") if stage == TRAINING else doc.get("stageTime"))
     age = (t_doc - since if since is not None else 0.0) + silent
     if age <= limit:
         return None
-    what = (f"no step for {int(age)}s" if stage == "training"
+    what = (f"no step for {int(age)}s" if stage == TRAINING
             else f"in {stage} for {int(age)}s (allowed {int(limit)}s)")
     return ("NoProgress", f"{what} ({where}); ranks last heard: {ranks}")

@@ -1,22 +1,21 @@
-"""The model registry's decisions, pure: rank 0's summary, the ModelVersion record, which
-version number to take, the Model status after a registration (versions, `latest`, promotion
-through gates or not, pinned aliases) and serving-target patches. Each returns what to write;
+"""The model registry's decisions, pure: the ModelVersion record (from rank 0's summary,
+flywheel_trainer.contract), which version number to take, the Model status after a
+registration (versions, `latest`, promotion through gates or not, pinned aliases), registry
+references (`model://`) and serving-target patches. Each returns what to write;
 handlers.py writes it (kube.py), posts the events and counts the metrics.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from flywheel_trainer.contract import Summary
 
-from .api import Artifact, ModelStatus, ModelVersionSpec, checked
+from .api import ModelStatus, ModelVersionSpec, checked
 from .vocab import (
     API_VERSION,
     DIGEST_ANNOTATION,
@@ -33,52 +32,6 @@ MAX_VERSION_TRIES = 20
 #: model://MODEL@ALIAS or model://MODEL/VERSION (as in MLflow's models:/name@alias, /name/7).
 MODEL_REF = re.compile(r"^model://(?P<model>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
                        r"(@(?P<alias>[a-z0-9]([-a-z0-9]*[a-z0-9])?)|/(?P<version>[1-9][0-9]*))$")
-
-
-class SummaryError(ValueError):
-    """The trainer's summary is missing or malformed: the run fails, nothing is registered."""
-
-
-class Throughput(BaseModel):
-    tokensPerSecond: float | None = None
-    mfu: float | None = None
-
-
-class TrackingSummary(BaseModel):
-    url: str | None = None
-    experimentKey: str | None = None
-    offlineArchive: str | None = None
-
-
-class Summary(BaseModel):
-    """What rank 0 writes to its termination message (at most 4 KiB of JSON)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    artifact: Artifact
-    metrics: dict[str, float | None] = Field(default_factory=dict)
-    steps: int = Field(ge=0)
-    tokens: int = Field(ge=0)
-    throughput: Throughput = Field(default_factory=Throughput)
-    tracking: TrackingSummary = Field(default_factory=TrackingSummary)
-    dataset: dict[str, Any] = Field(default_factory=dict)
-
-
-def parse_summary(text: str | None) -> Summary:
-    if not text or not text.strip():
-        raise SummaryError("rank 0 wrote no summary to its termination message")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SummaryError(f"rank 0's summary is not JSON ({err.msg} at char {err.pos})") from None
-    if isinstance(data, dict) and data.get("error"):
-        raise SummaryError(f"the trainer reported an error: {data['error']}"[:1024])
-    try:
-        return Summary.model_validate(data)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5])
-        raise SummaryError(f"rank 0's summary is malformed: {problems}") from None
 
 
 def finite_metrics(metrics: dict[str, float | None]) -> dict[str, float]:
@@ -159,13 +112,14 @@ def model_version(run: dict, summary: Summary, version: int, baseline: dict | No
     mv_spec = ModelVersionSpec.model_validate({
         "modelName": spec["modelName"],
         "version": version,
-        "artifact": summary.artifact.model_dump(),
+        "artifact": summary.artifact.model_dump(exclude_none=True,
+                                                include={"uri", "digest", "format", "card"}),
         "baseModel": parent["uri"] if parent else spec["baseModel"],
         "parent": {"modelVersion": parent["modelVersion"], "version": parent["version"],
                    "digest": parent["digest"], "ref": parent["ref"]} if parent else None,
         "sourceRun": {"name": run["metadata"]["name"], "uid": run["metadata"]["uid"]},
         "dataset": {"train": spec["dataset"]["train"], "eval": spec["dataset"].get("eval"),
-                    "digests": summary.dataset.get("digests") or {}},
+                    "digests": summary.dataset.digests},
         "metrics": metrics,
         "tracking": tracking or None,
         "comparison": comparison(alias, baseline, metrics)})

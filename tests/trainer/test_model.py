@@ -9,9 +9,9 @@ import torch
 from flywheel_trainer import toy as toylib
 from flywheel_trainer.chat import ChatFormat
 from flywheel_trainer.checkpoint import complete_steps
+from flywheel_trainer.contract import fit as summary_json
 from flywheel_trainer.data import Example, Pack, collate, tokenize_conversation
 from flywheel_trainer.model import flops_per_token
-from flywheel_trainer.tracking import summary_json
 
 
 def _example(tok, seed, category):

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from flywheel_operator.registry import model_version, parse_summary
+from flywheel_operator.registry import model_version
 from flywheel_trainer.card import (
     PLOT_FILE,
     CardInfo,
@@ -15,6 +15,7 @@ from flywheel_trainer.card import (
     front_matter,
     render,
 )
+from flywheel_trainer.contract import parse_summary
 
 METRICS = {"train_loss": 0.21, "eval_loss": 0.3, "eval_loss/email": 0.25,
            "eval_loss/integration": 0.35, "tool_call_accuracy": 0.9,

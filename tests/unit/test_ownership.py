@@ -9,6 +9,7 @@ import pytest
 from flywheel_operator import registry, render
 from flywheel_operator.lifecycle import decide
 from flywheel_operator.observe import job_summary, owned, pod_summary
+from flywheel_trainer import contract
 from flywheel_trainer.config import TrainerConfig
 
 from .conftest_data import make_run
@@ -17,8 +18,8 @@ DIGEST = "sha256:" + "cd" * 32
 UID = "6f1c2a9e-2b1d-4c0a-9d8e-0123456789ab"
 
 
-def _summary() -> registry.Summary:
-    return registry.parse_summary(json.dumps({
+def _summary() -> contract.Summary:
+    return contract.parse_summary(json.dumps({
         "artifact": {"uri": "s3://m/out/run-6f1c2a9e/", "digest": DIGEST},
         "metrics": {"eval_loss": 1.0}, "steps": 4, "tokens": 100}))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -141,12 +142,16 @@ def test_debug_stop_applies_to_its_attempt_and_rank_only(monkeypatch):
 def test_heartbeat_says_where_the_main_thread_waits():
     import threading
 
-    seen, done = {}, threading.Event()
+    seen, done = [], threading.Event()
 
-    def sample():
-        seen["where"] = progress.where_main()
-        done.set()
+    def sample():  # until the main thread is seen in its wait (a loaded machine is slow)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not done.is_set():
+            seen.append(progress.where_main())
+            if seen[-1].startswith("wait (threading.py:"):
+                done.set()
+            time.sleep(0.01)
 
     threading.Thread(target=sample).start()
-    done.wait(5)  # the main thread waits here while the other thread looks at it
-    assert seen["where"].startswith("wait (threading.py:")
+    done.wait(10)  # the main thread waits here while the other thread looks at it
+    assert seen and seen[-1].startswith("wait (threading.py:"), seen[-5:]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 from flywheel_operator import registry
+from flywheel_trainer import contract
 
 DIGEST = "sha256:" + "ab" * 32
 
 
 def test_summary_parses_and_drops_non_finite_metrics():
-    s = registry.parse_summary(
+    s = contract.parse_summary(
         f'{{"artifact": {{"uri": "s3://m/a/", "digest": "{DIGEST}"}}, '
         '"metrics": {"eval_loss": 1.5, "tool_call_accuracy": null}, "steps": 3, "tokens": 99}')
     assert s.artifact.digest == DIGEST
@@ -25,8 +26,8 @@ def test_summary_parses_and_drops_non_finite_metrics():
     (f'{{"artifact": {{"uri": "s3://m/a/", "digest": "{DIGEST}"}}, "tokens": 1}}', "steps"),
 ])
 def test_bad_summaries_say_what_is_wrong(text, words):
-    with pytest.raises(registry.SummaryError, match=words):
-        registry.parse_summary(text)
+    with pytest.raises(contract.SummaryError, match=words):
+        contract.parse_summary(text)
 
 
 def test_gates_name_every_failure():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-EXIT_DATA_ERROR = 2
+from .contract import EXIT_DATA_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

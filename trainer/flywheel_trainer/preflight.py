@@ -12,21 +12,20 @@ memory (`deviceMemoryGB` in the config or `--device-memory-gb`; unchecked when n
 `--show-examples N` first prints the first N training conversations as rendered text with
 every span in the loss between `«` and `»` (coloured instead on a terminal).
 
-Output: one JSON object, printed as the last line on stdout and written (at most 4 KiB) to
-`--output` or `$FLYWHEEL_SUMMARY_PATH` when set. Exit code 0 when `ok`, 1 otherwise.
+Output: one JSON object (contract.PreflightResult), printed as the last line on stdout and
+written (at most 4 KiB, contract.fit) to `--output` or `$FLYWHEEL_SUMMARY_PATH` when set.
+Exit code 0 when `ok`, 1 otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from .config import TrainerConfig
+from .contract import Env, write_message
 from .data import DataError, Split, load_split, pack, plan_steps
 from .storage import preflight_result as check_run_storage
-
-LIMIT = 4096
 
 
 def show_examples(split: Split, tokenizer, n: int, out=None) -> None:
@@ -128,20 +127,6 @@ def _memory(cfg: TrainerConfig, path: str, world_size: int) -> tuple[dict, str |
         return {"error": f"no memory estimate: {type(e).__name__}: {e}"[:300]}, None
 
 
-def _fit(result: dict) -> str:
-    text = json.dumps(result, separators=(",", ":"))
-    while len(text.encode()) > LIMIT and result["errors"]:
-        result["errors"] = result["errors"][:-1]
-        result["errorsTruncated"] = True
-        text = json.dumps(result, separators=(",", ":"))
-    for key in ("eval", "train"):
-        for field in ("noLoss", "lossShare", "categories"):
-            if len(text.encode()) > LIMIT and result.get(key) and field in result[key]:
-                result[key] = {k: v for k, v in result[key].items() if k != field}
-                text = json.dumps(result, separators=(",", ":"))
-    return text
-
-
 def preflight(cfg: TrainerConfig, output: str | None, world_size: int | None = None,
               show_examples: int = 0) -> int:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,10 +134,6 @@ def preflight(cfg: TrainerConfig, output: str | None, world_size: int | None = N
         result = check_run_storage(cfg) or plan(cfg, world, show_examples)
     except (DataError, OSError, ValueError) as e:
         result = {"ok": False, "problems": [f"{type(e).__name__}: {e}"], "errors": []}
-    text = _fit(result)
-    path = output or os.environ.get("FLYWHEEL_SUMMARY_PATH")
-    if path:
-        with open(path, "w") as f:
-            f.write(text)
+    text = write_message(result, output or os.environ.get(Env.SUMMARY_PATH))
     print(text, flush=True)
     return 0 if result["ok"] else 1

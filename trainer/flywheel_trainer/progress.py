@@ -40,8 +40,9 @@ from collections import deque
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .contract import STAGES, Env
+
 log = logging.getLogger("flywheel.progress")
-STAGES = ("starting", "loading-model", "tokenizing", "training", "evaluating", "exporting")
 KEY = "flywheel/heartbeat/{}"
 WINDOW = 20  # steps the throughput and step time are averaged over
 LOSS_SMOOTHING = 0.1  # exponential moving average weight of the newest step's loss
@@ -312,9 +313,9 @@ def start(rank: int, world_size: int) -> Reporter:
     """Create this process's reporter; rank 0 serves it; ranks publish heartbeats to the
     store when there is more than one."""
     global _reporter, _server, _heartbeat
-    attempt = os.environ.get("FLYWHEEL_ATTEMPT")
+    attempt = os.environ.get(Env.ATTEMPT)
     _reporter = Reporter(rank, world_size, int(attempt) if attempt else None)
-    port = int(os.environ.get("FLYWHEEL_PROGRESS_PORT") or 0)
+    port = int(os.environ.get(Env.PROGRESS_PORT) or 0)
     if rank == 0 and port:
         host = os.environ.get("FLYWHEEL_BIND_HOST") or "0.0.0.0"
         try:

@@ -12,22 +12,21 @@ archives of several attempts appends them to the one experiment.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import socket
 import tempfile
 import time
 from urllib.parse import urlparse
 
+from .contract import TERMINATION_LOG, Env, write_message
+
 log = logging.getLogger("flywheel.tracking")
-SUMMARY_LIMIT = 4096
 DEFAULT_COMET_URL = "https://www.comet.com/clientlib/"
 
 
 def experiment_key(configured: str | None) -> str | None:
-    return os.environ.get("FLYWHEEL_EXPERIMENT_KEY") or configured
+    return os.environ.get(Env.EXPERIMENT_KEY) or configured
 
 
 def comet_reachable(timeout: float = 3.0) -> bool:
@@ -73,10 +72,10 @@ class Tracker:
         import comet_ml
         from comet_ml import ExperimentConfig
 
-        api_key = os.environ.get("COMET_API_KEY")
-        workspace = os.environ.get("COMET_WORKSPACE") or comet.workspace
-        project = os.environ.get("COMET_PROJECT_NAME") or comet.project
-        name = os.environ.get("FLYWHEEL_RUN_NAME") or cfg.runName
+        api_key = os.environ.get(Env.COMET_API_KEY)
+        workspace = os.environ.get(Env.COMET_WORKSPACE) or comet.workspace
+        project = os.environ.get(Env.COMET_PROJECT) or comet.project
+        name = os.environ.get(Env.RUN_NAME) or cfg.runName
         quiet = dict(
             auto_metric_logging=False, auto_param_logging=False, auto_output_logging=False,
             log_code=False, log_graph=False, log_git_metadata=False, log_git_patch=False,
@@ -110,7 +109,7 @@ class Tracker:
                 experiment_config=ExperimentConfig(offline_directory=self.offline_dir, **quiet),
             )
         self.key = self.key or self.exp.get_key()
-        attempt = os.environ.get("FLYWHEEL_ATTEMPT") or cfg.attempt or 0
+        attempt = os.environ.get(Env.ATTEMPT) or cfg.attempt or 0
         self.exp.add_tags([f"attempt-{attempt}"])
 
     def log_params(self, params: dict) -> None:
@@ -169,45 +168,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _finite(x):
-    """NaN/inf are not JSON: they become null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
-
-
-def summary_json(summary: dict, limit: int = SUMMARY_LIMIT) -> str:
-    """Compact JSON no longer than `limit` bytes; per-category metrics go first if it is not."""
-    summary = _finite(json.loads(json.dumps(summary)))
-    text = json.dumps(summary, separators=(",", ":"))
-    metrics = summary.get("metrics", {})
-    while len(text.encode()) > limit:
-        slices = [k for k in metrics if "/" in k]
-        if slices:
-            metrics.pop(slices[-1])
-            summary["truncated"] = True
-        elif summary.get("error"):
-            summary["error"] = summary["error"][: max(0, len(summary["error"]) - 256)]
-        else:
-            for k in ("dataset", "tracking"):
-                summary.pop(k, None)
-            summary["truncated"] = True
-            text = json.dumps(summary, separators=(",", ":"))
-            break
-        text = json.dumps(summary, separators=(",", ":"))
-    return text
-
-
 def write_summary(summary: dict) -> str:
-    path = os.environ.get("FLYWHEEL_SUMMARY_PATH", "/dev/termination-log")
-    text = summary_json(summary)
-    try:
-        with open(path, "w") as f:
-            f.write(text)
-    except OSError as e:
-        log.warning("could not write the summary to %s: %s", path, e)
-    return text
+    """Rank 0's summary into the termination message (contract.fit: at most 4 KiB)."""
+    return write_message(summary, os.environ.get(Env.SUMMARY_PATH, TERMINATION_LOG))
