@@ -29,12 +29,14 @@ from collections.abc import Iterator
 
 import fsspec
 
+from .contract import Env
+
 CHUNK = 8 * 1024 * 1024
 REMOTE = ("s3", "gs", "gcs")
 
 
 def pvc_root() -> str:
-    return os.environ.get("FLYWHEEL_PVC_ROOT", "/pvc")
+    return os.environ.get(Env.PVC_ROOT, "/pvc")
 
 
 def scheme(uri: str) -> str:
