@@ -5,6 +5,10 @@ plus a real S3 server (versitygw, hack/local_s3.py) for the runs' models, data a
     python hack/cluster.py up --without-kueue   # make run's: the sample queues nothing
     python hack/cluster.py down    # stops every process it started and removes the state
     python hack/cluster.py tools [--without-kueue]   # only build the binaries `up` starts
+    python hack/cluster.py restart-apiserver [--down-seconds 30]   # an apiserver outage:
+                                   # SIGKILL, N seconds down, then started again as it ran
+    python hack/cluster.py restart COMPONENT   # stop one component (SIGTERM) and start it
+                                   # again as it ran, e.g. after changing its code or config
 
 Everything lives under .cache/: binaries in .cache/bin (hack/build-tools.sh), state, PKI,
 kubeconfigs and logs in .cache/cluster. All components listen on loopback only, with
@@ -497,6 +501,30 @@ def up(kueue: bool = True) -> None:
     log(f"up; KUBECONFIG={KUBECONFIG}")
 
 
+def restart(name: str, down_seconds: float = 0.0, sig: int = signal.SIGTERM) -> None:
+    """Stop one running component with `sig` and start it again after `down_seconds`, with
+    the command line and environment it ran with (so a cluster started with other settings
+    keeps them). kube-apiserver: until /readyz answers again."""
+    pid = pid_of(name)
+    if not pid:
+        raise SystemExit(f"cluster: {name} is not running")
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    env = dict(e.decode().split("=", 1) for e in
+               Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+    os.killpg(pid, sig)
+    deadline = time.monotonic() + 30
+    while pid_of(name):
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    log(f"{name} stopped ({signal.Signals(sig).name}); starting it in {down_seconds:g}s")
+    time.sleep(down_seconds)
+    start(name, argv[1:], argv0=argv[0], env=env)
+    if name == "kube-apiserver":
+        wait_for("kube-apiserver /readyz", apiserver_ready, component="kube-apiserver")
+    log(f"{name} started again")
+
+
 def down() -> None:
     for name in reversed(COMPONENTS):
         pid = pid_of(name)
@@ -520,5 +548,10 @@ if __name__ == "__main__":
         build_tools(kueue=len(args) == 1)
     elif args == ["down"]:
         down()
+    elif args[:1] == ["restart-apiserver"] and args[1:2] in ([], ["--down-seconds"]):
+        restart("kube-apiserver", float(args[2]) if len(args) == 3 else 30.0, signal.SIGKILL)
+    elif args[:1] == ["restart"] and len(args) == 2 and args[1] in COMPONENTS:
+        restart(args[1])
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} up|tools [--without-kueue] | down")
+        raise SystemExit(f"usage: {sys.argv[0]} up|tools [--without-kueue] | down | "
+                         "restart-apiserver [--down-seconds N] | restart COMPONENT")

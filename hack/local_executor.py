@@ -11,18 +11,28 @@ rank 0's rendezvous address) resolve to it via /etc/hosts entries that the execu
 removes. Servers in the pod that bind `$FLYWHEEL_BIND_HOST` (the trainer's progress endpoint)
 listen on the pod's own address, so several pods serve the same container port at once, and a
 client reaches them at podIP:containerPort exactly as on a real cluster. Running, the exit
-code and the termination message are reported through the Pod status, as a kubelet would.
-Deleting a pod kills its process group.
+code and the termination message are reported through the Pod status, as a kubelet would,
+and kept until the apiserver accepts them (hack/local_executor_status.py: retried with backoff
+through an apiserver outage; every pod resynced when the watch reconnects, a pod deleted
+meanwhile killed). Deleting a pod (gracefully: `kubectl delete`, an eviction, a drain) stops
+its process group as a kubelet does: SIGTERM, SIGKILL after the grace period (at most 10 s
+here), then the pod's terminal status (Failed unless the process exited 0; an eviction's
+DisruptionTarget condition kept), and only then its removal. A pod force-deleted without
+finalizers is simply gone: its processes are killed.
 
 Test hook: `.cache/executor/env/<namespace>.json` ({"NAME": "value"}), when it exists, adds
 environment variables to every pod of that namespace (e.g. the trainer's
 FLYWHEEL_DEBUG_STOP_AT_STEP for the hang test).
 
 Development and tests only; started by `hack/cluster.py up` with the other components.
+`local_executor.py KUBECONFIG [SELECTOR]`: the nodes it runs pods for (default
+flywheel.dev/executor=local); the tests run a second one for nodes of their own, with its
+own loopback range and /etc/hosts mark.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,14 +44,35 @@ import threading
 import time
 from pathlib import Path
 
-import kubernetes
+if __name__ == "__main__" and len(sys.argv) > 1:  # before the kubernetes client reads it
+    os.environ["KUBECONFIG"] = sys.argv[1]
+
 from flywheel_operator import kube
 from flywheel_operator.vocab import EXECUTOR_LABEL, format_time
-from kubernetes.client.exceptions import ApiException
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_executor_pod import (  # noqa: E402
+    PVC,
+    ContainerConfigError,
+    dns_names,
+    expand,
+    log_tail,
+    materialise_volumes,
+    remap,
+    resolve_env,
+    wait_port_free,
+)
+from local_executor_status import (  # noqa: E402
+    TERMINAL,
+    StatusManager,
+    call,
+    never_ran,
+    transient,
+    watch_lines,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "executor"
-PVC = ROOT / ".cache" / "pvc"  # claim C of namespace N is the folder .cache/pvc/N/C
 #: Storage credentials reach a pod only through its own spec (Secret refs), as on a real node.
 HOST_ONLY_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
 HOSTS = Path("/etc/hosts")
@@ -60,66 +91,20 @@ def log(msg: str) -> None:
 
 
 class Executor:
-    def __init__(self) -> None:
-        self.core = kubernetes.client.CoreV1Api(kube.client())
+    def __init__(self, selector: str = NODE_LABEL) -> None:
+        self.selector = selector
+        own = selector != NODE_LABEL  # a second executor (the tests'): addresses of its own
+        self.hosts_mark = f"{HOSTS_MARK}-{selector.rpartition('=')[2]}" if own else HOSTS_MARK
+        self.ip_prefix = "127.11" if own else "127.10"
+        self.nodes: set[str] = set()  # ours
+        self.all_nodes: set[str] = set()  # every node's name, as last listed
+        self.nodes_listed = 0.0  # monotonic time of that listing
         self.procs: dict[str, subprocess.Popen | None] = {}  # pod uid -> process (None: starting)
+        self.stopping: set[str] = set()  # pod uids whose deletion is under way
         self.lock = threading.Lock()
         self.ips: dict[str, str] = {}  # pod uid -> its loopback address
         self.next_ip = 0
-
-    # --- Kubernetes I/O: the operator's own REST helpers (flywheel_operator.kube) ---
-    def patch_status(self, pod: dict, status: dict) -> None:
-        md = pod["metadata"]
-        kube.patch("v1", "Pod", md["namespace"], md["name"], {"status": status}, "status")
-
-    def resolve_env(self, pod: dict, container: dict) -> dict[str, str]:
-        ns = pod["metadata"]["namespace"]
-        pod_ip = self.ips.get(pod["metadata"]["uid"], "127.0.0.1")
-        env: dict[str, str] = {}
-        for src in container.get("envFrom") or []:
-            if "configMapRef" in src:
-                ref = src["configMapRef"]
-                try:
-                    cm = kube.request("GET", kube.object_path("v1", "ConfigMap", ns, ref["name"]))
-                except kube.NotFound:
-                    if ref.get("optional"):
-                        continue
-                    raise ContainerConfigError(f'configmap "{ref["name"]}" not found') from None
-                env.update(cm.get("data") or {})
-        for var in container.get("env") or []:
-            if "value" in var:
-                env[var["name"]] = expand(var["value"], env)
-                continue
-            ref = var.get("valueFrom") or {}
-            if "fieldRef" in ref:
-                env[var["name"]] = field_ref(pod, ref["fieldRef"]["fieldPath"], pod_ip)
-            elif "secretKeyRef" in ref:
-                env[var["name"]] = self.key_ref("secrets", ns, ref["secretKeyRef"], secret=True)
-            elif "configMapKeyRef" in ref:
-                env[var["name"]] = self.key_ref("configmaps", ns, ref["configMapKeyRef"])
-        return {k: v for k, v in env.items() if v is not None}
-
-    def key_ref(self, plural: str, ns: str, ref: dict, secret: bool = False) -> str | None:
-        """A Secret's or ConfigMap's key; a missing one is the kubelet's
-        CreateContainerConfigError, in the kubelet's words (unless the ref is optional)."""
-        kind = "Secret" if secret else "ConfigMap"
-        try:  # secrets: the executor's own read (the operator never reads secrets)
-            obj = kube.request("GET", f"{kube.collection_path('v1', plural, ns)}/{ref['name']}")
-        except kube.NotFound:
-            if ref.get("optional"):
-                return None
-            raise ContainerConfigError(f'{kind.lower()} "{ref["name"]}" not found') from None
-        raw = (obj.get("data") or {}).get(ref["key"])
-        if raw is None:
-            if ref.get("optional"):
-                return None
-            raise ContainerConfigError(f"couldn't find key {ref['key']} in {kind} "
-                                       f"{ns}/{ref['name']}")
-        if secret:
-            import base64
-
-            return base64.b64decode(raw).decode()
-        return raw
+        self.status = StatusManager(log).start()  # every status write goes through it
 
     # --- pod lifecycle ---
     def start(self, pod: dict) -> None:
@@ -129,7 +114,7 @@ class Executor:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         container = spec["containers"][0]
-        volumes = self.materialise_volumes(pod, workdir)
+        volumes = materialise_volumes(pod, workdir)
         mounts = {m["mountPath"]: volumes[m["name"]]
                   for m in container.get("volumeMounts") or [] if m["name"] in volumes}
         for mount_path, path in list(mounts.items()):
@@ -139,7 +124,7 @@ class Executor:
         term_file = workdir / "termination-log"
         mounts[term_path] = term_file
         pod_ip = self.allocate_ip(uid)
-        env = self.resolve_env(pod, container)
+        env = resolve_env(pod, container, pod_ip)
         env = {k: remap(v, mounts) for k, v in env.items()}
         extra = WORK / "env" / f"{md['namespace']}.json"  # the test hook (module docstring)
         if extra.exists():
@@ -164,19 +149,24 @@ class Executor:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         with self.lock:
-            if uid not in self.procs:  # deleted while starting
-                os.killpg(proc.pid, signal.SIGKILL)
-                return
-            self.procs[uid] = proc
+            deleted = uid not in self.procs  # deleted while starting (terminate() reports it)
+            if not deleted:
+                self.procs[uid] = proc
+        if deleted:
+            signal_group(proc, signal.SIGKILL)
+            self.remove_hosts(uid)
+            self.release_ip(uid)
+            return
         started = now()
-        self.patch_status(pod, {
+        self.status.set(pod, {
             "phase": "Running", "hostIP": "127.0.0.1", "podIP": pod_ip,
             "podIPs": [{"ip": pod_ip}], "startTime": started,
             "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
                            for t in ("Initialized", "Ready", "ContainersReady")],
             "containerStatuses": [{"name": container["name"], "image": container["image"],
                                    "ready": True, "restartCount": 0, "started": True,
-                                   "state": {"running": {"startedAt": started}}}],
+                                   "state": {"running": {"startedAt": started},
+                                             "waiting": None, "terminated": None}}],
         })
         threading.Thread(target=self.wait, args=(pod, proc, term_file, started),
                          daemon=True).start()
@@ -199,60 +189,60 @@ class Executor:
                       "startedAt": started, "finishedAt": finished}
         if message:
             terminated["message"] = message
-        self.patch_status(pod, {
+        with self.lock:
+            if self.procs.get(pod["metadata"]["uid"]) is not proc:
+                return  # the pod is gone: nothing to report
+        self.status.set(pod, {
             "phase": "Succeeded" if code == 0 else "Failed",
             "conditions": [{"type": t, "status": "False", "lastTransitionTime": finished}
                            for t in ("Ready", "ContainersReady")],
             "containerStatuses": [{"name": container["name"], "image": container["image"],
                                    "ready": False, "restartCount": 0, "started": False,
-                                   "state": {"terminated": terminated}}],
+                                   "state": {"terminated": terminated,
+                                             "running": None, "waiting": None}}],
         })
 
-    def stop(self, pod: dict) -> None:
-        """The pod is being deleted: stop its processes, then let the deletion finish."""
+    def terminate(self, pod: dict) -> None:
+        """The pod is being deleted: SIGTERM, SIGKILL after its grace period; its terminal
+        status written (by wait(), or here when it never ran), then the pod removed."""
         md = pod["metadata"]
+        uid = md["uid"]
         with self.lock:
-            proc = self.procs.pop(md["uid"], None)
-        if proc and proc.poll() is None:
-            grace = (pod["spec"].get("terminationGracePeriodSeconds") or 30)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=min(grace, 10))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        self.remove_hosts(md["uid"])
-        self.release_ip(md["uid"])
-        try:
-            kube.request("DELETE", kube.object_path("v1", "Pod", md["namespace"], md["name"]),
-                         {"gracePeriodSeconds": 0, "preconditions": {"uid": md["uid"]}})
-        except kube.NotFound:
-            pass
-        except ApiException as err:
-            if err.status != 409:  # 409: the uid precondition failed, it is another pod now
-                raise
+            if uid in self.stopping:
+                return
+            self.stopping.add(uid)
+            proc = self.procs.get(uid)
+            if uid in self.procs and proc is None:  # starting, or waiting for a Secret
+                del self.procs[uid]
+        self.status.delete_when_terminal(pod)
+        if proc is not None:  # wait() reports how it ended
+            if proc.poll() is None:
+                grace = md.get("deletionGracePeriodSeconds")
+                grace = pod["spec"].get("terminationGracePeriodSeconds", 30) if (
+                    grace is None) else grace
+                log(f"stop {md['namespace']}/{md['name']} (grace {grace}s)")
+                signal_group(proc, signal.SIGTERM)
+                kill = threading.Timer(min(max(grace, 2), 10),
+                                       lambda: proc.poll() is None
+                                       and signal_group(proc, signal.SIGKILL))
+                kill.daemon = True
+                kill.start()
+            return
+        if (pod.get("status") or {}).get("phase") in TERMINAL or (
+                (self.status.desired(uid) or {}).get("phase") in TERMINAL):
+            return  # it has ended: removed as it is
+        self.status.set(pod, never_ran(pod))  # never ran here
 
-    def materialise_volumes(self, pod: dict, workdir: Path) -> dict[str, Path]:
-        ns = pod["metadata"]["namespace"]
-        paths = {}
-        for vol in pod["spec"].get("volumes") or []:
-            if "persistentVolumeClaim" in vol:
-                path = PVC / ns / vol["persistentVolumeClaim"]["claimName"]
-                path.mkdir(parents=True, exist_ok=True)
-                paths[vol["name"]] = path
-                continue
-            path = workdir / "volumes" / vol["name"]
-            path.mkdir(parents=True)
-            if "configMap" in vol:
-                cm = kube.request("GET", kube.object_path(
-                    "v1", "ConfigMap", ns, vol["configMap"]["name"]))
-                data = cm.get("data") or {}
-                items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
-                for item in items:
-                    target = path / item["path"]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text(data[item["key"]])
-            paths[vol["name"]] = path
-        return paths
+    def gone(self, uid: str) -> None:
+        """The pod has left the apiserver: kill what is left of it."""
+        with self.lock:
+            proc = self.procs.pop(uid, None)
+            self.stopping.discard(uid)
+        if proc and proc.poll() is None:
+            signal_group(proc, signal.SIGKILL)
+        self.remove_hosts(uid)
+        self.release_ip(uid)
+        self.status.forget(uid)
 
     def waiting(self, pod: dict, reason: str, message: str, retry_s: float = 10) -> None:
         """Pending with the container waiting for `reason`, as a kubelet reports it; tried
@@ -263,7 +253,7 @@ class Executor:
                 return
         log(f"waiting {pod['metadata']['name']}: {reason}: {message}")
         container = pod["spec"]["containers"][0]
-        self.patch_status(pod, {"phase": "Pending", "containerStatuses": [{
+        self.status.set(pod, {"phase": "Pending", "containerStatuses": [{
             "name": container["name"], "image": container["image"], "ready": False,
             "restartCount": 0, "started": False,
             "state": {"waiting": {"reason": reason, "message": message}}}]})
@@ -277,13 +267,15 @@ class Executor:
                     "v1", "Pod", pod["metadata"]["namespace"], pod["metadata"]["name"]))
             except kube.NotFound:
                 return
+            except Exception as err:
+                if transient(err):  # the apiserver away: later
+                    return later(retry_s, retry)
+                raise
             if current["metadata"]["uid"] == uid and not current["metadata"].get(
                     "deletionTimestamp"):
                 self.start_logged(current)
 
-        timer = threading.Timer(retry_s, retry)
-        timer.daemon = True
-        timer.start()
+        later(retry_s, retry)
 
     # --- pod addresses: one loopback address per pod, its DNS names in /etc/hosts ---
     def allocate_ip(self, uid: str) -> str:
@@ -294,7 +286,7 @@ class Executor:
             taken = set(self.ips.values())
             while True:
                 self.next_ip = self.next_ip % (250 * 250) + 1
-                ip = f"127.10.{self.next_ip // 250 + 1}.{self.next_ip % 250 + 1}"
+                ip = f"{self.ip_prefix}.{self.next_ip // 250 + 1}.{self.next_ip % 250 + 1}"
                 if ip not in taken:
                     self.ips[uid] = ip
                     return ip
@@ -306,46 +298,78 @@ class Executor:
     def add_hosts(self, uid: str, names: list[str], ip: str = "127.0.0.1") -> None:
         with _hosts_lock:
             lines = HOSTS.read_text().splitlines()
-            lines.append(f"{ip} {' '.join(names)} {HOSTS_MARK} {uid}")
+            lines.append(f"{ip} {' '.join(names)} {self.hosts_mark} {uid}")
             HOSTS.write_text("\n".join(lines) + "\n")
 
     def remove_hosts(self, uid: str | None = None) -> None:
         with _hosts_lock:
             lines = HOSTS.read_text().splitlines()
-            keep = [ln for ln in lines if HOSTS_MARK not in ln
-                    or (uid is not None and not ln.endswith(f"{HOSTS_MARK} {uid}"))]
+            keep = [ln for ln in lines if f" {self.hosts_mark} " not in ln
+                    or (uid is not None and not ln.endswith(f" {self.hosts_mark} {uid}"))]
             if keep != lines:
                 HOSTS.write_text("\n".join(keep) + "\n")
 
-    # --- the loop ---
+    # --- the loop: list, reconcile, watch from the listing; again whenever the watch ends ---
     def run(self) -> None:
         self.remove_hosts()
-        nodes = [n.metadata.name for n in self.core.list_node(label_selector=NODE_LABEL).items]
-        log(f"executing pods on nodes {nodes}")
+        delay = 1.0
         while True:
-            watch = kubernetes.watch.Watch()
             try:
-                for event in watch.stream(self.core.list_pod_for_all_namespaces,
-                                          timeout_seconds=300, _preload_content=False):
-                    pod = event["raw_object"]
-                    if pod["spec"].get("nodeName") not in nodes:
-                        continue
-                    self.handle(event["type"], pod)
-            except Exception as err:  # a dropped watch: log and re-list
-                log(f"watch error: {err!r}")
-                time.sleep(1)
+                version = self.relist()
+                delay = 1.0
+                for event in watch_lines("/api/v1/pods", version):
+                    if event["type"] == "ERROR":  # e.g. 410 Gone: list again
+                        raise RuntimeError(event["object"].get("message"))
+                    node = event["object"].get("spec", {}).get("nodeName")
+                    if node and node not in self.all_nodes:
+                        self.list_nodes(fresh=5.0)  # a node that has joined since: ours?
+                    if event["type"] != "BOOKMARK" and node in self.nodes:
+                        self.handle(event["type"], event["object"])
+            except Exception as err:  # a dropped watch, the apiserver away: list again
+                log(f"watch: {err!r}; listing again in {delay:.0f}s")
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
+
+    def relist(self) -> str:
+        """Every pod of our nodes as the apiserver has it now, as a kubelet resyncs: new ones
+        started, deleting ones stopped, ones gone while the watch was away killed, and each
+        status the apiserver lacks written again. The listing's resourceVersion."""
+        nodes = self.list_nodes()
+        listing = call("GET", "/api/v1/pods")
+        pods = {p["metadata"]["uid"]: p for p in listing["items"]
+                if p["spec"].get("nodeName") in nodes}
+        with self.lock:
+            known = set(self.procs)
+        for uid in (known | self.status.uids()) - pods.keys():
+            self.gone(uid)
+        resynced = 0
+        for pod in pods.values():
+            self.handle("ADDED", pod)
+            resynced += self.status.resync(pod)
+        if resynced:
+            log(f"resync: {resynced} pod status(es) to write again")
+        return listing["metadata"]["resourceVersion"]
+
+    def list_nodes(self, fresh: float = 0.0) -> set[str]:
+        """Our nodes (listed again unless listed less than `fresh` seconds ago)."""
+        if time.monotonic() - self.nodes_listed >= fresh:
+            self.nodes_listed = time.monotonic()
+            nodes = call("GET", "/api/v1/nodes")["items"]
+            self.all_nodes = {n["metadata"]["name"] for n in nodes}
+            ours = {n["metadata"]["name"] for n in nodes
+                    if labels_match(n["metadata"].get("labels") or {}, self.selector)}
+            if ours != self.nodes:
+                log(f"executing pods on nodes {sorted(ours)}")
+                self.nodes = ours
+        return self.nodes
 
     def handle(self, type_: str, pod: dict) -> None:
         uid = pod["metadata"]["uid"]
         if type_ == "DELETED":
-            with self.lock:
-                proc = self.procs.pop(uid, None)
-            if proc and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            self.release_ip(uid)
+            self.gone(uid)
             return
         if pod["metadata"].get("deletionTimestamp"):
-            threading.Thread(target=self.stop, args=(pod,), daemon=True).start()
+            self.terminate(pod)
             return
         with self.lock:
             if pod["status"].get("phase", "Pending") != "Pending" or uid in self.procs:
@@ -353,86 +377,50 @@ class Executor:
             self.procs[uid] = None
         threading.Thread(target=self.start_logged, args=(pod,), daemon=True).start()
 
-    def start_logged(self, pod: dict) -> None:
+    def start_logged(self, pod: dict, tries: int = 0) -> None:
+        uid = pod["metadata"]["uid"]
         try:
             self.start(pod)
         except ContainerConfigError as err:  # the kubelet's wait-and-retry, in its words
-            self.release_ip(pod["metadata"]["uid"])
+            self.release_ip(uid)
             self.waiting(pod, "CreateContainerConfigError", str(err))
-        except Exception as err:  # report it on the pod, as a kubelet would
-            log(f"cannot start {pod['metadata']['name']}: {err!r}")
-            self.release_ip(pod["metadata"]["uid"])
-            self.patch_status(pod, {"phase": "Failed", "reason": "ExecutorError",
-                                    "message": str(err)[:1024]})
-
-
-class ContainerConfigError(Exception):
-    """A Secret or ConfigMap the container's env needs is missing."""
-
-
-def expand(value: str, env: dict[str, str]) -> str:
-    """Kubernetes `$(VAR)` expansion: known vars are replaced, `$$(VAR)` escapes."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
-                  value)
-
-
-def remap(value: str, mounts: dict[str, Path]) -> str:
-    """Point container paths under a mount at the mount's local folder (one pass, longest
-    mount path first, so a replaced path is never rewritten again)."""
-    paths = [p for p in sorted(mounts, key=len, reverse=True) if p != "/dev/shm"]
-    if not paths:
-        return value
-    return re.sub("|".join(map(re.escape, paths)), lambda m: str(mounts[m.group(0)]), value)
-
-
-def field_ref(pod: dict, path: str, pod_ip: str = "127.0.0.1") -> str:
-    md = pod["metadata"]
-    match = re.fullmatch(r"metadata\.(annotations|labels)\['(.+)'\]", path)
-    if match:
-        return (md.get(match.group(1)) or {}).get(match.group(2), "")
-    simple = {"metadata.name": md["name"], "metadata.namespace": md["namespace"],
-              "metadata.uid": md["uid"], "spec.nodeName": pod["spec"].get("nodeName", ""),
-              "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
-              "status.podIP": pod_ip, "status.hostIP": "127.0.0.1"}
-    return simple.get(path, "")
-
-
-def log_tail(path: Path, max_bytes: int = 2048, max_lines: int = 80) -> str:
-    """The end of a container log, as the kubelet's FallbackToLogsOnError takes it."""
-    if not path.exists():
-        return ""
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - max_bytes))
-        lines = f.read().decode(errors="replace").splitlines()
-    return "\n".join(lines[-max_lines:])
-
-
-def wait_port_free(port: int, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
+        except Exception as err:
+            self.remove_hosts(uid)
+            self.release_ip(uid)
+            if not transient(err):  # report it on the pod, as a kubelet would
+                log(f"cannot start {pod['metadata']['name']}: {err!r}")
+                with self.lock:
+                    if uid not in self.procs:
+                        return  # deleted meanwhile: terminate() has reported it
+                self.status.set(pod, {"phase": "Failed", "reason": "ExecutorError",
+                                      "message": str(err)[:1024]})
                 return
-            except OSError:
-                time.sleep(0.5)
+            log(f"cannot start {pod['metadata']['name']} yet: {err!r}")  # the apiserver away
+
+            def again() -> None:
+                with self.lock:
+                    if self.procs.get(uid, 0) is not None:  # deleted or started meanwhile
+                        return
+                self.start_logged(pod, tries + 1)
+
+            later(min(2.0**tries, 10.0), again)
 
 
-def dns_names(pod: dict) -> list[str]:
-    md, spec = pod["metadata"], pod["spec"]
-    hostname = spec.get("hostname") or md["name"]
-    names = [hostname]
-    if spec.get("subdomain"):
-        base = f"{hostname}.{spec['subdomain']}.{md['namespace']}.svc"
-        names += [base, f"{base}.cluster.local"]
-    return names
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def labels_match(labels: dict[str, str], selector: str) -> bool:
+    """An equality-based label selector (`k=v,k2=v2`)."""
+    return all(labels.get(k) == v for k, _, v in (t.partition("=") for t in selector.split(",")))
+
+
+def later(delay: float, fn) -> None:
+    timer = threading.Timer(delay, fn)
+    timer.daemon = True
+    timer.start()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        os.environ["KUBECONFIG"] = sys.argv[1]
-    Executor().run()
+    Executor(*sys.argv[2:3]).run()
