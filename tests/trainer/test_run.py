@@ -38,12 +38,14 @@ def test_summary_schema_size_and_digest(trained):
     s = json.loads(raw)
     assert s["artifact"]["uri"] == f"file://{out}"
     assert s["artifact"]["format"] == "huggingface-safetensors"
-    # the digest is sha256 over `sha256sum`-style lines of the top-level artifact files
-    files = sorted(p for p in out.iterdir() if p.is_file())
+    # the digest is sha256 over `sha256sum`-style lines of the top-level artifact files; the
+    # manifest beside them holds exactly those lines and is not itself part of the digest
+    files = sorted(p for p in out.iterdir() if p.is_file() and p.name != ".flywheel-sha256sums")
     names = {p.name for p in files}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
     body = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in files)
     assert s["artifact"]["digest"] == "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+    assert (out / ".flywheel-sha256sums").read_text() == body
     m = s["metrics"]
     cats = ["edit-workflow", "email", "integration"]
     for key in ["train_loss", "eval_loss", "tool_call_accuracy"]:

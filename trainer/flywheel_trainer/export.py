@@ -9,13 +9,14 @@ generation config, the tokenizer (with its chat template) and any `extra_files` 
 Digest: `sha256:` + sha256 over the lines `<sha256 of file>  <name>\\n` of every top-level file
 of the artifact directory, sorted by name (`sha256sum` format), each file hashed from exactly
 the bytes uploaded; subdirectories (checkpoints, comet-offline) are not part of the artifact.
-`digest_dir` recomputes it by reading the artifact back from the store.
+That listing itself is uploaded last as the manifest `.flywheel-sha256sums` (`fetch.MANIFEST`,
+outside the digest: sha256 of the manifest is the digest), so `fetch` can name the file that
+differs. `digest_dir` recomputes the digest by reading the artifact back from the store.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import struct
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from . import storage
+from .fetch import MANIFEST, RESERVED, digest_lines, manifest_body
 from .model import _fqn
 
 SHARD_BYTES = 5 * 1024**3
@@ -41,11 +43,6 @@ def _export_dtype(config) -> torch.dtype:
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     return dt if isinstance(dt, torch.dtype) else torch.bfloat16
-
-
-def digest_lines(named_hashes: dict[str, str]) -> str:
-    body = "".join(f"{h}  {n}\n" for n, h in sorted(named_hashes.items()))
-    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 
 def safetensors_header(entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> bytes:
@@ -82,7 +79,10 @@ def export_hf(model, tokenizer, base_path: str, uri: str, d,
               shard_bytes: int = SHARD_BYTES,
               extra_files: dict[str, bytes] | None = None) -> dict:
     """Write the model to `uri`; returns {uri, digest, format} on rank 0 ({} elsewhere).
-    `extra_files` (name -> content) are written beside it and covered by the digest."""
+    `extra_files` (name -> content) are written beside it and covered by the digest; the
+    manifest (the digest's preimage) is written last."""
+    if reserved := sorted(set(extra_files or ()) & set(RESERVED)):
+        raise ValueError(f"extra_files: {reserved} are reserved names")
     dtype = _export_dtype(model.config)
     tied = getattr(model.config, "tie_word_embeddings", False)
     state = [(_fqn(k), v) for k, v in model.state_dict().items()
@@ -131,14 +131,17 @@ def export_hf(model, tokenizer, base_path: str, uri: str, d,
                 hashes[p.name] = storage.upload_hashed(str(p), storage.join(uri, p.name))
         # stale top-level files from an earlier export would change the digest: remove them
         for entry in storage.listdir(uri):
-            if entry["type"] == "file" and entry["name"] not in hashes:
+            if entry["type"] == "file" and entry["name"] not in (*hashes, MANIFEST):
                 storage.rm(storage.join(uri, entry["name"]))
+        storage.pipe(storage.join(uri, MANIFEST), manifest_body(hashes).encode())
         result = {"uri": uri, "digest": digest_lines(hashes), "format": FORMAT}
     dist.barrier()
     return result
 
 
 def digest_dir(uri: str) -> str:
-    """Recompute an artifact's digest by reading every top-level file back from `uri`."""
+    """Recompute an artifact's digest by reading every top-level file back from `uri` (the
+    manifest aside)."""
     return digest_lines({e["name"]: storage.sha256(storage.join(uri, e["name"]))
-                         for e in storage.listdir(uri) if e["type"] == "file"})
+                         for e in storage.listdir(uri)
+                         if e["type"] == "file" and e["name"] not in RESERVED})

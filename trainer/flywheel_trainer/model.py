@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,39 +60,102 @@ def init_distributed() -> Dist:
 NO_WEIGHTS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
 
 
-def resolve_model_path(uri: str, d: Dist | None = None, weights: bool = True) -> str:
+def resolve_model_path(uri: str, d: Dist | None = None, weights: bool = True,
+                       digest: str | None = None) -> str:
     """A local directory holding the base model: `file://`, `pvc://` and plain paths as they
     are, `hf://org/name[@revision]` through the hub cache (HF_TOKEN from env), `s3://`/`gs://`
     copied to a local cache once per node (local rank 0 downloads, the rest wait).
-    `weights=False` fetches only config and tokenizer files (preflight)."""
-    from . import storage
+    `weights=False` fetches only config and tokenizer files (preflight).
 
+    `digest` (an exported artifact's `sha256:...`): each node's local rank 0 verifies the
+    directory before it is returned (`fetch.verify_dir`; s3/gs copies are verified while they
+    download, `fetch.fetch`, and reused when already verified), and every rank raises
+    `fetch.DigestMismatch`, naming the first file that differs, when one node's copy does not
+    match; a cached copy that does not match is discarded. Without weights only the files
+    fetched are checked, through the artifact's manifest."""
+    from . import fetch, storage
+
+    patterns = None if weights else NO_WEIGHTS
+    main_local = d is None or d.local_rank == 0
     local = storage.local_path(uri)
     if local is not None:
+        if digest:
+            _agree(d, _attempt(main_local, lambda: fetch.verify_dir(local, digest, patterns)))
         return local
-    main_local = d is None or d.local_rank == 0
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
         repo, revision = storage.parse_hf(uri)
         kw = {"revision": revision, "token": os.environ.get("HF_TOKEN"),
-              "allow_patterns": None if weights else NO_WEIGHTS}
+              "allow_patterns": patterns}
         path = None
-        if main_local:
+
+        def download() -> None:
+            nonlocal path
             path = snapshot_download(repo, **kw)
-        if d is not None:
-            dist.barrier()
+            if digest:
+                fetch.verify_dir(path, digest, patterns)
+
+        _agree(d, _attempt(main_local, download))
         return path or snapshot_download(repo, **kw)
     cache = Path(os.environ.get("FLYWHEEL_MODEL_CACHE", "/tmp/flywheel-model"))
     target = cache / uri.replace("://", "/").strip("/")
     if not weights:
         target = target.with_name(target.name + "-noweights")
-    if main_local and not (target / ".complete").exists():
-        storage.download_dir(uri, str(target), None if weights else NO_WEIGHTS)
-        (target / ".complete").touch()
-    if d is not None:
-        dist.barrier()
+
+    def download() -> None:
+        if digest and weights:  # verified while it downloads; nothing to do when it was
+            fetch.fetch(uri, digest, target)
+            (target / ".complete").touch()
+            return
+        if not (target / ".complete").exists():
+            storage.download_dir(uri, str(target),
+                                 patterns + [fetch.MANIFEST] if patterns and digest else patterns)
+            (target / ".complete").touch()
+        if digest:
+            fetch.verify_dir(target, digest, patterns)
+
+    _agree(d, _attempt(main_local, download,
+                       discard=lambda: shutil.rmtree(target, ignore_errors=True)))
     return str(target)
+
+
+def _attempt(run: bool, fn, discard=None) -> Exception | None:
+    """Run `fn` (when `run`); the exception it raised, after `discard` on a digest mismatch."""
+    if not run:
+        return None
+    from .fetch import DigestMismatch
+
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - handed to every rank by _agree
+        if discard is not None and isinstance(e, DigestMismatch):
+            discard()
+        return e
+    return None
+
+
+def _agree(d: Dist | None, error: Exception | None) -> None:
+    """Wait for every node's local rank 0 (it downloads and verifies), then fail everywhere
+    if any failed: the failing rank with its own error, the others naming it."""
+    if d is None:
+        if error is not None:
+            raise error
+        return
+    from . import storage
+    from .fetch import DigestMismatch
+
+    errors: list = [None] * d.world_size
+    mine = None if error is None else (isinstance(error, DigestMismatch),
+                                       storage.redact(f"{type(error).__name__}: {error}"))
+    dist.all_gather_object(errors, mine)
+    if error is not None:
+        raise error
+    for rank, failed in enumerate(errors):
+        if failed:
+            mismatch, message = failed
+            cls = DigestMismatch if mismatch else RuntimeError
+            raise cls(f"base model on rank {rank}: {message}")
 
 
 def default_attention(d: Dist) -> str:
