@@ -12,7 +12,7 @@ from pydantic import Field
 
 from .common import DNS_SUBDOMAIN_RE, NO_QUERY_RULE, NO_SECRET_RULE, cel
 
-__all__ = ["S3_SECRET_KEYS", "GcsStorage", "S3Storage", "Storage", "merge_storage"]
+__all__ = ["S3_SECRET_KEYS", "GcsStorage", "HfStorage", "S3Storage", "Storage", "merge_storage"]
 
 #: The keys of `s3.credentialsSecret`, each passed as the variable of the same name.
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False,
@@ -52,12 +52,22 @@ class GcsStorage(SpecModel):
         "(serviceAccountName).")
 
 
+class HfStorage(SpecModel):
+    """The Hugging Face Hub (hf:// base models)."""
+
+    tokenSecretRef: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a Hub token (gated models such as Llama or Mistral): "
+        "the pods' HF_TOKEN, resolved by the kubelet. Empty: anonymous downloads.")
+
+
 class Storage(SpecModel):
     """Credentials and endpoints for the run's s3:// and gs:// URIs (pvc:// claims are mounted
     from the URIs themselves). Unset fields fall back to the operator config's `storage`."""
 
     s3: S3Storage | None = Field(default=None, description="S3 and S3-compatible stores.")
     gcs: GcsStorage | None = Field(default=None, description="Google Cloud Storage.")
+    hf: HfStorage | None = Field(default=None, description="The Hugging Face Hub.")
     serviceAccountName: ObjectName | None = Field(
         default=None,
         description="ServiceAccount the trainer and preflight pods run as, for workload "
