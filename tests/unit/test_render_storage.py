@@ -18,7 +18,7 @@ S3_DEFAULTS = {"s3": {"endpoint": "https://minio.storage.svc:9000", "region": "e
 
 def _pods(run: dict, config: OperatorConfig) -> list[dict]:
     """The trainer pod template and the preflight pod template."""
-    job = render.attempt_objects(run, 1, config)[2]
+    job = render.attempt_objects(run, 1, config)[-1]
     preflight = render.preflight_objects(run, config)[1]
     return [job["spec"]["template"]["spec"], preflight["spec"]["template"]["spec"]]
 
@@ -28,11 +28,12 @@ def _env(pod: dict) -> dict[str, dict]:
 
 
 def _storage_volumes(pod: dict) -> list[dict]:
-    return [v for v in pod["volumes"] if v["name"] not in ("config", "dshm")]
+    return [v for v in pod["volumes"] if v["name"] not in ("config", "dshm", "cache")]
 
 
 def _storage_mounts(pod: dict) -> list[dict]:
-    return [m for m in pod["containers"][0]["volumeMounts"] if m["name"] not in ("config", "dshm")]
+    return [m for m in pod["containers"][0]["volumeMounts"]
+            if m["name"] not in ("config", "dshm", "cache")]
 
 
 def test_s3_defaults_from_the_operator_config_reach_both_pods_by_reference():

@@ -1,0 +1,65 @@
+"""Pure: what fences and bounds a run's pods. The attempt's NetworkPolicy (its pods accept
+traffic only from each other and, on the progress port, from the operator), a size-limited
+`/dev/shm`, and the model cache on a size-limited emptyDir instead of the container's root
+filesystem (base model downloads, HF_HOME, TMPDIR), sized from the pool or from the model
+size preflight measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import DEFAULT_CACHE_SIZE, OperatorConfig, Pool
+from .vocab import PROGRESS_PORT
+
+CACHE_DIR = "/var/cache/flywheel"
+#: The preflight pod fetches config and tokenizer only, never weights.
+PREFLIGHT_CACHE_SIZE = "10Gi"
+NETWORK_POLICY_API = "networking.k8s.io/v1"
+
+
+def cache_size(pool: Pool, parameters: int | None) -> str:
+    """The model cache's size limit: the pool's `cacheSize`; else room for the base model at
+    4 bytes a parameter (fp32 files, the worst case), a quarter more and 2Gi for tokenizer,
+    temporary files and the Hub's own bookkeeping; else DEFAULT_CACHE_SIZE."""
+    if pool.cacheSize:
+        return pool.cacheSize
+    if parameters:
+        return f"{-(-parameters * 5 // 2**30) + 2}Gi"  # 4 B x 1.25, rounded up to Gi
+    return DEFAULT_CACHE_SIZE
+
+
+def volumes(shm: str, cache: str) -> list[dict[str, Any]]:
+    return [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+            {"name": "cache", "emptyDir": {"sizeLimit": cache}}]
+
+
+MOUNTS = [{"name": "dshm", "mountPath": "/dev/shm"},
+          {"name": "cache", "mountPath": CACHE_DIR}]
+
+
+def env(config: OperatorConfig) -> list[dict[str, Any]]:
+    """Everything the trainer downloads or spools goes to the bounded cache; dataset lines
+    are capped (a longer one is a `file:line` error)."""
+    return [{"name": "FLYWHEEL_MODEL_CACHE", "value": f"{CACHE_DIR}/models"},
+            {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"},
+            {"name": "TMPDIR", "value": CACHE_DIR},
+            {"name": "FLYWHEEL_MAX_LINE_BYTES", "value": str(config.maxDatasetLineBytes)}]
+
+
+def network_policy(metadata: dict[str, Any], selector: dict[str, str],
+                   config: OperatorConfig) -> dict[str, Any] | None:
+    """The attempt's NetworkPolicy (None when the config turns it off): ingress to its pods
+    only from the attempt's own pods (rendezvous, torchrun's store, NCCL/gloo on any port)
+    and from the operator's peers on the progress port; egress is left open (object stores,
+    the Hub, Comet)."""
+    if not config.networkPolicy.enabled:
+        return None
+    progress: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": PROGRESS_PORT}]}
+    if config.networkPolicy.operatorPeers:
+        progress["from"] = [dict(p) for p in config.networkPolicy.operatorPeers]
+    return {"apiVersion": NETWORK_POLICY_API, "kind": "NetworkPolicy", "metadata": metadata,
+            "spec": {"podSelector": {"matchLabels": dict(selector)},
+                     "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": dict(selector)}}]},
+                                 progress]}}

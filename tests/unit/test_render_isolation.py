@@ -1,0 +1,131 @@
+"""What fences and bounds a run's pods (isolation.py through render): the attempt's
+NetworkPolicy, /dev/shm and the model cache with size limits, pool memory limits, the Hub
+token by reference, the dataset line cap, and scheduling that never leaves the pool."""
+
+from __future__ import annotations
+
+import json
+
+from flywheel_operator import isolation, render
+from flywheel_operator.config import OperatorConfig
+
+from .conftest_data import make_run
+
+CONFIG = OperatorConfig()
+
+
+def _attempt(run: dict, config: OperatorConfig = CONFIG) -> dict[str, dict]:
+    return {o["kind"]: o for o in render.attempt_objects(run, 1, config)}
+
+
+def _pod(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+def _env(pod: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+
+def test_network_policy_admits_only_the_attempt_and_the_operator():
+    peers = [{"namespaceSelector": {"matchLabels": {
+                 "kubernetes.io/metadata.name": "flywheel-system"}},
+              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "flywheel"}}}]
+    config = OperatorConfig.model_validate({"networkPolicy": {"operatorPeers": peers}})
+    objs = _attempt(make_run(), config)
+    netpol, job = objs["NetworkPolicy"], objs["Job"]
+    assert list(objs) == ["ConfigMap", "Service", "NetworkPolicy", "Job"]  # the Job last
+    assert netpol["apiVersion"] == "networking.k8s.io/v1"
+    assert netpol["metadata"]["name"] == job["metadata"]["name"] == "qwen-w48-a1"
+    # Owned by the run: deleted with it (and with its attempt: render.attempt_children).
+    assert netpol["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+    assert ("NetworkPolicy", "qwen-w48-a1") in [
+        (c.kind, c.name) for c in render.attempt_children("qwen-w48", 1)]
+    attempt = {"flywheel.dev/run": "qwen-w48", "flywheel.dev/attempt": "1"}
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in attempt.items())
+    assert netpol["spec"] == {
+        "podSelector": {"matchLabels": attempt},
+        "policyTypes": ["Ingress"],  # egress open: stores, the Hub, Comet
+        "ingress": [{"from": [{"podSelector": {"matchLabels": attempt}}]},
+                    {"from": peers, "ports": [{"protocol": "TCP", "port": 9400}]}]}
+    # Another attempt of the same run is a stranger.
+    assert render.attempt_objects(make_run(), 2, config)[2]["spec"]["podSelector"][
+        "matchLabels"]["flywheel.dev/attempt"] == "2"
+
+
+def test_network_policy_without_operator_peers_and_turned_off():
+    netpol = _attempt(make_run())["NetworkPolicy"]
+    assert netpol["spec"]["ingress"][1] == {"ports": [{"protocol": "TCP", "port": 9400}]}
+    off = OperatorConfig.model_validate({"networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in _attempt(make_run(), off)
+
+
+def test_shm_and_cache_are_size_limited_and_the_cache_holds_every_download():
+    job = _attempt(make_run())["Job"]
+    pod = _pod(job)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Gi"}
+    assert volumes["cache"]["emptyDir"] == {"sizeLimit": "256Gi"}  # no preflight figure yet
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["cache"] == "/var/cache/flywheel"
+    env = _env(pod)
+    for name, value in (("FLYWHEEL_MODEL_CACHE", "/var/cache/flywheel/models"),
+                        ("HF_HOME", "/var/cache/flywheel/hf"), ("TMPDIR", "/var/cache/flywheel"),
+                        ("FLYWHEEL_MAX_LINE_BYTES", str(16 * 2**20))):
+        assert env[name] == {"name": name, "value": value}
+
+
+def test_the_cache_is_sized_from_the_model_preflight_measured():
+    run = make_run()
+    run["status"] = {"preflight": {"phase": "Succeeded", "parameters": 32_800_000_000}}
+    volumes = {v["name"]: v for v in _pod(_attempt(run)["Job"])["volumes"]}
+    # 32.8e9 parameters x 4 bytes x 1.25 = 152.7 GiB, rounded up, + 2Gi
+    assert volumes["cache"]["emptyDir"] == {"sizeLimit": "155Gi"}
+    assert isolation.cache_size(CONFIG.pools["h200"], 1000) == "3Gi"
+    # The pool's own figure wins.
+    assert isolation.cache_size(CONFIG.pools["local"], 32_800_000_000) == "20Gi"
+
+
+def test_preflight_pod_is_bounded_too():
+    job = render.preflight_objects(make_run(), CONFIG)[1]
+    pod = _pod(job)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"]["emptyDir"] == {"sizeLimit": "10Gi"}  # config and tokenizer only
+    assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "8Gi"  # the cpu pool's
+    assert pod["containers"][0]["resources"] == {"requests": {"memory": "32Gi"},
+                                                 "limits": {"memory": "32Gi"}}
+    assert _env(pod)["FLYWHEEL_MAX_LINE_BYTES"]["value"] == str(16 * 2**20)
+
+
+def test_pool_presets_have_memory_limits():
+    for name, pool in CONFIG.pools.items():
+        assert pool.resources.memory, name
+    resources = _pod(_attempt(make_run())["Job"])["containers"][0]["resources"]
+    assert resources["limits"]["memory"] == resources["requests"]["memory"] == "1600Gi"
+
+
+def test_hub_token_by_reference_from_the_run_or_the_config():
+    ref = {"name": "hub", "key": "token"}
+    config = OperatorConfig.model_validate({"storage": {"hf": {"tokenSecretRef": ref}}})
+    expected = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}
+    for pod in (_pod(_attempt(make_run(), config)["Job"]),
+                _pod(render.preflight_objects(make_run(), config)[1])):
+        assert _env(pod)["HF_TOKEN"] == expected
+    own = {"name": "team-hub", "key": "hf"}
+    run = make_run(storage={"hf": {"tokenSecretRef": own}})
+    assert _env(_pod(_attempt(run, config)["Job"]))["HF_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": own}
+    assert "HF_TOKEN" not in _env(_pod(_attempt(make_run())["Job"]))
+    assert "value" not in _env(_pod(_attempt(run, config)["Job"]))["HF_TOKEN"]  # never a value
+
+
+def test_a_cpu_run_aimed_at_gpu_nodes_stays_on_the_cpu_pool():
+    run = make_run(resources={
+        "nodes": 1, "gpusPerNode": 8, "nodePool": "cpu",
+        "nodeSelector": {"flywheel.dev/pool": "h200", "nvidia.com/gpu.product": "NVIDIA-H200"},
+        "tolerations": [{"operator": "Exists"},
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    pod = _pod(_attempt(run)["Job"])
+    assert pod["nodeSelector"]["flywheel.dev/pool"] == "cpu"
+    assert "tolerations" not in pod
+    assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
