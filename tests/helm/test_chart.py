@@ -51,8 +51,11 @@ def test_helm_lint_is_clean(values):
 
 def test_defaults_render_a_restricted_clusterwide_operator(default):
     kinds = sorted(o["kind"] for o in default)
+    # The ClusterRoles: the operator's, and the user roles -view, -edit, -release (the
+    # admission policies need the API server's capabilities: test_admission.py).
     assert kinds == sorted(["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding",
-                            "Service", "Deployment", "ClusterKopfPeering", "Pod"])
+                            "Service", "Deployment", "ClusterKopfPeering", "Pod",
+                            "ClusterRole", "ClusterRole", "ClusterRole"])
     deployment = one(default, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert deployment["spec"]["replicas"] == 1
@@ -127,6 +130,7 @@ NAMESPACED_GRANTS = {
     ("flywheel.dev", "models/status"): {"patch"},
     ("batch", "jobs"): {"list", "watch", "create", "delete", "patch"},
     ("", "configmaps"): {"create", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
     ("", "services"): {"create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
@@ -150,13 +154,14 @@ def grants(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
 
 
 def test_clusterrole_is_least_privilege(default):
-    rules = rules_of(one(default, "ClusterRole"))
+    rules = rules_of(one(default, "ClusterRole", "fw-flywheel"))
     granted = grants(rules)
     assert granted == {**NAMESPACED_GRANTS, **CLUSTERWIDE_EXTRA}
     assert not any(resource == "secrets" or "*" in (group, resource)
                    or "*" in verbs for (group, resource), verbs in granted.items())
     # Every kind the operator reaches through kube.py is covered (Workloads: with Kueue on).
-    groups = {"ConfigMap": "", "Service": "", "Job": "batch", "Pod": "", "Deployment": "apps"}
+    groups = {"ConfigMap": "", "Service": "", "Job": "batch", "Pod": "", "Deployment": "apps",
+              "NetworkPolicy": "networking.k8s.io"}
     for kind, plural in kube.PLURALS.items():
         if kind != "Workload":
             assert (groups.get(kind, vocab.GROUP), plural) in granted, kind
@@ -179,7 +184,7 @@ def test_watch_namespaces_uses_roles():
         assert grants(role["rules"]) == {
             **NAMESPACED_GRANTS, ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"}}
     # The only cluster-scoped grant: what kopf needs to start (CRDs, namespace names).
-    cluster_role = one(objs, "ClusterRole")
+    cluster_role = one(objs, "ClusterRole", "fw-flywheel-discovery")
     assert {res for r in cluster_role["rules"] for res in r["resources"]} == {
         "customresourcedefinitions", "namespaces"}
     assert {v for r in cluster_role["rules"] for v in r["verbs"]} == {"list", "watch"}
@@ -202,7 +207,7 @@ def test_kueue_is_off_by_default(default):
     config = yaml.safe_load(one(default, "ConfigMap")["data"]["operator.yaml"])
     assert "kueue" not in config
     assert not any(group.endswith("kueue.x-k8s.io")
-                   for group, _ in grants(rules_of(one(default, "ClusterRole"))))
+                   for group, _ in grants(rules_of(one(default, "ClusterRole", "fw-flywheel"))))
 
 
 def test_kueue_values_set_the_default_queues_and_read_workloads():
@@ -213,7 +218,7 @@ def test_kueue_values_set_the_default_queues_and_read_workloads():
     assert config["kueue"] == values["kueue"]
     kueue = OperatorConfig.model_validate(config).kueue
     assert kueue.queue("team-a", None) == "team-a-h200" and kueue.queue("other", None) == "h200"
-    assert grants(rules_of(one(objs, "ClusterRole"))) == {
+    assert grants(rules_of(one(objs, "ClusterRole", "fw-flywheel"))) == {
         **NAMESPACED_GRANTS, **CLUSTERWIDE_EXTRA, **KUEUE_GRANTS}
     # Namespaced mode: the same grants in each watched namespace's Role.
     objs = render({**values, "watchNamespaces": ["team-a"]})
@@ -250,8 +255,8 @@ def test_standalone_when_peering_is_off_and_refused_with_replicas():
     objs = render({"peering": {"enabled": False}})
     assert "--standalone" in operator_container(objs)["args"]
     assert not find(objs, "ClusterKopfPeering")
-    assert not allows(one(objs, "ClusterRole")["rules"], "kopf.dev", "clusterkopfpeerings",
-                      "get")
+    assert not allows(one(objs, "ClusterRole", "fw-flywheel")["rules"], "kopf.dev",
+                      "clusterkopfpeerings", "get")
     proc = helm("template", "fw", str(CHART), "--set", "replicas=2", "--set",
                 "peering.enabled=false", check=False)
     assert proc.returncode != 0 and "replicas > 1 needs peering.enabled=true" in proc.stderr

@@ -59,9 +59,13 @@ def install(cluster: Cluster, crds: Cluster):
 
     def _install(values: dict | None = None, labels: dict | None = None) -> Release:
         suffix = uuid.uuid4().hex[:6]
+        # The admission policies (cluster-scoped) bind only in this test's namespaces: the
+        # release's own, unless a test names others.
+        own = {"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": f"fw-{suffix}"}}}
         release = Release(f"fw-{suffix}", f"fw-{suffix}",
                           {**LOCAL_VALUES, "peering": {"name": f"flywheel-{suffix}"},
-                           **(values or {})})
+                           "admissionPolicy": own, **(values or {})})
         namespace = {"apiVersion": "v1", "kind": "Namespace",
                      "metadata": {"name": release.namespace, "labels": labels or {}}}
         cluster.apply(namespace)
@@ -275,8 +279,14 @@ def only_this_operator(request, cluster: Cluster, namespace: str):
 @pytest.mark.parametrize("mode", ["clusterwide", "watchNamespaces"])
 def test_operator_with_the_chart_service_account_runs_a_whole_lifecycle(
         cluster, install, namespace, only_this_operator, tmp_path, mode):
-    values = {"watchNamespaces": [namespace]} if mode == "watchNamespaces" else {}
+    # The chart's admission policies bind in the runs' namespace: the operator's own writes
+    # (status, ModelVersions) pass the registry policy, the runs the runs policy.
+    values = {"admissionPolicy": {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": namespace}}}}
+    if mode == "watchNamespaces":
+        values["watchNamespaces"] = [namespace]
     release = install(values)
+    assert cluster.get("validatingadmissionpolicybinding", f"{release.fullname}-registry")
     token = create_token(cluster, release)
     kubeconfig = token_kubeconfig(cluster, token, tmp_path / "kubeconfig")
     whoami = cluster.kubectl("--kubeconfig", str(kubeconfig), "auth", "whoami", "-o", "json")

@@ -73,10 +73,18 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
-{{/* Operator config file (OperatorConfig in operator/flywheel_operator/config.py). */}}
+{{/* Operator config file (OperatorConfig in operator/flywheel_operator/config.py). The
+per-attempt NetworkPolicy admits this release's operator pods to the progress port. */}}
 {{- define "flywheel.operatorConfig" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $netpol := $config.networkPolicy | default dict }}
+{{- if and (ne $netpol.enabled false) (not $netpol.operatorPeers) }}
+{{- $operator := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "flywheel.selectorLabels" . | fromYaml)) }}
+{{- $_ := set $netpol "operatorPeers" (list $operator) }}
+{{- $_ := set $config "networkPolicy" $netpol }}
+{{- end }}
 defaultImage: {{ include "flywheel.trainerImage" . | quote }}
-{{ toYaml .Values.config }}
+{{ toYaml $config }}
 {{- if .Values.kueue.enabled }}
 kueue:
   {{- toYaml .Values.kueue | nindent 2 }}
@@ -98,4 +106,38 @@ kueue:
 {{- fail (printf "config.preflightPool %q is not in config.pools (nor a built-in preset)" .Values.config.preflightPool) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* The operator's built-in pool presets (config.PRESETS; tests/helm/test_admission.py keeps
+them equal): what the admission policy knows of pools the values do not replace. */}}
+{{- define "flywheel.presetPools" -}}
+h200:
+  nodeSelector: {flywheel.dev/pool: h200}
+  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+  gpusPerNode: 8
+cpu:
+  nodeSelector: {flywheel.dev/pool: cpu}
+local:
+  nodeSelector: {flywheel.dev/executor: local}
+  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+  gpusPerNode: 2
+{{- end }}
+
+{{/* Every pool the operator knows (presets replaced by name by config.pools), as JSON:
+{"selectors": {pool: nodeSelector}, "gpus": {pool: gpusPerNode}, "fences": [taint keys only
+pools may tolerate: nvidia.com/gpu and every key a pool tolerates]}. */}}
+{{- define "flywheel.poolTable" -}}
+{{- $pools := deepCopy (.Values.config.pools | default dict) }}
+{{- range $name, $pool := include "flywheel.presetPools" . | fromYaml }}
+{{- if not (hasKey $pools $name) }}{{ $_ := set $pools $name $pool }}{{ end }}
+{{- end }}
+{{- $selectors := dict }}{{ $gpus := dict }}{{ $fences := list "nvidia.com/gpu" }}
+{{- range $name, $pool := $pools }}
+{{- $_ := set $selectors $name ($pool.nodeSelector | default dict) }}
+{{- $_ := set $gpus $name (int ($pool.gpusPerNode | default 0)) }}
+{{- range $pool.tolerations | default list }}
+{{- if .key }}{{ $fences = append $fences .key }}{{ end }}
+{{- end }}
+{{- end }}
+{{- dict "selectors" $selectors "gpus" $gpus "fences" ($fences | uniq | sortAlpha) | toJson }}
 {{- end }}

@@ -31,6 +31,10 @@ by secretKeyRef, which the kubelet resolves, never the operator.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["create", "delete"]
+# Per attempt: the NetworkPolicy that admits only the attempt's pods and the operator.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "delete"]
 # Pods are read only: phases, exit codes and rank 0's termination message (the summary).
 - apiGroups: [""]
   resources: ["pods"]
