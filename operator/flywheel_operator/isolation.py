@@ -7,6 +7,7 @@ size preflight measured.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from .config import DEFAULT_CACHE_SIZE, OperatorConfig, Pool
@@ -27,6 +28,16 @@ def cache_size(pool: Pool, parameters: int | None) -> str:
     if parameters:
         return f"{-(-parameters * 5 // 2**30) + 2}Gi"  # 4 B x 1.25, rounded up to Gi
     return DEFAULT_CACHE_SIZE
+
+
+def pod_memory(pool: Pool, gpus: int) -> str | None:
+    """A pod's memory request and limit: the pool's memoryPerGpu times the pod's GPUs, else
+    the pool's resources.memory (None: not set)."""
+    if pool.memoryPerGpu and gpus and pool.gpusPerNode:
+        number = pool.memoryPerGpu.rstrip("KMGTPik")
+        total = Decimal(number) * gpus
+        return f"{total.normalize():f}{pool.memoryPerGpu[len(number):]}"
+    return pool.resources.memory
 
 
 def volumes(shm: str, cache: str) -> list[dict[str, Any]]:

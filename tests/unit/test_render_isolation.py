@@ -64,7 +64,7 @@ def test_shm_and_cache_are_size_limited_and_the_cache_holds_every_download():
     job = _attempt(make_run())["Job"]
     pod = _pod(job)
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Gi"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
     assert volumes["cache"]["emptyDir"] == {"sizeLimit": "256Gi"}  # no preflight figure yet
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["cache"] == "/var/cache/flywheel"
@@ -97,11 +97,17 @@ def test_preflight_pod_is_bounded_too():
     assert _env(pod)["FLYWHEEL_MAX_LINE_BYTES"]["value"] == str(16 * 2**20)
 
 
-def test_pool_presets_have_memory_limits():
+def test_pool_presets_have_memory_limits_by_the_gpus_a_pod_asks_for():
     for name, pool in CONFIG.pools.items():
-        assert pool.resources.memory, name
-    resources = _pod(_attempt(make_run())["Job"])["containers"][0]["resources"]
-    assert resources["limits"]["memory"] == resources["requests"]["memory"] == "1600Gi"
+        assert pool.resources.memory or pool.memoryPerGpu, name
+    for gpus, memory in ((8, "1600Gi"), (1, "200Gi")):
+        run = make_run(resources={"nodes": 1, "gpusPerNode": gpus})
+        resources = _pod(_attempt(run)["Job"])["containers"][0]["resources"]
+        assert resources["limits"]["memory"] == resources["requests"]["memory"] == memory
+    half = OperatorConfig.model_validate({"pools": {"h200": {
+        "gpusPerNode": 8, "memoryPerGpu": "1.5Gi", "resources": {"memory": "9Gi"}}}})
+    assert isolation.pod_memory(half.pools["h200"], 3) == "4.5Gi"
+    assert isolation.pod_memory(half.pools["h200"], 0) == "9Gi"  # no GPUs: per pod
 
 
 def test_hub_token_by_reference_from_the_run_or_the_config():
