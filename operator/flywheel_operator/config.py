@@ -13,11 +13,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .api import Storage, Toleration
+from .policy import Policy
 from .vocab import EXECUTOR_LABEL, POOL_LABEL
 
 ENV_VAR = "FLYWHEEL_OPERATOR_CONFIG"
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_IMAGE = "ghcr.io/flywheel-dev/flywheel-trainer:0.1.0"
+QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+#: The model cache's size limit when neither the pool nor preflight gives one.
+DEFAULT_CACHE_SIZE = "256Gi"
 
 
 class _Model(BaseModel):
@@ -45,6 +49,17 @@ class Pool(_Model):
         default=None, gt=0, description="Memory of one GPU in GB (decimal): preflight refuses a "
         "run whose per-GPU memory estimate exceeds it.")
     resources: PodResources = Field(default_factory=PodResources)
+    memoryPerGpu: str | None = Field(
+        default=None, pattern=QUANTITY_RE, description="Memory request and limit per GPU a pod "
+        "asks for (a 2-GPU pod gets twice this), over resources.memory for pods with GPUs.")
+    shmSize: str = Field(
+        default="8Gi", pattern=QUANTITY_RE, description="Size limit of the trainer pods' "
+        "/dev/shm (a memory emptyDir: it counts against the pod's memory limit).")
+    cacheSize: str | None = Field(
+        default=None, pattern=QUANTITY_RE, description="Size limit of the trainer pods' model "
+        "cache (an emptyDir holding downloaded base models, HF_HOME and TMPDIR). Empty: from "
+        "the model size preflight measured (4 bytes a parameter, plus a quarter and 2Gi), else "
+        f"{DEFAULT_CACHE_SIZE}.")
 
 
 _GPU_TOLERATION = Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
@@ -56,15 +71,31 @@ PRESETS: dict[str, Pool] = {
         gpusPerNode=8,
         gpuHourPrice=3.5,
         tokensPerSecondPerGpu=2000.0,
-        gpuMemoryGB=141.0),
-    "cpu": Pool(nodeSelector={POOL_LABEL: "cpu"}),
+        gpuMemoryGB=141.0,
+        memoryPerGpu="200Gi",  # 1600Gi for a whole 8-GPU node (2 TiB)
+        shmSize="64Gi"),
+    "cpu": Pool(nodeSelector={POOL_LABEL: "cpu"}, resources=PodResources(memory="32Gi")),
     "local": Pool(
         nodeSelector={EXECUTOR_LABEL: "local"},
         tolerations=[_GPU_TOLERATION],
         gpusPerNode=2,
         tokensPerSecondPerGpu=500.0,
         # one core per rank: the pods share this machine's cores
-        resources=PodResources(cpu="1"))}
+        resources=PodResources(cpu="1", memory="8Gi"),
+        shmSize="1Gi",
+        cacheSize="20Gi")}
+
+
+class NetworkPolicy(_Model):
+    """A NetworkPolicy per attempt: its trainer pods accept traffic only from each other
+    (rendezvous, store, NCCL) and, on the progress port, from the operator. Egress is open."""
+
+    enabled: bool = Field(default=True, description="Render the per-attempt NetworkPolicy.")
+    operatorPeers: list[dict] = Field(
+        default_factory=list, description="NetworkPolicy peers (namespaceSelector / "
+        "podSelector / ipBlock) the operator polls rank 0's progress port from; the chart "
+        "sets its own pods. Empty: the progress port is open to every source (an operator "
+        "outside the cluster), the other ports stay closed.")
 
 
 class Kueue(_Model):
@@ -110,6 +141,19 @@ class OperatorConfig(_Model):
     ncclHeartbeatTimeoutSeconds: int = Field(
         default=600, ge=10, description="TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC in trainer pods.")
     kueue: Kueue = Field(default_factory=Kueue)
+    policy: Policy = Field(
+        default_factory=Policy, description="What runs may ask for: images, pools per "
+        "namespace, Secrets and ServiceAccount, size (policy.py).")
+    networkPolicy: NetworkPolicy = Field(default_factory=NetworkPolicy)
+    maxDatasetLineBytes: int = Field(
+        default=16 * 2**20, ge=1024, description="Longest dataset line the trainer reads: a "
+        "longer one is a `file:line` error, not an out-of-memory.")
+    # every Kubernetes API call (kube.py), with its retries
+    apiConnectTimeoutSeconds: float = Field(
+        default=5, gt=0, description="Connect timeout of each Kubernetes API request.")
+    apiReadTimeoutSeconds: float = Field(
+        default=60, gt=0, description="Read timeout of each Kubernetes API request: a stalled "
+        "connection is dropped and the request retried, never holding a worker.")
 
     @model_validator(mode="after")
     def _known_pools(self) -> OperatorConfig:
@@ -117,6 +161,12 @@ class OperatorConfig(_Model):
         for field in ("defaultPool", "preflightPool"):
             if getattr(self, field) not in self.pools:
                 raise ValueError(f"{field}: unknown pool {getattr(self, field)!r}")
+        for namespace, names in self.policy.namespacePools.items():
+            unknown = sorted(set(names) - set(self.pools))
+            if unknown:
+                known = ", ".join(sorted(self.pools))
+                raise ValueError(f"policy.namespacePools.{namespace}: unknown pool(s) "
+                                 f"{', '.join(unknown)}; known pools: {known}")
         return self
 
     def pool(self, name: str | None) -> Pool:

@@ -1,7 +1,7 @@
 """The FineTuneRun lifecycle as a pure function: observed state in, a plan out.
 
 `decide(run, jobs, pods, now)` looks at the run and the slim summaries of its Jobs and Pods
-(observe.job_summary / pod_summary, kept in kopf indexes, see handlers.py) and returns a
+(objects.JobSummary / PodSummary, kept in kopf indexes, see handlers.py) and returns a
 `Plan`: the status the run should have and the few actions that get it there. No I/O happens
 here, so every transition is unit-tested without a cluster, and re-running `decide` on the
 same inputs is a no-op plan.
@@ -15,20 +15,24 @@ deterministic child names make every create idempotent.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import observe, queueing
+from flywheel_trainer.contract import Summary, SummaryError, parse_summary
+
+from . import failures, observe, queueing
 from .api import FineTuneRunStatus, checked
+from .attempts import add_gpu_hours, preflight_result, preflight_status, record_attempt
 from .config import OperatorConfig
-from .observe import DISRUPTION, FATAL, RETRY, Failure, Polled
-from .registry import Summary, SummaryError, parse_summary
+from .failures import DISRUPTION, FATAL, RETRY, Failure
+from .objects import JobSummary, PodSummary, WorkloadSummary
+from .observe import Polled
+from .policy import refusal
+from .render import run_paths
 from .vocab import (
+    MODEL_REF_SCHEME,
     TERMINAL,
     comet_experiment_url,
-    estimate_cost,
-    estimate_gpu_hours,
     experiment_key,
     format_time,
     pods_gpu_hours,
@@ -60,137 +64,69 @@ class Plan:
         self.status["message"] = message
 
 
-def describe_failure(pods: list[dict], job: dict | None) -> str:
-    """The failing pod's own words: its termination message, or exit code and reason."""
-    failed = [p for p in pods if p["phase"] == "Failed"]
-    if failed:
-        pod = failed[0]
-        detail = (pod["message"] or "").strip() or pod["reason"] or "Error"
-        return f"pod {pod['name']} exited with code {pod['exitCode']}: {detail}"[:1024]
-    return (job or {}).get("failed") or "the attempt's Job failed"
-
-
-def record_attempt(status: dict, attempt: int, job: dict | None, pods: list[dict], phase: str,
-                   reason: str, message: str, spec: dict, now: str, config: OperatorConfig,
-                   gpu_hours: float | None = None, started: str | None = None) -> None:
-    """Close an attempt in status.attempts and re-sum gpuHours and estimatedCost."""
-    records = [a for a in status.get("attempts", []) if a["attempt"] != attempt]
-    gpus = spec["resources"]["gpusPerNode"]
-    started = min((p["startedAt"] for p in pods if p["startedAt"]), default=started)
-    if gpu_hours is None:
-        gpu_hours = pods_gpu_hours(pods, gpus, now)
-    records.append({"attempt": attempt, "job": (job or {}).get("name"), "phase": phase,
-                    "startTime": started, "completionTime": now, "reason": reason,
-                    "message": message[:1024], "gpuHours": gpu_hours})
-    status["attempts"] = sorted(({k: v for k, v in a.items() if v is not None}
-                                 for a in records), key=lambda a: a["attempt"])
-    add_gpu_hours(status, 0.0, spec, config)
-
-
-def add_gpu_hours(status: dict, running: float, spec: dict, config: OperatorConfig) -> None:
-    """gpuHours = the closed attempts' + `running` (the current attempt's so far), and its
-    estimatedCost: GPU-hours accumulate live while an attempt trains."""
-    status["gpuHours"] = round(running + sum(a.get("gpuHours", 0.0)
-                                             for a in status.get("attempts", [])), 6)
-    try:
-        pool = config.pool(spec["resources"].get("nodePool"))
-        cost = estimate_cost(status["gpuHours"], pool.gpuHourPrice)
-    except KeyError:
-        cost = None
-    if cost is not None:
-        status["estimatedCost"] = round(cost, 4)
-
-
-def preflight_result(pods: list[dict], job: dict) -> dict | None:
-    """The trainer's preflight JSON from the pod's termination message, if it finished."""
-    done = [p for p in pods if p["phase"] in TERMINAL]
-    if not done and not (job["complete"] or job["failed"] is not None):
-        return None
-    for pod in done:
-        try:
-            result = json.loads(pod["message"] or "")
-            if isinstance(result, dict) and "ok" in result:
-                return result
-        except ValueError:
-            pass
-    why = describe_failure(done, job) if done else (job["failed"] or "no result")
-    return {"ok": False, "problems": [f"the preflight Job gave no result: {why}"], "errors": []}
-
-
-def preflight_status(result: dict, spec: dict, config: OperatorConfig) -> dict:
-    train = result.get("train") or {}
-    missing = result.get("missingCategories") or {}
-    problems = list(result.get("errors") or [])[:5] + list(result.get("problems") or [])
-    status = {"examples": train.get("examples"), "invalidExamples": result.get("invalidLines"),
-              "tokens": result.get("totalTokens"), "steps": result.get("optimizerSteps"),
-              "categories": train.get("categories") or {},
-              "missingCategories": sorted(missing), "problems": problems[:10]}
-    try:
-        pool = config.pool(spec["resources"].get("nodePool"))
-    except KeyError:
-        pool = None
-    hours = pool and result.get("totalTokens") and estimate_gpu_hours(
-        result["totalTokens"], pool.tokensPerSecondPerGpu)
-    if pool and hours:
-        status["estimatedGpuHours"] = round(hours, 4)
-        status["estimatedCost"] = estimate_cost(hours, pool.gpuHourPrice)
-    return {k: v for k, v in status.items() if v is not None}
-
-
-def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None = None,
-           config: OperatorConfig | None = None, workloads: list[dict] | None = None,
-           position: int | None = None, polled: Polled | None = None) -> Plan:
+def decide(run: dict, jobs: list[JobSummary], pods: list[PodSummary],
+           now: datetime | None = None, config: OperatorConfig | None = None,
+           workloads: list[WorkloadSummary] | None = None,
+           position: int | None = None, polled: Polled | None = None,
+           base_model: dict | str | None = None) -> Plan:
     """The run's next status and actions (status checked against FineTuneRunStatus). One step
     per stage: refuse, preflight, start_attempt, succeed, preempt (Kueue took it back),
     fail_attempt (restart or give up), else follow_queued (a Kueue run) or follow_attempt
     (suspend, scheduling, running, progress, stalls); a new stage is a new step here.
     `polled`: what the progress poller last heard from rank 0. `workloads`: Kueue's Workloads
-    of the run's Jobs (queueing.workload_summary); `position`: the current one's place in its
-    LocalQueue, where Kueue's visibility API gives it."""
+    of the run's Jobs (objects.WorkloadSummary); `position`: the current one's place in its
+    LocalQueue, where Kueue's visibility API gives it. `base_model`: for a model:// base
+    model not yet resolved, its resolution (status.baseModel) or why it cannot be."""
     config, ts = config or OperatorConfig(), format_time(now)
     old = run.get("status") or {}
     plan = Plan(status=copy.deepcopy(old), was=old.get("phase"))
     plan.status["observedGeneration"] = run["metadata"].get("generation", 1)
-    pre_jobs = [j for j in jobs if j["component"] == "preflight"]
-    pre_pods = [p for p in pods if p["component"] == "preflight"]
-    jobs = [j for j in jobs if j["component"] != "preflight"]
-    pods = [p for p in pods if p["component"] != "preflight"]
-    attempt = max([old.get("attempt") or 0] + [j["attempt"] for j in jobs]) or 1
+    pre_jobs = [j for j in jobs if j.component == "preflight"]
+    pre_pods = [p for p in pods if p.component == "preflight"]
+    jobs = [j for j in jobs if j.component != "preflight"]
+    pods = [p for p in pods if p.component != "preflight"]
+    attempt = max([old.get("attempt") or 0] + [j.attempt for j in jobs]) or 1
     plan.status["attempt"] = attempt
-    plan.delete_attempts = sorted({j["attempt"] for j in jobs if j["attempt"] < attempt})
-    job = next((j for j in jobs if j["attempt"] == attempt), None)
-    current = [p for p in pods if p["attempt"] == attempt]
-    failed_pod = any(p["phase"] == "Failed" for p in current)
-    stuck, plan.recheck_after = observe.start_failure(current, ts,
-                                                      config.startFailureGraceSeconds)
+    plan.delete_attempts = sorted({j.attempt for j in jobs if j.attempt < attempt})
+    job = next((j for j in jobs if j.attempt == attempt), None)
+    current = [p for p in pods if p.attempt == attempt]
+    # Pods of a suspended Job are stopped on purpose (they may end Failed, as kubelets
+    # report a SIGTERM): not a failure of the attempt.
+    failed_pod = not (job and job.suspended) and any(p.phase == "Failed" for p in current)
+    stuck, plan.recheck_after = failures.start_failure(current, ts,
+                                                       config.startFailureGraceSeconds)
     wants_preflight = (run["spec"].get("preflight") or {}).get("enabled", True)
     # A Job is under Kueue when it was created with a queue; a new one when the config says.
-    queue = job["queue"] if job else config.kueue.queue(
+    queue = job.queue if job else config.kueue.queue(
         run["metadata"]["namespace"], run["spec"].get("queueName"))
-    wl = next((w for w in workloads or [] if job and w["job"] == job["name"]), None)
+    wl = next((w for w in workloads or [] if job and w.job == job.name), None)
     heard = polled if polled and polled.attempt == attempt else None  # this attempt's rank 0
 
     if plan.was in TERMINAL:
         pass
     elif job is None and (why := refusal(run, config)):
         plan.status["completionTime"] = ts
-        plan.transition("Failed", "InvalidSpec", why, "Warning")
-        set_condition(plan.status, "Failed", True, "InvalidSpec", why, ts,
+        plan.transition("Failed", why.reason, why.message, "Warning")
+        set_condition(plan.status, "Failed", True, why.reason, why.message, ts,
                       run["metadata"].get("generation", 1))
+    elif job is None and not resolve_base_model(plan, run, base_model, ts):
+        pass  # a registry base model that names no version: the run failed
     elif (job is None and attempt == 1 and wants_preflight
           and (plan.status.get("preflight") or {}).get("phase") != "Succeeded"
           and not preflight(plan, run, pre_jobs, pre_pods, ts, config)):
         pass  # preflight is running, or failed the run
     elif job is None:
         start_attempt(plan, run, ts, queue)
-    elif job["complete"] and not failed_pod:
+    elif job.complete and not failed_pod:
         succeed(plan, run, job, current, ts, config)
     elif queue and queueing.preempted(wl) and not run["spec"].get("suspend"):
         preempt(plan, run, job, wl, current, ts, config, queue)  # type: ignore[arg-type]
-    elif job["failed"] is not None or failed_pod or stuck:
-        fail_attempt(plan, run, job, current, ts, config, stuck or observe.classify(current, job))
+    elif job.failed is not None or failed_pod or stuck:
+        fail_attempt(plan, run, job, current, ts, config,
+                     stuck or failures.classify(current, job))
     elif queue:
-        if queueing.follow_queued(plan, run, wl, ts, queue, position):
+        state = queueing.queue_state(run, plan.status, attempt, wl, queue, position)
+        if apply_queue(plan, run, state, ts):
             follow_pods(plan, run, job, current, ts, config, heard)
     else:
         follow_attempt(plan, run, job, current, ts, config, heard)
@@ -198,7 +134,7 @@ def decide(run: dict, jobs: list[dict], pods: list[dict], now: datetime | None =
     return plan
 
 
-def preflight(plan: Plan, run: dict, jobs: list[dict], pods: list[dict], ts: str,
+def preflight(plan: Plan, run: dict, jobs: list[JobSummary], pods: list[PodSummary], ts: str,
               config: OperatorConfig) -> bool:
     """Start, follow or conclude the preflight Job; True once it passed (training may start)."""
     status, spec, generation = plan.status, run["spec"], run["metadata"].get("generation", 1)
@@ -212,11 +148,11 @@ def preflight(plan: Plan, run: dict, jobs: list[dict], pods: list[dict], ts: str
         return False
     result = preflight_result(pods, jobs[0])
     if result is None:
-        status["preflight"] = {**before, "phase": "Running", "job": jobs[0]["name"]}
+        status["preflight"] = {**before, "phase": "Running", "job": jobs[0].name}
         status["message"] = "preflight: checking data, chat template and categories on CPU"
         return False
     figures = preflight_status(result, spec, config)
-    status["preflight"] = {**before, **figures, "job": jobs[0]["name"], "completionTime": ts,
+    status["preflight"] = {**before, **figures, "job": jobs[0].name, "completionTime": ts,
                            "phase": "Succeeded" if result["ok"] else "Failed"}
     if not result["ok"]:
         first = "; ".join(figures["problems"][:3]) or "preflight failed"
@@ -235,17 +171,26 @@ def preflight(plan: Plan, run: dict, jobs: list[dict], pods: list[dict], ts: str
     return True
 
 
-def refusal(run: dict, config: OperatorConfig) -> str | None:
-    """Why a run's queue settings cannot work with this operator's config (None: they can)."""
-    spec = run["spec"]
-    if spec.get("queueName") and not config.kueue.enabled:
-        return ("spec.queueName is set but the operator's Kueue integration is off "
-                "(operator config kueue.enabled)")
-    if spec.get("priorityClassName") and not config.kueue.queue(
-            run["metadata"]["namespace"], spec.get("queueName")):
-        return ("spec.priorityClassName needs a Kueue queue: set spec.queueName (or a default "
-                "queue in the operator config)")
-    return None
+def resolve_base_model(plan: Plan, run: dict, base_model: dict | str | None, ts: str) -> bool:
+    """Record where the run's output and checkpoints go and, for a model:// base model, the
+    version it resolved to (once: later attempts train from the same version, wherever the
+    alias has moved since). False when the reference names no version: the run fails."""
+    status = plan.status
+    if "output" in run["spec"]:
+        status["outputUri"], status["checkpointUri"] = run_paths(run)
+    if status.get("baseModel") or not run["spec"].get("baseModel", "").startswith(MODEL_REF_SCHEME):
+        return True
+    if isinstance(base_model, dict):
+        status["baseModel"] = base_model
+        plan.events.append(("Normal", "BaseModelResolved", f"{base_model['ref']} is "
+                            f"{base_model['modelVersion']} ({base_model['digest'][:19]}...)"))
+        return True
+    why = f"baseModel {run['spec']['baseModel']}: {base_model or 'not resolved'}"
+    status["completionTime"] = ts
+    plan.transition("Failed", "BaseModelNotFound", why, "Warning")
+    set_condition(status, "Failed", True, "BaseModelNotFound", why, ts,
+                  run["metadata"].get("generation", 1))
+    return False
 
 
 def start_attempt(plan: Plan, run: dict, ts: str, queue: str | None) -> None:
@@ -277,9 +222,9 @@ def start_attempt(plan: Plan, run: dict, ts: str, queue: str | None) -> None:
                   run["metadata"].get("generation", 1))
 
 
-def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+def fail_attempt(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
                  config: OperatorConfig, failure: Failure) -> None:
-    """The attempt failed (observe.classify says how): start the next one, resuming from the
+    """The attempt failed (failures.classify says how): start the next one, resuming from the
     checkpoint, while its budget lasts (disruptions: maxDisruptions, other failures:
     maxRestarts); fail the run at once on a data or start-up error, or when the budget is
     spent."""
@@ -294,7 +239,7 @@ def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
         plan.events.append(("Warning", "Stalled", f"attempt {attempt}: {failure.message}"))
     # Kueue's preemptions (phase Preempted) spend neither budget; disruptions spend their own.
     preempted = sum(a.get("phase") == "Preempted" for a in status["attempts"])
-    disrupted = sum(a.get("phase") != "Preempted" and a.get("reason") in observe.DISRUPTED
+    disrupted = sum(a.get("phase") != "Preempted" and a.get("reason") in failures.DISRUPTED
                     for a in status["attempts"])
     failed = attempt - disrupted - preempted  # every other attempt so far failed
     budget, used, name = ((spec.get("maxDisruptions", 10), disrupted, "disruption")
@@ -322,13 +267,28 @@ def fail_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
     set_condition(status, "Failed", True, reason, status["message"], ts, generation)
 
 
-def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+def apply_queue(plan: Plan, run: dict, state: queueing.QueueState, ts: str) -> bool:
+    """Write a Kueue run's queue state into its status; True when admitted (the lifecycle
+    then follows its pods)."""
+    generation = run["metadata"].get("generation", 1)
+    plan.activate = state.activate
+    plan.status["queue"] = state.queue
+    for kind, value, reason, message in state.conditions:
+        set_condition(plan.status, kind, value, reason, message, ts, generation)
+    if state.phase:
+        plan.transition(*state.phase)
+    if state.event:
+        plan.events.append(state.event)
+    return state.admitted
+
+
+def follow_attempt(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
                    config: OperatorConfig, polled: Polled | None = None) -> None:
     """The attempt is under way: suspend or resume its Job, then follow its pods."""
     status, spec, generation = plan.status, run["spec"], run["metadata"].get("generation", 1)
     suspend = bool(spec.get("suspend"))
-    if job["suspended"] != suspend:
-        plan.suspend_job = (job["name"], suspend)
+    if job.suspended != suspend:
+        plan.suspend_job = (job.name, suspend)
     set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
                   "spec.suspend is true" if suspend else "", ts, generation)
     if suspend:
@@ -338,30 +298,30 @@ def follow_attempt(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
     follow_pods(plan, run, job, pods, ts, config, polled)
 
 
-def follow_pods(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+def follow_pods(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
                 config: OperatorConfig, polled: Polled | None = None) -> None:
     """Report the attempt's scheduling and whether all of its pods run; while it trains, its
     progress and GPU-hours, or tear it down when it has stalled."""
     status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
     generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
-    unschedulable = [p for p in pods if p["unschedulable"]]
+    unschedulable = [p for p in pods if p.unschedulable]
     if unschedulable:
-        why = unschedulable[0]["unschedulable"]
+        why = unschedulable[0].unschedulable
         msg = f"{len(unschedulable)} pod(s) cannot be scheduled: {why}"
         set_condition(status, "Scheduled", False, "Unschedulable", msg, ts, generation)
         if not any(c.get("reason") == "Unschedulable" and c["status"] == "False"
                    for c in (run.get("status") or {}).get("conditions", [])
                    if c["type"] == "Scheduled"):
             plan.events.append(("Warning", "Unschedulable", msg))
-    elif len(pods) == nodes and all(p["node"] for p in pods):
+    elif len(pods) == nodes and all(p.node for p in pods):
         set_condition(status, "Scheduled", True, "Scheduled",
-                      f"{nodes} pod(s) placed on {len({p['node'] for p in pods})} node(s)",
+                      f"{nodes} pod(s) placed on {len({p.node for p in pods})} node(s)",
                       ts, generation)
 
     # A pod that already exited 0 (a worker rank finishing first) still counts as up.
-    running = [p for p in pods if p["phase"] in ("Running", "Succeeded")]
+    running = [p for p in pods if p.phase in ("Running", "Succeeded")]
     if len(running) == nodes:
-        since = max((p["startedAt"] for p in running if p["startedAt"]), default=None)
+        since = max((p.started_at for p in running if p.started_at), default=None)
         stall = observe.stalled(polled, since, ts, observe.allowances(spec, config))
         if stall:
             set_condition(status, "Stalled", True, stall[0], stall[1][:1024], ts, generation)
@@ -374,7 +334,8 @@ def follow_pods(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
                           ts, generation)
         if polled is not None:
             status["progress"] = observe.progress_status(polled, status.get("progress"))
-            checkpoint = observe.last_checkpoint(polled, spec)
+            checkpoint = observe.last_checkpoint(
+                polled, status.get("checkpointUri") or run_paths(run)[1])
             if checkpoint:
                 status["lastCheckpoint"] = checkpoint
             add_gpu_hours(status, pods_gpu_hours(pods, spec["resources"]["gpusPerNode"],
@@ -386,20 +347,21 @@ def follow_pods(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
         set_condition(status, "Running", False, "PodsPending", message, ts, generation)
 
 
-def preempt(plan: Plan, run: dict, job: dict, wl: dict, pods: list[dict], ts: str,
-            config: OperatorConfig, queue: str) -> None:
+def preempt(plan: Plan, run: dict, job: JobSummary, wl: WorkloadSummary,
+            pods: list[PodSummary], ts: str, config: OperatorConfig, queue: str) -> None:
     """Kueue evicted the attempt (preemption, waitForPodsReady timeout): close it as
     Preempted with the GPU-hours it held, without spending maxRestarts, and queue the next
     attempt, which resumes from the last complete checkpoint."""
     status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    generation, evicted = run["metadata"].get("generation", 1), wl["evicted"]
-    why = f"{evicted['reason']}: {evicted['message']}".rstrip(": ")
-    end = evicted["at"] or ts
+    generation, evicted = run["metadata"].get("generation", 1), wl.evicted
+    assert evicted is not None  # queueing.preempted
+    why = f"{evicted.reason}: {evicted.message}".rstrip(": ")
+    end = evicted.at or ts
     admitted_at = (status.get("queue") or {}).get("admittedAt")
     gpus = spec["resources"]["nodes"] * spec["resources"]["gpusPerNode"]
     hours = queueing.held_gpu_hours(pods_gpu_hours(pods, spec["resources"]["gpusPerNode"], end),
                                     admitted_at, end, gpus)
-    record_attempt(status, attempt, job, pods, "Preempted", evicted["reason"], why, spec, end,
+    record_attempt(status, attempt, job, pods, "Preempted", evicted.reason, why, spec, end,
                    config, gpu_hours=hours, started=admitted_at)
     plan.delete_attempts.append(attempt)
     status["attempt"] = plan.create_attempt = attempt + 1
@@ -412,7 +374,7 @@ def preempt(plan: Plan, run: dict, job: dict, wl: dict, pods: list[dict], ts: st
     status.update(phase="Queued", message=message)
 
 
-def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
+def succeed(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
             config: OperatorConfig) -> None:
     """The attempt's Job completed. Rank 0's summary decides: a valid one marks the run
     Succeeded and asks for its model's registration (`plan.register`); a missing or malformed
@@ -422,9 +384,9 @@ def succeed(plan: Plan, run: dict, job: dict, pods: list[dict], ts: str,
     status["completionTime"] = ts
     record_attempt(status, attempt, job, pods, "Succeeded", "Completed", "", spec, ts, config)
     set_condition(status, "Running", False, "Completed", "", ts, generation)
-    rank0 = next((p for p in pods if p["index"] == 0), None)
+    rank0 = next((p for p in pods if p.index == 0), None)
     try:
-        summary = parse_summary(rank0 and rank0["message"])
+        summary = parse_summary(rank0.message if rank0 else None)
     except SummaryError as err:
         status.update(phase="Failed", message=str(err))
         set_condition(status, "Succeeded", False, "InvalidSummary", str(err), ts, generation)

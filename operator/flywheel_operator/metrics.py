@@ -87,6 +87,16 @@ _runs = _RunsByPhase()
 REGISTRY.register(_runs)
 
 
+def count_spend(namespace: str, model: str, old: dict, new: dict) -> None:
+    """Add what a status write adds to a run's GPU-hours and estimated cost."""
+    used = new.get("gpuHours", 0) - old.get("gpuHours", 0)
+    if used > 0:
+        GPU_HOURS.labels(namespace, model).inc(used)
+    spent = new.get("estimatedCost", 0) - old.get("estimatedCost", 0)
+    if spent > 0:
+        COST.labels(namespace, model).inc(spent)
+
+
 def track_runs(index: Mapping) -> None:
     _runs.index = index
 

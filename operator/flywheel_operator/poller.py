@@ -15,26 +15,18 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .observe import Polled
-from .vocab import format_time
+from flywheel_trainer.contract import Progress
 
-Key = tuple[str, str]
-PORT_NAME = "progress"
+from .observe import Polled
+from .vocab import Key, format_time
+from .waker import pop_due
 
 
 def fetch(url: str, timeout: float) -> dict:
+    """Rank 0's progress document (checked against the contract)."""
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (pod URL)
         doc = json.loads(response.read(1 << 20))
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
-    return doc
-
-
-def pop_due(heap: list[tuple[float, Key]], cv: threading.Condition) -> Key:
-    """Wait (holding `cv`) until the earliest (when, key) of `heap` is due; pop its key."""
-    while not heap or heap[0][0] > time.monotonic():
-        cv.wait(timeout=(heap[0][0] - time.monotonic()) if heap else None)
-    return heapq.heappop(heap)[1]
+    return Progress.model_validate(doc).model_dump(exclude_unset=True)
 
 
 class Poller(threading.Thread):
@@ -101,11 +93,3 @@ class Poller(threading.Thread):
             heapq.heappush(self.heap, (time.monotonic() + self.interval, key))
             self.cv.notify()
         self.on_update(key)
-
-
-def progress_url(pod: dict) -> str | None:
-    """Rank 0's progress URL from a pod summary (None until it has an address)."""
-    if pod.get("ip") and pod.get("progressPort"):
-        host = f"[{pod['ip']}]" if ":" in pod["ip"] else pod["ip"]
-        return f"http://{host}:{pod['progressPort']}/progress"
-    return None

@@ -9,65 +9,60 @@ Job's `suspend`, `nodeSelector` or `tolerations`. Pure functions: no I/O here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-from .vocab import parse_time, set_condition
-
-if TYPE_CHECKING:
-    from .lifecycle import Plan
+from .objects import JobSummary, WorkloadSummary
+from .vocab import parse_time
 
 #: Evictions that are a suspension (ours, through spec.active), not a preemption.
 DEACTIVATED = ("Deactivated", "InactiveWorkload")
 
 
-def workload_summary(body: dict) -> dict:
-    """What the operator keeps of a Workload (indexed by its Job's name)."""
-    status, spec = body.get("status") or {}, body.get("spec") or {}
-    conds = {c["type"]: c for c in status.get("conditions") or []}
+class Visibility:
+    """When to ask Kueue's visibility API for queue positions: always, except for a minute
+    after the cluster said it does not serve it."""
 
-    def true(kind: str) -> dict | None:
-        return conds[kind] if conds.get(kind, {}).get("status") == "True" else None
+    RETRY_SECONDS = 60.0
 
-    admission = status.get("admission") or {}
-    reserved, admitted, evicted = true("QuotaReserved"), true("Admitted"), true("Evicted")
-    pending = conds.get("QuotaReserved") if not reserved else None
-    return {
-        "name": body["metadata"]["name"],
-        "job": next((o["name"] for o in body["metadata"].get("ownerReferences") or []
-                     if o.get("kind") == "Job"), None),
-        "active": spec.get("active", True),
-        "queue": spec.get("queueName"),
-        "admitted": bool(admitted),
-        "admittedAt": (admitted or {}).get("lastTransitionTime"),
-        "clusterQueue": admission.get("clusterQueue"),
-        "flavors": sorted({f for ps in admission.get("podSetAssignments") or []
-                           for f in (ps.get("flavors") or {}).values()}),
-        "pending": {"reason": pending.get("reason", "Pending"),
-                    "message": pending.get("message", "")} if pending else None,
-        "evicted": {"reason": evicted.get("reason", "Evicted"),
-                    "message": evicted.get("message", ""),
-                    "at": evicted.get("lastTransitionTime")} if evicted else None,
-        "finished": bool(true("Finished"))}
+    def __init__(self) -> None:
+        self.not_before = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.not_before
+
+    def unavailable(self, now: float) -> None:
+        self.not_before = now + self.RETRY_SECONDS
 
 
-def preempted(wl: dict | None) -> bool:
+def position_to_ask(jobs: list[JobSummary], workloads: list[WorkloadSummary]
+                    ) -> tuple[str, str] | None:
+    """(LocalQueue, Workload) whose position is worth asking: the newest queued Job's
+    Workload while it waits for admission; None otherwise."""
+    job = max((j for j in jobs if j.queue), key=lambda j: j.attempt, default=None)
+    wl = next((w for w in workloads if job and w.job == job.name), None)
+    if job is None or job.queue is None or wl is None or wl.admitted:
+        return None
+    return job.queue, wl.name
+
+
+def preempted(wl: WorkloadSummary | None) -> bool:
     """Kueue took the admission back (preemption, waitForPodsReady timeout, ...), not us."""
-    return bool(wl and wl["evicted"] and wl["active"]
-                and wl["evicted"]["reason"] not in DEACTIVATED)
+    return bool(wl and wl.evicted and wl.active and wl.evicted.reason not in DEACTIVATED)
 
 
-def admission_message(wl: dict) -> str:
-    flavors = ", ".join(wl["flavors"]) or "no flavor"
-    return f"admitted by ClusterQueue {wl['clusterQueue']} with flavor {flavors}"
+def admission_message(wl: WorkloadSummary) -> str:
+    flavors = ", ".join(wl.flavors) or "no flavor"
+    return f"admitted by ClusterQueue {wl.cluster_queue} with flavor {flavors}"
 
 
-def pending_message(queue: str, wl: dict | None, position: int | None) -> tuple[str, str]:
+def pending_message(queue: str, wl: WorkloadSummary | None, position: int | None
+                    ) -> tuple[str, str]:
     """(reason, message) of a queued run: Kueue's own words, and the position if known."""
     if wl is None:
         return "WaitingForWorkload", f"queued in {queue}: waiting for Kueue to see the Job"
     # No QuotaReserved condition yet: Kueue has not tried to admit it.
-    reason, why = (wl["pending"] or {}).get("reason", "PendingEvaluation"), (
-        wl["pending"] or {}).get("message", "")
+    reason, why = ((wl.pending.reason, wl.pending.message) if wl.pending
+                   else ("PendingEvaluation", ""))
     where = f"position {position} in {queue}" if position is not None else f"queued in {queue}"
     return reason, f"{where}: {why}" if why else where
 
@@ -82,42 +77,49 @@ def held_gpu_hours(pods_hours: float, admitted_at: str | None, evicted_at: str |
     return round(max(0.0, seconds) / 3600 * gpus, 6)
 
 
-def follow_queued(plan: Plan, run: dict, wl: dict | None, ts: str, queue: str,
-                  position: int | None) -> bool:
+@dataclass
+class QueueState:
+    """What a Kueue run's attempt shows while it is queued, suspended or admitted; the
+    lifecycle writes it into the run's status (`lifecycle.apply_queue`)."""
+
+    admitted: bool                                   # True: follow the attempt's pods
+    queue: dict                                      # status.queue
+    conditions: list[tuple[str, bool, str, str]] = field(default_factory=list)
+    phase: tuple[str, str, str] | None = None        # (phase, reason, message) to show
+    activate: tuple[str, bool] | None = None         # (Workload, spec.active) to write
+    event: tuple[str, str, str] | None = None        # (type, reason, message)
+
+
+def queue_state(run: dict, old: dict, attempt: int, wl: WorkloadSummary | None, queue: str,
+                position: int | None) -> QueueState:
     """A Kueue run's attempt: suspend or resume it through its Workload's spec.active (never
-    the Job), report it queued (Kueue's reason, the position) or admitted (the flavor).
-    True when admitted: the lifecycle then follows its pods."""
-    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    generation, suspend = run["metadata"].get("generation", 1), bool(spec.get("suspend"))
+    the Job), queued (Kueue's reason, the position) or admitted (the flavor). `old`: the
+    status so far."""
+    suspend = bool(run["spec"].get("suspend"))
     was_suspended = any(c["type"] == "Suspended" and c["status"] == "True"
                         for c in (run.get("status") or {}).get("conditions", []))
-    if wl and wl["active"] == suspend and (suspend or was_suspended):
-        plan.activate = (wl["name"], not suspend)
-    set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
-                  "spec.suspend is true" if suspend else "", ts, generation)
-    queue_status = {"name": queue, **({"workload": wl["name"]} if wl else {})}
+    activate = ((wl.name, not suspend)
+                if wl and wl.active == suspend and (suspend or was_suspended) else None)
+    suspended = ("Suspended", suspend, "Suspended" if suspend else "Active",
+                 "spec.suspend is true" if suspend else "")
+    base = {"name": queue, **({"workload": wl.name} if wl else {})}
     if suspend:
-        status["queue"] = queue_status
-        plan.transition("Suspended", "Suspended",
-                        "the run is suspended; Kueue stopped its pods and released its quota")
-        set_condition(status, "Running", False, "Suspended", "", ts, generation)
-        return False
-    if not (wl and wl["admitted"]):
+        return QueueState(False, base, [suspended, ("Running", False, "Suspended", "")],
+                          ("Suspended", "Suspended", "the run is suspended; Kueue stopped its "
+                           "pods and released its quota"), activate)
+    if not (wl and wl.admitted):
         reason, message = pending_message(queue, wl, position)
-        status["queue"] = {**queue_status, **({"position": position} if position is not None
-                                              else {})}
-        set_condition(status, "Queued", True, reason, message, ts, generation)
-        set_condition(status, "Admitted", False, reason, message, ts, generation)
-        plan.transition("Queued", "Queued", f"attempt {attempt}: {message}"[:1024])
-        return False
+        return QueueState(
+            False, {**base, **({"position": position} if position is not None else {})},
+            [suspended, ("Queued", True, reason, message), ("Admitted", False, reason, message)],
+            ("Queued", "Queued", f"attempt {attempt}: {message}"[:1024]), activate)
     message = admission_message(wl)
-    old = status.get("queue") or {}
-    status["queue"] = {**queue_status, "clusterQueue": wl["clusterQueue"],
-                       "flavors": wl["flavors"],
-                       "admittedAt": old.get("admittedAt") or wl["admittedAt"] or ts}
-    if not any(c["type"] == "Admitted" and c["status"] == "True"
-               for c in status.get("conditions", [])):
-        plan.events.append(("Normal", "Admitted", f"attempt {attempt}: {message}"))
-    set_condition(status, "Queued", False, "Admitted", message, ts, generation)
-    set_condition(status, "Admitted", True, "Admitted", message, ts, generation)
-    return True
+    was = old.get("queue") or {}
+    newly = not any(c["type"] == "Admitted" and c["status"] == "True"
+                    for c in old.get("conditions", []))
+    return QueueState(
+        True, {**base, "clusterQueue": wl.cluster_queue, "flavors": list(wl.flavors),
+               "admittedAt": was.get("admittedAt") or wl.admitted_at},
+        [suspended, ("Queued", False, "Admitted", message),
+         ("Admitted", True, "Admitted", message)], None, activate,
+        ("Normal", "Admitted", f"attempt {attempt}: {message}") if newly else None)

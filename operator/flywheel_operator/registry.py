@@ -185,6 +185,16 @@ def promoted_alias(model: dict) -> str:
     return ((model.get("spec") or {}).get("promotion") or {}).get("alias", "production")
 
 
+def promoted_summary(model: dict | None, get: Callable[[str], dict | None]) -> dict | None:
+    """{name, metrics} of the version the Model's promotion alias points to (the model card
+    compares the new version with it); `get` reads a ModelVersion by name."""
+    current = (((model or {}).get("status") or {}).get("aliases") or {}).get(
+        promoted_alias(model or {}))
+    mv = current and current.get("modelVersion") and get(current["modelVersion"])
+    return {"name": mv["metadata"]["name"], "metrics": mv["spec"].get("metrics", {})} if mv \
+        else None
+
+
 def baseline(model: dict, versions: list[dict]) -> dict | None:
     """The ModelVersion the promoted alias points at now (what a candidate is compared with)."""
     current = ((model.get("status") or {}).get("aliases") or {}).get(promoted_alias(model))

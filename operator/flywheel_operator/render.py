@@ -11,17 +11,19 @@ import hashlib
 import json
 from typing import Any, NamedTuple
 
-from flywheel_trainer.config import TrainerConfig
+from flywheel_trainer.config import TrainerConfig, default_checkpoint_uri, run_scoped
+from flywheel_trainer.contract import EXIT_DATA_ERROR, TERMINATION_LOG, Env
 from kubernetes.utils.quantity import parse_quantity
 
+from . import isolation, policy
 from .api import S3_SECRET_KEYS, FineTuneRunSpec, merge_storage
 from .config import GPU_RESOURCE, OperatorConfig, Pool
-from .observe import EXIT_DATA_ERROR
 from .vocab import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
     MANAGED_BY,
+    MODEL_REF_SCHEME,
     PRIORITY_CLASS_LABEL,
     PROGRESS_PORT,
     PROGRESS_PORT_NAME,
@@ -34,7 +36,6 @@ from .vocab import (
 CONFIG_DIR = "/etc/flywheel"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 CONFIG_KEY = "config.json"
-TERMINATION_LOG = "/dev/termination-log"
 MASTER_PORT = 29500
 RUN_AS = 1000
 PVC_ROOT = "/pvc"  # the trainer's $FLYWHEEL_PVC_ROOT: claim C is mounted at /pvc/C
@@ -68,18 +69,28 @@ def config_map_name(run_name: str, attempt: int) -> str:
     return f"{attempt_name(run_name, attempt)}-config"
 
 
-class ChildNames(NamedTuple):
-    """Names of an attempt's children."""
+class Child(NamedTuple):
+    """One child object of a run, by API version, kind and name."""
 
-    job: str
-    service: str
-    configmap: str
+    api_version: str
+    kind: str
+    name: str
 
 
-def child_names(run_name: str, attempt: int) -> ChildNames:
-    """Job, Service and ConfigMap names of an attempt."""
+def attempt_children(run_name: str, attempt: int) -> list[Child]:
+    """Every object of an attempt, in deletion order: the Job last (while it exists the
+    attempt is seen, so a crash half-way through deletes the rest on the next reconcile)."""
     name = attempt_name(run_name, attempt)
-    return ChildNames(job=name, service=name, configmap=config_map_name(run_name, attempt))
+    return [Child("v1", "Service", name),
+            Child("v1", "ConfigMap", config_map_name(run_name, attempt)),
+            Child(isolation.NETWORK_POLICY_API, "NetworkPolicy", name),
+            Child("batch/v1", "Job", name)]
+
+
+def preflight_children(run_name: str) -> list[Child]:
+    """The preflight ConfigMap and Job, the Job last."""
+    name = preflight_name(run_name)
+    return [Child("v1", "ConfigMap", f"{name}-config"), Child("batch/v1", "Job", name)]
 
 
 def preflight_name(run_name: str) -> str:
@@ -116,25 +127,46 @@ def run_spec(run: dict[str, Any]) -> FineTuneRunSpec:
     return FineTuneRunSpec.model_validate(run.get("spec") or {})
 
 
+def run_paths(run: dict[str, Any]) -> tuple[str, str]:
+    """(artifact directory, checkpoint directory) of a run: its own directories under the
+    spec's `output.uri` (and `checkpoint.uri`), `<uri>/<run-name>-<uid8>/` (config.run_scoped).
+    Two runs naming one output, or a run deleted and applied again, never share either."""
+    spec, meta = run["spec"], run["metadata"]
+    output = run_scoped(spec["output"]["uri"], meta["name"], meta["uid"])
+    checkpoint = (spec.get("checkpoint") or {}).get("uri")
+    return output, (run_scoped(checkpoint, meta["name"], meta["uid"]) if checkpoint
+                    else default_checkpoint_uri(output))
+
+
 def trainer_config(run: dict[str, Any], attempt: int | None,
                    baseline: dict | None = None) -> TrainerConfig:
     """The trainer's config for an attempt: the spec's training part plus runtime fields
     (`baseline`: the promoted version's {name, metrics}, for the model card).
 
-    `checkpoint.uri` is always resolved, so every attempt resumes from the same place.
+    Output and checkpoints go to the run's own directories (`run_paths`), so every attempt
+    resumes from the same place and no other run's. A registry base model (`model://`) is
+    the artifact it resolved to when the run started (`status.baseModel`), with its digest.
     """
     spec = run_spec(run)
-    data: dict[str, Any] = {"baseModel": spec.baseModel,
+    output, checkpoints = run_paths(run)
+    resolved = (run.get("status") or {}).get("baseModel") or {}
+    if spec.baseModel.startswith(MODEL_REF_SCHEME) and not resolved.get("uri"):
+        raise ValueError(f"baseModel {spec.baseModel} is not resolved yet (status.baseModel)")
+    data: dict[str, Any] = {"baseModel": resolved.get("uri") or spec.baseModel,
+                            "baseModelDigest": resolved.get("digest"),
+                            "parentVersion": resolved.get("modelVersion"),
                             "dataset": spec.dataset.model_dump(exclude_none=True),
                             "hyperparameters": spec.hyperparameters.model_dump(),
                             "fsdp": spec.fsdp.model_dump(),
-                            "checkpoint": spec.checkpoint.model_dump(exclude_none=True),
-                            "output": spec.output.model_dump(exclude_none=True),
+                            "checkpoint": {**spec.checkpoint.model_dump(exclude_none=True),
+                                           "uri": checkpoints},
+                            "output": {"uri": output},
                             "tracking": spec.tracking.model_dump(exclude_none=True),
-                            "runName": run["metadata"]["name"], "attempt": attempt,
+                            "runName": run["metadata"]["name"],
+                            "runUid": run["metadata"]["uid"], "attempt": attempt,
+                            "resumeFrom": spec.resumeFrom,
                             "experimentKey": experiment_key(run["metadata"]["uid"]),
                             "baseline": baseline}
-    data["checkpoint"]["uri"] = spec.checkpoint.uri or spec.output.uri.rstrip("/") + "/checkpoints/"
     data = {k: v for k, v in data.items() if v is not None}
     return TrainerConfig.model_validate(data)
 
@@ -157,15 +189,10 @@ def _meta(run: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, A
             "ownerReferences": [owner_reference(run)]}
 
 
-def _scheduling(pool: Pool, spec: FineTuneRunSpec | None) -> dict[str, Any]:
-    selector = dict(pool.nodeSelector)
-    tolerations = [t.model_dump(exclude_none=True) for t in pool.tolerations]
-    if spec is not None:
-        selector.update(spec.resources.nodeSelector)
-        for t in spec.resources.tolerations:
-            extra = t.model_dump(exclude_none=True)
-            if extra not in tolerations:
-                tolerations.append(extra)
+def _scheduling(pool: Pool, spec: FineTuneRunSpec | None, config: OperatorConfig
+                ) -> dict[str, Any]:
+    # The run's nodeSelector and tolerations only narrow its pool (policy.scheduling).
+    selector, tolerations = policy.scheduling(pool, spec, config.pools)
     out: dict[str, Any] = {"nodeSelector": selector} if selector else {}
     if tolerations:
         out["tolerations"] = tolerations
@@ -177,8 +204,9 @@ def _resources(pool: Pool, gpus: int) -> dict[str, Any]:
     limits: dict[str, str] = {}
     if pool.resources.cpu:
         requests["cpu"] = pool.resources.cpu
-    if pool.resources.memory:
-        requests["memory"] = limits["memory"] = pool.resources.memory
+    memory = isolation.pod_memory(pool, gpus)
+    if memory:
+        requests["memory"] = limits["memory"] = memory
     if gpus and pool.gpusPerNode:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
     out: dict[str, Any] = {}
@@ -217,10 +245,10 @@ def _comet_env(spec: FineTuneRunSpec) -> list[dict[str, Any]]:
     comet = spec.tracking.comet
     if comet is None:
         return []
-    env = [_env("COMET_WORKSPACE", comet.workspace), _env("COMET_PROJECT_NAME", comet.project)]
+    env = [_env(Env.COMET_WORKSPACE, comet.workspace), _env(Env.COMET_PROJECT, comet.project)]
     if comet.apiKeySecretRef is not None:
         ref = comet.apiKeySecretRef
-        env.append({"name": "COMET_API_KEY",
+        env.append({"name": Env.COMET_API_KEY,
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env
 
@@ -259,6 +287,9 @@ def storage_wiring(spec: FineTuneRunSpec, config: OperatorConfig) -> dict[str, A
                 "name": st.s3.credentialsSecret, "key": key,
                 **({"optional": True} if optional else {})}}}
                 for key, optional in S3_SECRET_KEYS.items()]
+    if st.hf and st.hf.tokenSecretRef:
+        env.append({"name": Env.HF_TOKEN, "valueFrom": {"secretKeyRef": {
+            "name": st.hf.tokenSecretRef.name, "key": st.hf.tokenSecretRef.key}}})
     if st.gcs and st.gcs.keySecretRef:
         ref = st.gcs.keySecretRef
         volumes.append({"name": "gcs-key", "secret": {
@@ -268,7 +299,7 @@ def storage_wiring(spec: FineTuneRunSpec, config: OperatorConfig) -> dict[str, A
         env.append(_env("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/key.json"))
     named = claims(spec)
     if named:
-        env.append(_env("FLYWHEEL_PVC_ROOT", PVC_ROOT))
+        env.append(_env(Env.PVC_ROOT, PVC_ROOT))
     for i, (claim, read_only) in enumerate(named.items()):
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {
             "claimName": claim, **({"readOnly": True} if read_only else {})}})
@@ -278,13 +309,12 @@ def storage_wiring(spec: FineTuneRunSpec, config: OperatorConfig) -> dict[str, A
             "serviceAccountName": st.serviceAccountName}
 
 
-def _volumes(config_map: str) -> list[dict[str, Any]]:
+def _volumes(config_map: str, pool: Pool, cache: str) -> list[dict[str, Any]]:
     return [{"name": "config", "configMap": {"name": config_map}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+            *isolation.volumes(pool.shmSize, cache)]
 
 
-_MOUNTS = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-           {"name": "dshm", "mountPath": "/dev/shm"}]
+_MOUNTS = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *isolation.MOUNTS]
 
 
 def _job(run: dict[str, Any], name: str, labels: dict[str, str], pod_spec: dict[str, Any],
@@ -299,13 +329,14 @@ def _job(run: dict[str, Any], name: str, labels: dict[str, str], pod_spec: dict[
 
 
 def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None,
-              storage: dict[str, Any]) -> dict[str, Any]:
-    container = {**container, "env": [*container["env"], *storage["env"]],
+              storage: dict[str, Any], config: OperatorConfig, cache: str) -> dict[str, Any]:
+    container = {**container, "env": [*container["env"], *storage["env"],
+                                      *isolation.env(config)],
                  "volumeMounts": [*container["volumeMounts"], *storage["mounts"]]}
     pod = {"restartPolicy": "Never", "enableServiceLinks": False,
            "automountServiceAccountToken": False, "securityContext": _pod_security(),
-           **_scheduling(pool, spec), "containers": [container],
-           "volumes": [*_volumes(config_map), *storage["volumes"]]}
+           **_scheduling(pool, spec, config), "containers": [container],
+           "volumes": [*_volumes(config_map, pool, cache), *storage["volumes"]]}
     if storage["serviceAccountName"]:
         pod["serviceAccountName"] = storage["serviceAccountName"]
     return pod
@@ -316,7 +347,8 @@ def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: Fine
 
 def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
                     baseline: dict | None = None) -> list[dict]:
-    """ConfigMap, headless Service and Indexed Job of `attempt` (1-based), in creation order.
+    """ConfigMap, headless Service, NetworkPolicy (unless the config turns it off) and Indexed
+    Job of `attempt` (1-based), in creation order.
     `baseline`: the promoted version's {name, metrics}, passed on to the model card."""
     if attempt < 1:
         raise ValueError("attempt is 1-based")
@@ -345,11 +377,11 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
             "valueFrom": {
                 "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
             }},
-        _env("FLYWHEEL_RUN_NAME", meta["name"]),
-        _env("FLYWHEEL_ATTEMPT", attempt),
-        _env("FLYWHEEL_EXPERIMENT_KEY", experiment_key(meta["uid"])),
-        _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG),
-        _env("FLYWHEEL_PROGRESS_PORT", PROGRESS_PORT),
+        _env(Env.RUN_NAME, meta["name"]),
+        _env(Env.ATTEMPT, attempt),
+        _env(Env.EXPERIMENT_KEY, experiment_key(meta["uid"])),
+        _env(Env.SUMMARY_PATH, TERMINATION_LOG),
+        _env(Env.PROGRESS_PORT, PROGRESS_PORT),
         # NCCL's own watchdog: a hung collective ends the process (and so the attempt)
         _env("TORCH_NCCL_ASYNC_ERROR_HANDLING", 1),
         _env("TORCH_NCCL_ENABLE_MONITORING", 1),
@@ -372,8 +404,10 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
                  "terminationMessagePath": TERMINATION_LOG,
                  "terminationMessagePolicy": "FallbackToLogsOnError",
                  "securityContext": _container_security()}
+    parameters = ((run.get("status") or {}).get("preflight") or {}).get("parameters")
     pod_spec = {"subdomain": name,
-                **_pod_spec(container, cm_name, pool, spec, storage_wiring(spec, config))}
+                **_pod_spec(container, cm_name, pool, spec, storage_wiring(spec, config), config,
+                            isolation.cache_size(pool, parameters))}
     job = _job(run, name, labels, pod_spec, nodes, indexed=True)
     # Lost nodes, evictions and preemptions (DisruptionTarget) and data errors (exit 2) fail
     # the Job at once with a reason the operator classifies (observe.classify).
@@ -388,7 +422,8 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
         if spec.priorityClassName:
             job["metadata"]["labels"][PRIORITY_CLASS_LABEL] = spec.priorityClassName
         job["spec"]["suspend"] = True
-    return [config_map, service, job]
+    netpol = isolation.network_policy(_meta(run, name, labels), selector, config)
+    return [config_map, service, *([netpol] if netpol else []), job]
 
 
 def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]:
@@ -400,7 +435,7 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
     cm_name = f"{name}-config"
     labels = preflight_labels(meta["name"])
     config_map = _config_map(run, cm_name, labels, trainer_config(run, None))
-    env = [_env("FLYWHEEL_RUN_NAME", meta["name"]), _env("FLYWHEEL_SUMMARY_PATH", TERMINATION_LOG)]
+    env = [_env(Env.RUN_NAME, meta["name"]), _env(Env.SUMMARY_PATH, TERMINATION_LOG)]
     world_size = spec.resources.nodes * spec.resources.gpusPerNode
     memory = config.pool(spec.resources.nodePool).gpuMemoryGB
     container = {
@@ -418,7 +453,8 @@ def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]
         "terminationMessagePolicy": "File",
         "securityContext": _container_security()}
     # Preflight runs on the CPU pool: only the pool's own scheduling, not the run's GPU extras.
-    pod_spec = _pod_spec(container, cm_name, pool, None, storage_wiring(spec, config))
+    pod_spec = _pod_spec(container, cm_name, pool, None, storage_wiring(spec, config), config,
+                         pool.cacheSize or isolation.PREFLIGHT_CACHE_SIZE)
     job = _job(run, name, labels, pod_spec, 1, indexed=False)
     job["spec"]["activeDeadlineSeconds"] = config.preflightTimeoutSeconds
     return [config_map, job]

@@ -279,6 +279,14 @@ class Plan:
     requeue_after: float | None = None
 
 
+def owned_runs(schedule: dict, runs: list[dict]) -> list[dict]:
+    """The runs a schedule owns (its uid in their ownerReferences), not just any run that
+    carries its label."""
+    uid = schedule["metadata"]["uid"]
+    return [r for r in runs
+            if any(o.get("uid") == uid for o in r["metadata"].get("ownerReferences") or [])]
+
+
 def plan(schedule: dict, runs: list[dict], now: datetime) -> Plan:
     """One reconcile of a FineTuneSchedule given its runs (label flywheel.dev/schedule).
 

@@ -43,7 +43,20 @@ PROGRESS_PORT_NAME, PROGRESS_PORT = "progress", 9400
 # --- phases ----------------------------------------------------------------------------------
 RunPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 RUN_PHASES: tuple[str, ...] = get_args(RunPhase)
-TERMINAL = ("Succeeded", "Failed")
+TERMINAL = ("Succeeded", "Failed")  # a run's final phases
+Key = tuple[str, str]  # (namespace, name) of a run or a schedule
+
+
+def trusted(obj: dict, written: tuple[str, dict] | None, final: tuple[str, ...] = ()) -> dict:
+    """The object with the status to trust: the one we last wrote (`written`: the
+    resourceVersion it was based on, the status) while the watch has not yet delivered a newer
+    version, and a `final` phase we wrote even when the watch meanwhile delivered an older
+    write of ours (several writes in a row: progress, then a failure)."""
+    if written and (written[0] == obj["metadata"]["resourceVersion"] or (
+            written[1].get("phase") in final
+            and (obj.get("status") or {}).get("phase") not in final)):
+        return {**obj, "status": written[1]}
+    return obj
 MODEL_REF_SCHEME = "model://"  # a registry base model: model://MODEL@ALIAS, model://MODEL/N
 
 # --- times: RFC3339 in UTC with second precision (`2026-11-26T03:00:00Z`) ----------------------
@@ -122,13 +135,14 @@ def estimate_gpu_hours(tokens: int, tokens_per_second_per_gpu: float | None,
     return tokens * epochs / tokens_per_second_per_gpu / 3600.0
 
 
-def pods_gpu_hours(pods: list[dict], gpus_per_node: int, now: str) -> float:
-    """GPU-hours pods held: each pod's running time (startedAt..finishedAt or now) x its GPUs."""
+def pods_gpu_hours(pods: list, gpus_per_node: int, now: str) -> float:
+    """GPU-hours pods (objects.PodSummary) held: each pod's running time (started_at ..
+    finished_at or now) x its GPUs."""
     total = 0.0
     for pod in pods:
-        if pod["startedAt"]:
-            end = parse_time(pod["finishedAt"] or now)
-            total += max(0.0, (end - parse_time(pod["startedAt"])).total_seconds())  # type: ignore
+        if pod.started_at:
+            end = parse_time(pod.finished_at or now)
+            total += max(0.0, (end - parse_time(pod.started_at)).total_seconds())  # type: ignore
     return round(total / 3600 * gpus_per_node, 6)
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
-from .poller import Key, pop_due
+from .vocab import Key
 
 log = logging.getLogger("flywheel")
 #: Backoff of a failed reconcile: 1 s, doubling, at most this many seconds.
@@ -21,6 +21,13 @@ MAX_BACKOFF = 300.0
 
 _locks: dict[Hashable, threading.Lock] = {}
 _locks_guard = threading.Lock()
+
+
+def pop_due(heap: list[tuple[float, Key]], cv: threading.Condition) -> Key:
+    """Wait (holding `cv`) until the earliest (when, key) of `heap` is due; pop its key."""
+    while not heap or heap[0][0] > time.monotonic():
+        cv.wait(timeout=(heap[0][0] - time.monotonic()) if heap else None)
+    return heapq.heappop(heap)[1]
 
 
 def lock(key: Hashable) -> threading.Lock:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 
 import pytest
 from flywheel_operator.lifecycle import decide, registered
-from flywheel_operator.observe import job_summary, pod_summary
+from flywheel_operator.objects import job_summary, pod_summary
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 T0, T1 = "2026-11-26T10:00:00Z", "2026-11-26T11:30:00Z"
@@ -171,8 +172,7 @@ def preflight_job(complete=False, failed=None) -> dict:
         "metadata": {"name": "r-preflight", "labels": {"flywheel.dev/component": "preflight"}},
         "spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]
                                if complete else []}})
-    summary["failed"] = failed
-    return summary
+    return dataclasses.replace(summary, failed=failed)
 
 
 def preflight_pod(result: dict | None) -> dict:

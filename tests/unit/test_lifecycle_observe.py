@@ -3,11 +3,13 @@ reasons and their budgets (pure: decide() on slim summaries, no cluster)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 
 from flywheel_operator.lifecycle import decide
-from flywheel_operator.observe import Polled, job_summary, pod_summary
+from flywheel_operator.objects import job_summary, pod_summary
+from flywheel_operator.observe import Polled
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 T0 = "2026-11-29T11:00:00Z"
@@ -69,8 +71,8 @@ def polled(d, attempt=1, at="2026-11-29T11:59:59Z"):
 def test_pod_summary_carries_what_observe_reads():
     p = pod(0, conditions=[{"type": "DisruptionTarget", "status": "True",
                             "reason": "DeletionByPodGC", "message": "node gone"}])
-    assert p["disruption"] == ("DeletionByPodGC", "node gone")
-    assert (p["ip"], p["progressPort"], p["scheduledAt"]) == ("10.0.0.1", 9400, T0)
+    assert (p.disruption.reason, p.disruption.message) == ("DeletionByPodGC", "node gone")
+    assert (p.ip, p.progress_port, p.scheduled_at) == ("10.0.0.1", 9400, T0)
 
 
 def test_progress_checkpoint_and_gpu_hours_while_training():
@@ -83,7 +85,8 @@ def test_progress_checkpoint_and_gpu_hours_while_training():
                              "eta": "2026-11-29T13:29:59Z",
                              "heartbeatTime": "2026-11-29T11:59:58Z"}
     assert s["lastCheckpoint"] == {"step": 25, "time": "2026-11-29T11:50:00Z",
-                                   "uri": "s3://b/out/checkpoints/step-25"}
+                                   # the run's own checkpoint directory
+                                   "uri": "s3://b/out/r-u1/checkpoints/step-25"}
     # 2 pods x 8 GPUs x (11:00 .. the poll at 11:59:59), live, before the attempt ends
     assert abs(s["gpuHours"] - 16 * 3599 / 3600) < 1e-3 and s["estimatedCost"] > 0
     # another attempt's poll is ignored
@@ -123,7 +126,7 @@ def test_a_lost_node_does_not_spend_the_restart_budget():
     # its own budget: maxDisruptions
     spent = decide(run({"attempts": [{"attempt": 1, "reason": "NodeLost", "phase": "Failed"}],
                         "attempt": 2}, restarts=0, disruptions=1),
-                   [job(2)], [pod(0, 2), gone | {"attempt": 2}], NOW)
+                   [job(2)], [pod(0, 2), dataclasses.replace(gone, attempt=2)], NOW)
     assert spent.status["phase"] == "Failed"
     assert cond(spent.status, "Failed")["reason"] == "DisruptionBudgetExhausted"
 

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from flywheel_operator import observe
-from flywheel_operator.observe import DISRUPTION, FATAL, RETRY, Allowances, Polled
+from flywheel_operator import failures, observe
+from flywheel_operator.failures import DISRUPTION, FATAL, RETRY
+from flywheel_operator.objects import JobSummary, PodSummary, Why
+from flywheel_operator.observe import Allowances, Polled
 
 
-def pod(name="r-a1-0", phase="Failed", **kw) -> dict:
-    base = {"name": name, "phase": phase, "node": "h200-0", "exitCode": 1, "reason": "Error",
-            "message": "", "disruption": None, "waiting": None, "scheduledAt": None}
-    return {**base, **kw}
+def pod(name="r-a1-0", phase="Failed", disruption=None, waiting=None, **kw) -> PodSummary:
+    base = {"node": "h200-0", "exit_code": 1, "reason": "Error", "message": ""}
+    return PodSummary(name=name, phase=phase, disruption=disruption and Why(*disruption),
+                      waiting=waiting and Why(*waiting), **{**base, **kw})
 
 
 @pytest.mark.parametrize(("pods", "job", "reason", "kind", "words"), [
-    ([pod(reason="OOMKilled", exitCode=137)], None, "OOMKilled", RETRY, "ran out of memory"),
-    ([pod(exitCode=2, message=json.dumps({"error": "DataError: train.jsonl:3: invalid JSON"}))],
+    ([pod(reason="OOMKilled", exit_code=137)], None, "OOMKilled", RETRY, "ran out of memory"),
+    ([pod(exit_code=2, message=json.dumps({"error": "DataError: train.jsonl:3: invalid JSON"}))],
      None, "DataError", FATAL, "DataError: train.jsonl:3: invalid JSON"),
     ([pod(message="torch.distributed.DistBackendError: NCCL error in: ... unhandled system "
           "error")], None, "CommunicationError", RETRY, "NCCL error"),
@@ -31,14 +33,15 @@ def pod(name="r-a1-0", phase="Failed", **kw) -> dict:
      DISRUPTION, "Kueue preempted it"),
     ([pod(disruption=("EvictionByEvictionAPI", "Eviction API: evicting"))], None, "Evicted",
      DISRUPTION, "Eviction API"),
-    ([], {"failed": "Pod t/r-a1-1 has condition DisruptionTarget matching FailJob rule at "
-          "index 0", "failedReason": "PodFailurePolicy"}, "NodeLost", DISRUPTION,
+    ([], JobSummary("r-a1", failed="Pod t/r-a1-1 has condition DisruptionTarget matching "
+                    "FailJob rule at index 0", failed_reason="PodFailurePolicy"), "NodeLost",
+     DISRUPTION,
      "DisruptionTarget"),
-    ([pod(exitCode=1, message="ValueError: boom")], None, "AttemptFailed", RETRY,
+    ([pod(exit_code=1, message="ValueError: boom")], None, "AttemptFailed", RETRY,
      "exited with code 1: ValueError: boom"),
 ])
 def test_classify(pods, job, reason, kind, words):
-    failure = observe.classify(pods, job)
+    failure = failures.classify(pods, job)
     assert (failure.reason, failure.kind) == (reason, kind)
     assert words in failure.message
 
@@ -46,20 +49,20 @@ def test_classify(pods, job, reason, kind, words):
 def test_disruption_wins_over_the_exit_it_caused():
     pods = [pod("r-a1-0", message="DistBackendError: NCCL connection reset"),
             pod("r-a1-1", disruption=("DeletionByTaintManager", "node not ready"))]
-    assert observe.classify(pods, None).reason == "NodeLost"
+    assert failures.classify(pods, None).reason == "NodeLost"
 
 
 def test_start_failures_wait_for_the_grace_period():
     stuck = pod(phase="Pending", waiting=("CreateContainerConfigError",
                                           'secret "comet" not found'),
-                scheduledAt="2026-11-29T12:00:00Z")
-    assert observe.start_failure([stuck], "2026-11-29T12:00:30Z", 60) == (None, 30.0)
-    failure, _ = observe.start_failure([stuck], "2026-11-29T12:01:00Z", 60)
+                scheduled_at="2026-11-29T12:00:00Z")
+    assert failures.start_failure([stuck], "2026-11-29T12:00:30Z", 60) == (None, 30.0)
+    failure, _ = failures.start_failure([stuck], "2026-11-29T12:01:00Z", 60)
     assert failure.reason == "CreateContainerConfigError" and failure.kind == FATAL
     assert failure.message == 'pod r-a1-0: CreateContainerConfigError: secret "comet" not found'
     pulling = pod(phase="Pending", waiting=("ContainerCreating", ""),
-                  scheduledAt="2026-11-29T11:00:00Z")
-    assert observe.start_failure([pulling], "2026-11-29T12:01:00Z", 60) == (None, None)
+                  scheduled_at="2026-11-29T11:00:00Z")
+    assert failures.start_failure([pulling], "2026-11-29T12:01:00Z", 60) == (None, None)
 
 
 def doc(**kw) -> dict:
@@ -89,8 +92,7 @@ def test_progress_status_and_last_checkpoint():
         "stage": "training", "step": 40, "totalSteps": 100, "percent": "40%", "epoch": 1,
         "loss": 1.2346, "tokensPerSecond": 1234.6, "mfu": 0.4123,
         "eta": "2026-11-29T12:20:06Z", "heartbeatTime": "2026-11-29T12:10:05Z"}
-    spec = {"output": {"uri": "s3://b/out"}, "checkpoint": {"uri": "s3://b/ckpt/"}}
-    assert observe.last_checkpoint(p, spec) == {
+    assert observe.last_checkpoint(p, "s3://b/ckpt/") == {
         "step": 40, "time": "2026-11-29T12:09:00Z", "uri": "s3://b/ckpt/step-40"}
     # a failed poll keeps what was known
     assert observe.progress_status(polled(None, error="timed out"), {"step": 3}) == {"step": 3}

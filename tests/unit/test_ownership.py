@@ -8,7 +8,7 @@ import json
 import pytest
 from flywheel_operator import registry, render
 from flywheel_operator.lifecycle import decide
-from flywheel_operator.observe import job_summary, owned, pod_summary
+from flywheel_operator.objects import job_summary, owned, pod_summary
 from flywheel_trainer import contract
 from flywheel_trainer.config import TrainerConfig
 
@@ -82,8 +82,8 @@ def test_a_namesakes_job_and_pods_are_not_the_runs():
     pods = [pod_summary(_pod_body("j1")), pod_summary(_pod_body("j2")),
             pod_summary(_pod_body("j3"))]
     jobs, mine = owned(UID, [ours, theirs, orphan], pods)
-    assert [j["uid"] for j in jobs] == ["j1"]
-    assert [p["job"] for p in mine] == ["j1"]
+    assert [j.uid for j in jobs] == ["j1"]
+    assert [p.job for p in mine] == ["j1"]
     # a re-applied run (a new uid) sees none of them: it starts from scratch
     assert owned("new-uid", [ours, theirs, orphan], pods) == ([], [])
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from flywheel_operator.poller import Poller, progress_url
+from flywheel_operator.objects import PodSummary
+from flywheel_operator.observe import progress_url, rank0
+from flywheel_operator.poller import Poller
 
 
 def wait_for(predicate, timeout=10.0):
@@ -53,8 +55,18 @@ def test_polls_each_run_keeps_the_last_answer_and_wakes_its_reconcile():
 
 
 def test_progress_url_from_the_pod_summary():
-    assert progress_url({"ip": "10.1.2.3", "progressPort": 9400}) == \
+    assert progress_url(PodSummary("p", ip="10.1.2.3", progress_port=9400)) == \
         "http://10.1.2.3:9400/progress"
-    assert progress_url({"ip": "fd00::5", "progressPort": 9400}) == \
+    assert progress_url(PodSummary("p", ip="fd00::5", progress_port=9400)) == \
         "http://[fd00::5]:9400/progress"
-    assert progress_url({"ip": None, "progressPort": 9400}) is None
+    assert progress_url(PodSummary("p", progress_port=9400)) is None
+    assert progress_url(None) is None
+
+
+def test_the_pod_polled_is_the_running_rank_0_of_the_attempt():
+    pods = [PodSummary("a1-0", attempt=1, index=0, phase="Failed"),
+            PodSummary("a2-1", attempt=2, index=1, phase="Running"),
+            PodSummary("a2-0", attempt=2, index=0, phase="Running"),
+            PodSummary("pre", component="preflight", attempt=2, index=0, phase="Running")]
+    assert rank0(pods, 2).name == "a2-0"
+    assert rank0(pods, 1) is None  # its rank 0 no longer runs

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from flywheel_operator.config import OperatorConfig
 from flywheel_operator.lifecycle import decide
-from flywheel_operator.observe import job_summary
-from flywheel_operator.queueing import workload_summary
+from flywheel_operator.objects import job_summary, workload_summary
 from flywheel_operator.render import attempt_objects
 
 from .test_lifecycle import NOW, T0, cond, pod, run

@@ -23,7 +23,7 @@ COMET = {
 
 
 def _objects(run=None, attempt=1, config=CONFIG):
-    cm, svc, job = render.attempt_objects(run or _run(), attempt, config)
+    cm, svc, *_, job = render.attempt_objects(run or _run(), attempt, config)  # NetworkPolicy
     return cm, svc, job
 
 
@@ -51,7 +51,9 @@ def test_kinds_names_and_order():
     assert [o["kind"] for o in (cm, svc, job)] == ["ConfigMap", "Service", "Job"]
     assert job["metadata"]["name"] == svc["metadata"]["name"] == "qwen-w48-a2"
     assert cm["metadata"]["name"] == "qwen-w48-a2-config"
-    assert render.child_names("qwen-w48", 2) == ("qwen-w48-a2", "qwen-w48-a2", "qwen-w48-a2-config")
+    assert [(c.kind, c.name) for c in render.attempt_children("qwen-w48", 2)] == [
+        ("Service", "qwen-w48-a2"), ("ConfigMap", "qwen-w48-a2-config"),
+        ("NetworkPolicy", "qwen-w48-a2"), ("Job", "qwen-w48-a2")]
     assert all(o["metadata"]["namespace"] == "ml" for o in (cm, svc, job))
 
 
@@ -193,10 +195,11 @@ def test_volumes_shm_config_and_termination_message():
     job = _objects()[2]
     pod, c = _pod(job), _container(job)
     vols = {v["name"]: v for v in pod["volumes"]}
-    assert vols["dshm"]["emptyDir"] == {"medium": "Memory"}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}  # the pool's
     assert vols["config"]["configMap"]["name"] == "qwen-w48-a1-config"
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert mounts == {"/dev/shm": "dshm", "/etc/flywheel": "config"}
+    assert mounts == {"/dev/shm": "dshm", "/etc/flywheel": "config",
+                      "/var/cache/flywheel": "cache"}  # test_render_isolation.py
     assert c["terminationMessagePath"] == "/dev/termination-log"
     # rank 0's summary, else (a failing rank without one) the log's tail
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
@@ -262,7 +265,11 @@ def test_config_map_holds_trainer_config():
     cfg = TrainerConfig.model_validate(json.loads(cm["data"]["config.json"]))
     assert cfg.baseModel == "hf://Qwen/Qwen3-32B"
     assert cfg.runName == "qwen-w48"
-    assert cfg.checkpoint.uri == "s3://models/flow-agent/checkpoints/"
+    uid8 = run["metadata"]["uid"][:8]
+    # the run's own directories under spec.output.uri: no other run shares them
+    assert cfg.output.uri == f"s3://models/flow-agent/qwen-w48-{uid8}/"
+    assert cfg.checkpoint.uri == f"s3://models/flow-agent/qwen-w48-{uid8}/checkpoints/"
+    assert cfg.runUid == run["metadata"]["uid"]
     assert cfg.dataset.train == "s3://d/t.jsonl"
     if "requiredCategories" in type(cfg.dataset).model_fields:
         assert cfg.dataset.requiredCategories == ["email"]

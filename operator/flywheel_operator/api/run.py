@@ -74,8 +74,10 @@ class FineTuneRunSpec(SpecModel):
 
     baseModel: str = Field(
         max_length=URI_MAX,
-        description="Base model URI: hf://[org/]name[@revision], s3://, gs://, file:/// or "
-        "pvc://<claim>/<path>. Immutable.",
+        description="Base model: a registry version of this namespace, model://MODEL@ALIAS "
+        "(e.g. model://flow-agent@production) or model://MODEL/VERSION, resolved to its "
+        "artifact and digest when the run starts (status.baseModel); or a URI: "
+        "hf://[org/]name[@revision], s3://, gs://, file:/// or pvc://<claim>/<path>. Immutable.",
         json_schema_extra=cel(*uri_rules("model")))
     modelName: DnsLabel = Field(
         description="The registry Model this run produces a version of. Immutable.")
@@ -85,7 +87,15 @@ class FineTuneRunSpec(SpecModel):
     resources: Resources = _obj(Resources, "Nodes, GPUs and node pool. Immutable.")
     fsdp: Fsdp = _obj(Fsdp, "FSDP2 options.")
     checkpoint: Checkpoint = _obj(Checkpoint, "Distributed checkpointing.")
-    output: Output = Field(description="Where the exported model is written. Immutable.")
+    output: Output = Field(description="Where the exported model is written: the run's own "
+                           "directory `<output.uri>/<run-name>-<uid8>/` (status.outputUri), so "
+                           "runs naming one output never overwrite each other. Immutable.")
+    resumeFrom: str | None = Field(
+        default=None, max_length=URI_MAX,
+        description="Warm start from another run's checkpoint (a step-N directory, or a "
+        "checkpoint directory: its newest complete step) when this run has none of its own. "
+        "Without it a run only ever resumes from checkpoints it wrote itself. Immutable.",
+        json_schema_extra=cel(*uri_rules("data")))
     tracking: Tracking = _obj(Tracking, "Experiment tracking (Comet).")
     image: str | None = Field(
         default=None,
@@ -187,6 +197,8 @@ class PreflightStatus(BaseModel):
     invalidExamples: int | None = Field(default=None, ge=0, description="Malformed lines.")
     tokens: int | None = Field(default=None, ge=0, description="Training tokens per epoch.")
     steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    parameters: int | None = Field(
+        default=None, ge=0, description="Base model parameters (sizes the pods' model cache).")
     categories: dict[str, int] = Field(
         default_factory=dict, description="Training examples per category.")
     missingCategories: list[str] = Field(
@@ -214,6 +226,19 @@ class QueueStatus(BaseModel):
     admittedAt: Timestamp | None = Field(default=None, description="When Kueue admitted it.")
 
 
+class ResolvedModel(BaseModel):
+    """A registry base model (`model://`), as resolved when the run started."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str = Field(max_length=URI_MAX, description="spec.baseModel as written.")
+    modelVersion: str = Field(max_length=253, description="The ModelVersion it resolved to.")
+    version: int = Field(ge=1, description="Its version number.")
+    uri: str = Field(max_length=URI_MAX, description="The artifact the run trains from.")
+    digest: str = Field(max_length=128, description="The artifact's digest, verified by the "
+                        "trainer before training.")
+
+
 class FineTuneRunStatus(BaseModel):
     """Observed state of a run; written by the operator only."""
 
@@ -232,6 +257,12 @@ class FineTuneRunStatus(BaseModel):
         default_factory=list, description="Every attempt so far, oldest first.")
     progress: Progress | None = Field(default=None, description="Training progress.")
     trackingUrl: str | None = Field(default=None, description="Comet experiment URL.")
+    baseModel: ResolvedModel | None = Field(
+        default=None, description="The registry version a model:// baseModel resolved to.")
+    outputUri: str | None = Field(
+        default=None, description="The run's own artifact directory under spec.output.uri.")
+    checkpointUri: str | None = Field(
+        default=None, description="The run's own checkpoint directory.")
     experimentKey: str | None = Field(
         default=None, description="Comet experiment key (same for every attempt).")
     lastCheckpoint: LastCheckpoint | None = Field(
@@ -260,7 +291,8 @@ class FineTuneRun(BaseModel):
 
 
 #: FineTuneRun spec fields that cannot change after creation (CEL `self == oldSelf`).
-IMMUTABLE_RUN_FIELDS = ("baseModel", "modelName", "dataset", "resources", "output")
+IMMUTABLE_RUN_FIELDS = ("baseModel", "modelName", "dataset", "resources", "output",
+                        "resumeFrom")
 
 #: Constraints on trainer-owned spec fields (flywheel_trainer.config declares none), by path
 #: inside FineTuneRunSpec. crdgen merges them into the schema wherever the spec appears.

@@ -1,0 +1,318 @@
+"""The reconciler: one object, built at start-up, that carries out the pure decisions.
+
+It owns what the operator keeps between events: the kopf indexes it reads (bound on the first
+event), the waker that reconciles runs and schedules when due (`waker.Waker`), the progress
+poller (`poller.Poller`), the statuses it wrote last, and the pool that creates an attempt's
+objects. A reconcile reads a run's summaries from the indexes, asks `lifecycle.decide` for a
+plan and executes it through `kube`; registration applies `registry`'s decisions, schedules
+`schedules.plan`'s. Every choice is made in those pure modules; this file only does I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import kopf
+from flywheel_trainer.contract import Summary
+
+from . import (
+    kube,
+    lifecycle,
+    metrics,
+    objects,
+    observe,
+    poller,
+    queueing,
+    registry,
+    render,
+    schedules,
+    waker,
+)
+from .config import OperatorConfig
+from .vocab import API_VERSION as API
+from .vocab import (
+    KUEUE_API_VERSION,
+    MODEL_LABEL,
+    TERMINAL,
+    Key,
+    format_time,
+    set_condition,
+    trusted,
+)
+
+log = logging.getLogger("flywheel")
+CONFLICT_RECHECK_SECONDS = 30
+
+
+class Reconciler:
+    def __init__(self, config: OperatorConfig) -> None:
+        self.config = config
+        self.runs = waker.Waker("run")
+        self.schedules = waker.Waker("schedule")
+        #: Rank 0's progress of every training run, fetched by one shared thread.
+        self.poller = poller.Poller(config.progressIntervalSeconds, on_update=self.runs.wake)
+        #: The status last written per run or schedule, with the resourceVersion it was based
+        #: on: until the watch delivers a newer version, the index holds the pre-write copy.
+        self.written: dict[tuple, tuple[str, dict]] = {}
+        self.creators = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
+        self.visibility = queueing.Visibility()
+        self.index: dict[str, kopf.Index] = {}
+
+    def bind(self, **indexes: kopf.Index | None) -> None:
+        """kopf's indexes (they never change once created); starts the wakers."""
+        self.index.update({k: v for k, v in indexes.items() if v is not None})
+        self.runs.bind(self.reconcile_run)
+        self.schedules.bind(self.reconcile_schedule)
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def run_deleted(self, key: Key) -> None:
+        self.written.pop(key, None)
+        self.runs.failures.pop(key, None)
+        self.poller.drop(key)
+
+    def reconcile_run(self, key: Key) -> None:
+        if key not in self.index["runs"]:
+            return
+        with waker.lock(key):
+            # Read under the lock: a copy read before it may predate a status another thread
+            # wrote meanwhile, and the write would be repeated.
+            found = list(self.index["runs"].get(key, []))
+            if not found or found[0]["metadata"].get("deletionTimestamp"):
+                return
+            run = trusted(found[0], self.written.get(key), final=TERMINAL)
+            started = time.monotonic()
+            # Only the run's own children (by owner uid): a namesake's are never adopted.
+            jobs, pods = objects.owned(run["metadata"]["uid"],
+                                       list(self.index["run_jobs"].get(key, [])),
+                                       list(self.index["run_pods"].get(key, [])))
+            workloads = [w for j in jobs for w in self.index.get("run_workloads", {}).get(
+                (key[0], j.name), [])]
+            position = self.queue_position(key[0], jobs, workloads) if workloads else None
+            plan = lifecycle.decide(run, jobs, pods, config=self.config,
+                                    polled=self.poller.polled(key), workloads=workloads,
+                                    position=position,
+                                    base_model=self.resolve_base_model(run) if not jobs else None)
+            try:
+                self.execute(key, run, plan)
+            except kube.Conflict as conflict:
+                self.report_conflict(key, run, plan, conflict)
+                return
+            except kube.Terminating:
+                return  # the namespace is going away, and the run with it
+            self.clear_conflict(key, run, plan)
+            url = observe.progress_url(observe.rank0(pods, plan.status.get("attempt")))
+            if plan.status.get("phase") == "Running" and url:
+                self.poller.want(key, plan.status["attempt"], url)
+            else:
+                self.poller.drop(key)
+            if plan.recheck_after is not None:  # e.g. when a start failure's grace is up
+                self.runs.wake(key, plan.recheck_after + 1)
+            metrics.RECONCILE.observe(time.monotonic() - started)
+
+    def queue_position(self, namespace: str, jobs: list[objects.JobSummary],
+                       workloads: list[objects.WorkloadSummary]) -> int | None:
+        """The waiting Workload's place in its LocalQueue (Kueue's visibility API)."""
+        ask = queueing.position_to_ask(jobs, workloads)
+        if ask is None or not self.visibility.due(time.monotonic()):
+            return None
+        queue, workload = ask
+        positions = kube.queue_positions(namespace, queue)
+        if positions is None:
+            self.visibility.unavailable(time.monotonic())
+            return None
+        return positions.get(workload)
+
+    def resolve_base_model(self, run: dict) -> dict | str | None:
+        """For a model:// base model not yet resolved: status.baseModel, or why it names no
+        version (lifecycle.resolve_base_model records either)."""
+        ref = registry.parse_ref(run["spec"]["baseModel"])
+        if ref is None or (run.get("status") or {}).get("baseModel"):
+            return None
+        namespace = run["metadata"]["namespace"]
+        try:
+            name = registry.ref_version_name(ref, kube.get(API, "Model", namespace, ref.model))
+            mv = kube.get(API, "ModelVersion", namespace, name)
+            return registry.resolve_ref(run["spec"]["baseModel"], ref, mv, name)
+        except registry.RefError as err:
+            return str(err)
+
+    def write_status(self, key: Key, run: dict, status: dict) -> None:
+        kube.patch_status("FineTuneRun", *key, status)
+        self.written[key] = (run["metadata"]["resourceVersion"], status)
+
+    def report_conflict(self, key: Key, run: dict, plan: lifecycle.Plan,
+                        err: kube.Conflict) -> None:
+        """A child's name is taken by an object that is not the run's: say so on the run (it
+        is never adopted nor deleted) and look again later (a namesake's children go)."""
+        status = {**plan.status, "message": str(err)[:1024]}
+        set_condition(status, "Conflict", True, "NameTaken", str(err), format_time(),
+                      run["metadata"].get("generation", 1))
+        if status != (run.get("status") or {}):
+            self.write_status(key, run, status)
+            kopf.event(run, type="Warning", reason="Conflict", message=str(err))
+        self.runs.wake(key, CONFLICT_RECHECK_SECONDS)
+
+    def clear_conflict(self, key: Key, run: dict, plan: lifecycle.Plan) -> None:
+        if any(c["type"] == "Conflict" and c["status"] == "True"
+               for c in plan.status.get("conditions") or []):
+            status = {**plan.status}
+            set_condition(status, "Conflict", False, "Resolved", "", format_time(),
+                          run["metadata"].get("generation", 1))
+            self.write_status(key, run, status)
+
+    def execute(self, key: Key, run: dict, plan: lifecycle.Plan) -> None:
+        namespace, name = key
+        uid = run["metadata"]["uid"]
+        if plan.register is not None:  # before the status: Succeeded means registered
+            lifecycle.registered(plan, self.register(run, plan.register))
+        if plan.status != (run.get("status") or {}):
+            # Status first: a crash after this line resumes at the recorded attempt.
+            self.write_status(key, run, plan.status)
+            metrics.count_spend(namespace, run["spec"]["modelName"], run.get("status") or {},
+                                plan.status)
+        run_for_render = {**run, "status": plan.status}
+        for attempt in plan.delete_attempts:
+            for child in render.attempt_children(name, attempt):  # only the run's own
+                kube.delete_owned(child.api_version, child.kind, namespace, child.name, uid)
+        if plan.create_preflight:
+            for obj in render.preflight_objects(run_for_render, self.config):
+                kube.create_owned(obj, namespace, uid)
+        if plan.suspend_job:
+            job, suspend = plan.suspend_job
+            kube.patch("batch/v1", "Job", namespace, job, {"spec": {"suspend": suspend}})
+        if plan.activate:  # a Kueue run's spec.suspend: Kueue stops or requeues it
+            workload, active = plan.activate
+            kube.patch(KUEUE_API_VERSION, "Workload", namespace, workload,
+                       {"spec": {"active": active}})
+        if plan.create_attempt:
+            metrics.ATTEMPTS.labels(namespace).inc()
+            if plan.create_attempt > 1:
+                metrics.RESTARTS.labels(namespace).inc()
+            model = kube.get(API, "Model", namespace, run["spec"]["modelName"])
+            baseline = registry.promoted_summary(
+                model, lambda mv: kube.get(API, "ModelVersion", namespace, mv))
+            *parts, job = render.attempt_objects(run_for_render, plan.create_attempt,
+                                                 self.config, baseline)
+            # The Job last: its existence says the attempt was created, so a crash before it
+            # makes the next reconcile create the attempt again (existing objects are kept).
+            list(self.creators.map(lambda obj: kube.create_owned(obj, namespace, uid), parts))
+            kube.create_owned(job, namespace, uid)
+        for event_type, reason, message in plan.events:
+            kopf.event(run, type=event_type, reason=reason, message=message)
+            log.info("%s/%s: %s: %s", namespace, name, reason, message)
+            if reason == "Stalled":
+                metrics.STALLS.labels(namespace, name, run["spec"]["modelName"]).inc()
+
+    # --- registration and serving -------------------------------------------------------
+
+    def register(self, run: dict, summary: Summary) -> dict:
+        """Create the run's ModelVersion (once, under the next free number) and record it in
+        its Model, creating the Model when it is new. Returns the ModelVersion."""
+        namespace, uid = run["metadata"]["namespace"], run["metadata"]["uid"]
+        model_name = run["spec"]["modelName"]
+        with waker.lock(("model", namespace, model_name)):
+            model = kube.get(API, "Model", namespace, model_name)
+            if model is None:
+                kube.create({"apiVersion": API, "kind": "Model",
+                             "metadata": {"name": model_name}, "spec": {}}, namespace)
+                model = kube.get(API, "Model", namespace, model_name)
+            mv, versions = registry.allocate_version(
+                uid,
+                make=lambda number, versions: registry.model_version(
+                    run, summary, number, registry.baseline(model, versions),
+                    registry.promoted_alias(model)),
+                list_versions=lambda: kube.list_objects(API, "ModelVersion", namespace,
+                                                        f"{MODEL_LABEL}={model_name}"),
+                create=lambda candidate: kube.create(candidate, namespace),
+                get=lambda name: kube.get(API, "ModelVersion", namespace, name))
+            update = registry.record_version(model, mv, versions, format_time())
+            name = model["metadata"]["name"]
+            for gate in update.blocked_gates:
+                metrics.GATE_FAILURES.labels(namespace, name, gate).inc()
+            if update.promoted:
+                metrics.PROMOTIONS.labels(namespace, name, update.promoted).inc()
+            for event_type, reason, message in update.events:
+                kopf.event(model, type=event_type, reason=reason, message=message)
+            kube.patch_status("Model", namespace, name, update.status)
+            return mv
+
+    def model_changed(self, namespace: str, name: str) -> None:
+        """Keep pinned aliases and serving targets in step with the Model."""
+        with waker.lock(("model", namespace, name)):
+            model = kube.get(API, "Model", namespace, name)
+            if model is None:
+                return
+            pinned = {alias: kube.get(API, "ModelVersion", namespace,
+                                      registry.version_name(name, v))
+                      for alias, v in registry.pins_to_move(model).items()}
+            update = registry.pin_aliases(model, pinned, format_time())
+            if update.status != (model.get("status") or {}):
+                kube.patch_status("Model", namespace, name, update.status)
+            for event_type, reason, message in update.events:
+                kopf.event(model, type=event_type, reason=reason, message=message)
+            target = (update.status.get("aliases") or {}).get(registry.promoted_alias(model))
+            for serving in ((model.get("spec") or {}).get("servingTargets") or []
+                            if target else []):
+                self.sync_serving(model, serving, target)
+
+    def sync_serving(self, model: dict, serving: dict, target: dict) -> None:
+        namespace = model["metadata"]["namespace"]
+        deployment = kube.get("apps/v1", "Deployment", namespace, serving["deployment"])
+        if deployment is None:
+            kopf.event(model, type="Warning", reason="ServingTargetMissing",
+                       message=f"Deployment {serving['deployment']} not found")
+            return
+        if registry.serving_current(deployment, serving["container"]) == (
+                target["uri"], target["digest"]):
+            return
+        kube.patch("apps/v1", "Deployment", namespace, serving["deployment"],
+                   registry.serving_patch(serving["container"], target["uri"],
+                                          target["digest"]),
+                   content_type=kube.STRATEGIC_MERGE_PATCH)
+        kopf.event(model, type="Normal", reason="ServingUpdated",
+                   message=f"Deployment {serving['deployment']} now serves version "
+                   f"{target['version']} ({target['digest'][:19]}...)")
+
+    # --- schedules ------------------------------------------------------------------------
+
+    def schedule_deleted(self, key: Key) -> None:
+        self.written.pop(("schedule", *key), None)
+        self.schedules.failures.pop(key, None)
+
+    def reconcile_schedule(self, key: Key) -> None:
+        found = list(self.index.get("schedule_index", {}).get(key, []))
+        if not found:
+            return
+        namespace, name = key
+        with waker.lock(("schedule", namespace, name)):
+            schedule = trusted(found[0], self.written.get(("schedule", *key)))
+            if schedule["metadata"].get("deletionTimestamp"):
+                return
+            uid = schedule["metadata"]["uid"]
+            runs = schedules.owned_runs(
+                schedule, self.index.get("schedule_runs", {}).get(key, []))
+            plan = schedules.plan(schedule, runs, datetime.now(UTC))
+            for run_name in plan.delete:  # only runs the schedule owns
+                kube.delete_owned(API, "FineTuneRun", namespace, run_name, uid)
+            try:
+                for run in plan.create:
+                    kube.create_owned(run, namespace, uid)
+            except kube.Terminating:
+                return
+            except kube.Conflict as err:
+                kopf.event(schedule, type="Warning", reason="Conflict", message=str(err))
+            # None values are removals in a merge patch; compare without them.
+            if {k: v for k, v in plan.status.items() if v is not None} != (
+                    schedule.get("status") or {}):
+                kube.patch_status("FineTuneSchedule", namespace, name, plan.status)
+                self.written[("schedule", *key)] = (schedule["metadata"]["resourceVersion"],
+                                                    plan.status)
+            for event_type, reason, message in plan.events:
+                kopf.event(schedule, type=event_type, reason=reason, message=message)
+                log.info("schedule %s/%s: %s: %s", namespace, name, reason, message)
+        if plan.requeue_after is not None:
+            self.schedules.wake(key, min(plan.requeue_after, 3600.0))
