@@ -3,7 +3,9 @@ namespace, whether a run may name its own Secrets and ServiceAccount, how large 
 the pool boundary (a run's nodeSelector and tolerations may narrow its pool, never leave it).
 
 `Policy` is the operator config's `policy`; `denials` lists every rule a run breaks, each
-message naming the rule and the field (the run then fails with `PolicyDenied`). The chart's
+message naming the rule and the field, and `refusal` (lifecycle.decide's first step) fails the
+run at once with `PolicyDenied` (or `InvalidSpec`: an unknown pool, queue settings the config
+cannot serve) before anything of it exists. `scheduling` renders the pool boundary. The chart's
 ValidatingAdmissionPolicy (charts/flywheel/templates/admission.yaml) refuses the same at
 `kubectl apply`; these checks are the operator's own line, which holds without it.
 """
