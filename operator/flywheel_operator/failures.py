@@ -3,8 +3,9 @@
 Failure reasons (status.attempts[].reason, Events, the Failed condition) and what follows:
 
 - `NodeLost`, `Evicted`, `Preempted`: the pod's DisruptionTarget condition (or the Job's
-  podFailurePolicy rule for it). A new attempt that spends `spec.maxDisruptions`, not
-  `maxRestarts`.
+  podFailurePolicy rule for it); `PodDeleted`: a rank of a running gang deleted (`kubectl
+  delete pod`, with or without `--force`) or replaced by the Job controller (`lost_member`).
+  A new attempt that spends `spec.maxDisruptions`, not `maxRestarts`.
 - `DataError`: exit code 2, the trainer's contract for a data or config error. The same input
   fails again: the run fails at once, in the trainer's words.
 - `ImagePullBackOff`, `ErrImagePull`, `InvalidImageName`, `CreateContainerConfigError`,
@@ -35,7 +36,8 @@ RETRY, DISRUPTION, FATAL = "retry", "disruption", "fatal"
 DISRUPTIONS = {"PreemptionByScheduler": "Preempted", "PreemptionByKubeScheduler": "Preempted",
                "DeletionByTaintManager": "NodeLost", "DeletionByPodGC": "NodeLost",
                "EvictionByEvictionAPI": "Evicted", "TerminationByKubelet": "Evicted"}
-DISRUPTED = frozenset(DISRUPTIONS.values())  # attempt reasons that spend maxDisruptions
+#: Attempt reasons that spend maxDisruptions (PodDeleted: a rank deleted or replaced).
+DISRUPTED = frozenset([*DISRUPTIONS.values(), "PodDeleted"])
 #: Container waiting reasons that do not fix themselves: fail after a short grace period.
 START_FAILURES = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                   "CreateContainerConfigError", "CreateContainerError")
@@ -101,6 +103,31 @@ def classify(pods: list[PodSummary], job: JobSummary | None) -> Failure:
                        f"pod {pod.name} exited with code {pod.exit_code}: {detail}"[:1024])
     return Failure("AttemptFailed", RETRY,
                    (job.failed if job else None) or "the attempt's Job failed")
+
+
+def lost_member(pods: list[PodSummary], gang: dict | None, attempt: int) -> Failure | None:
+    """A rank of a running gang is going or gone: a pod being deleted or evicted, or, once
+    every pod ran (`gang`: the attempt's pod names then), one missing or replaced by the Job
+    controller. A torchrun gang cannot take a restarted rank back, so the attempt ends as a
+    disruption (it spends maxDisruptions, not maxRestarts)."""
+    for pod in pods:
+        if pod.deleting:
+            if pod.disruption:
+                reason = DISRUPTIONS.get(pod.disruption.reason, "Evicted")
+                why = f"{pod.disruption.reason}: {pod.disruption.message}"
+            else:
+                reason, why = "PodDeleted", "it was deleted"
+            return Failure(reason, DISRUPTION, f"pod {pod.name} on node {pod.node} is going "
+                           f"({why}); a torchrun gang cannot take a restarted rank back"[:1024])
+    if gang and gang.get("attempt") == attempt:
+        names = {p.name for p in pods}
+        gone = sorted(set(gang.get("pods") or []) - names)
+        if gone:
+            new = sorted(names - set(gang.get("pods") or []))
+            return Failure("PodDeleted", DISRUPTION, f"pod {gone[0]} of attempt {attempt} is "
+                           "gone" + (f" (replaced by {new[0]})" if new else "")
+                           + "; a torchrun gang cannot take a restarted rank back")
+    return None
 
 
 def start_failure(pods: list[PodSummary], now: str, grace_seconds: float

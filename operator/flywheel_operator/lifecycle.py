@@ -304,6 +304,10 @@ def follow_pods(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], 
     progress and GPU-hours, or tear it down when it has stalled."""
     status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
     generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
+    lost = failures.lost_member(pods, status.get("gang"), attempt)
+    if lost:
+        fail_attempt(plan, run, job, pods, ts, config, lost)
+        return
     unschedulable = [p for p in pods if p.unschedulable]
     if unschedulable:
         why = unschedulable[0].unschedulable
@@ -328,6 +332,7 @@ def follow_pods(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], 
             fail_attempt(plan, run, job, pods, ts, config, Failure("Stalled", RETRY, stall[1]))
             return
         plan.transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
+        status["gang"] = {"attempt": attempt, "pods": sorted(p.name for p in running)}
         set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts, generation)
         if any(c["type"] == "Stalled" for c in status.get("conditions", [])):
             set_condition(status, "Stalled", False, "Training", f"attempt {attempt} is running",

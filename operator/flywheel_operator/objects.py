@@ -66,6 +66,7 @@ class PodSummary:
     scheduled_at: str | None = None
     ip: str | None = None
     progress_port: int | None = None
+    deleting: bool = False              # deletionTimestamp set (deleted, evicted, drained)
 
     @property
     def done(self) -> bool:
@@ -138,7 +139,8 @@ def pod_summary(body: dict) -> PodSummary:
         waiting=Why(waiting.get("reason", ""), waiting.get("message", "")) if waiting else None,
         scheduled_at=scheduled.get("lastTransitionTime")
         if scheduled and scheduled["status"] == "True" else None,
-        ip=status.get("podIP"), progress_port=port)
+        ip=status.get("podIP"), progress_port=port,
+        deleting=bool(meta.get("deletionTimestamp")))
 
 
 def workload_summary(body: dict) -> WorkloadSummary:

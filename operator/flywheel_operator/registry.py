@@ -22,6 +22,7 @@ from .vocab import (
     MODEL_LABEL,
     RUN_LABEL,
     RUN_UID_LABEL,
+    URI_ANNOTATION,
     set_condition,
 )
 
@@ -312,7 +313,7 @@ def failed_gates(promotion: dict, candidate: dict[str, float],
 def serving_patch(container: str, uri: str, digest: str) -> dict:
     """Strategic merge patch that points a Deployment's container at a model."""
     return {"spec": {"template": {
-        "metadata": {"annotations": {DIGEST_ANNOTATION: digest}},
+        "metadata": {"annotations": {DIGEST_ANNOTATION: digest, URI_ANNOTATION: uri}},
         "spec": {"containers": [{"name": container, "env": [{"name": URI_ENV, "value": uri}]}]}}}}
 
 

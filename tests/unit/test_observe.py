@@ -149,3 +149,25 @@ def test_no_answer_since_the_pods_started():
     assert reason == "NoHeartbeat"
     assert message == ("no progress from rank 0 in 3601s since its pods started: "
                        "ConnectionRefusedError")
+
+
+def test_a_gang_member_deleted_or_replaced_is_a_disruption():
+    gang = {"attempt": 1, "pods": ["r-a1-0-x", "r-a1-1-y"]}
+    running = [pod("r-a1-0-x", phase="Running"), pod("r-a1-1-y", phase="Running")]
+    assert failures.lost_member(running, gang, 1) is None
+    # kubectl delete pod (graceful): the pod is going
+    going = [running[0], PodSummary("r-a1-1-y", phase="Running", deleting=True, node="h200-1")]
+    lost = failures.lost_member(going, gang, 1)
+    assert (lost.reason, lost.kind) == ("PodDeleted", DISRUPTION)
+    assert "r-a1-1-y" in lost.message
+    # drained: the eviction's DisruptionTarget names it
+    evicted = [running[0], PodSummary("r-a1-1-y", phase="Running", deleting=True,
+                                      disruption=Why("EvictionByEvictionAPI", "Eviction API"))]
+    assert failures.lost_member(evicted, gang, 1).reason == "Evicted"
+    # delete --force: gone at once, and the Job controller made a new pod for its index
+    replaced = [running[0], pod("r-a1-1-z", phase="Pending")]
+    lost = failures.lost_member(replaced, gang, 1)
+    assert lost.reason == "PodDeleted" and "replaced by r-a1-1-z" in lost.message
+    assert "PodDeleted" in failures.DISRUPTED
+    # another attempt's record says nothing about this one
+    assert failures.lost_member(replaced, gang, 2) is None

@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from .config import TrainerConfig
+    from .contract import EXIT_DATA_ERROR
     from .data import DataError
-    from .launch import EXIT_DATA_ERROR
+    from .fetch import DigestMismatch
 
     try:
         cfg = TrainerConfig.load(args.config)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg)
-    except DataError as err:  # rank 0 wrote the summary; the same data fails again
+    except (DataError, DigestMismatch) as err:  # rank 0 wrote the summary; the same data
+        # (or a base model whose bytes are not the registered ones) fails again
         logging.getLogger("flywheel").error("%s", err)
         return EXIT_DATA_ERROR
     return 0

@@ -178,7 +178,7 @@ class AttemptStatus(BaseModel):
     gpuHours: float | None = Field(default=None, ge=0, description="GPU-hours it used.")
     reason: str | None = Field(
         default=None, description="Why it ended: Completed, OOMKilled, CommunicationError, "
-        "CUDAError, CUDAOutOfMemory, DataError, Stalled, NodeLost, Evicted, Preempted, "
+        "CUDAError, CUDAOutOfMemory, DataError, Stalled, NodeLost, Evicted, PodDeleted, Preempted, "
         "ImagePullBackOff, CreateContainerConfigError, ... or AttemptFailed.")
     message: StatusText | None = Field(default=None, description="Failing pod's message.")
 
@@ -239,6 +239,16 @@ class ResolvedModel(BaseModel):
                         "trainer before training.")
 
 
+class GangStatus(BaseModel):
+    """The pods of the current attempt once all of them ran: a torchrun gang cannot take a
+    restarted rank back, so one of them deleted or replaced ends the attempt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt: int = Field(ge=1, description="The attempt.")
+    pods: list[str] = Field(default_factory=list, max_length=256, description="Its pods.")
+
+
 class FineTuneRunStatus(BaseModel):
     """Observed state of a run; written by the operator only."""
 
@@ -274,6 +284,7 @@ class FineTuneRunStatus(BaseModel):
     estimatedCost: float | None = Field(
         default=None, ge=0, description="gpuHours x the pool's gpuHourPrice.")
     preflight: PreflightStatus | None = Field(default=None, description="Preflight results.")
+    gang: GangStatus | None = Field(default=None, description="The running attempt's pods.")
     queue: QueueStatus | None = Field(default=None, description="Kueue queue and admission.")
     message: StatusText | None = Field(default=None, description="Human-readable summary.")
 
