@@ -76,9 +76,16 @@ test:
 test-unit: setup
 	$(PY) -m pytest tests/unit
 
+# The Kueue integration is on when the cluster serves Kueue's API (cluster-up starts Kueue):
+# hack/operator-local-kueue.yaml appended to hack/operator-local.yaml (its keys win).
+OPERATOR_CONFIG := .cache/cluster/operator.yaml
 operator: cluster-up
 	$(KUBECTL) apply --server-side -f crds/
-	$(PY) -m flywheel_operator --standalone --all-namespaces --config hack/operator-local.yaml
+	@if $(KUBECTL) get crd workloads.kueue.x-k8s.io >/dev/null 2>&1; then \
+	  echo "Kueue is up: runs may name a LocalQueue (spec.queueName)"; \
+	  cat hack/operator-local.yaml hack/operator-local-kueue.yaml > $(OPERATOR_CONFIG); \
+	else cp hack/operator-local.yaml $(OPERATOR_CONFIG); fi
+	$(PY) -m flywheel_operator --standalone --all-namespaces --config $(OPERATOR_CONFIG)
 
 # The sample queues nothing: its first run does not wait for Kueue's build (cluster-up and
 # the tests add Kueue to the running cluster). The venv installs while the tools build.
