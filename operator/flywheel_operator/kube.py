@@ -106,6 +106,7 @@ def collection_path(api_version: str, plural: str, namespace: str) -> str:
 
 
 PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",
+           "InferenceService": "inferenceservices",
            "Deployment": "deployments", "Workload": "workloads",
            "NetworkPolicy": "networkpolicies", **vocab.PLURALS}
 

@@ -34,6 +34,7 @@ from . import (
 from .config import OperatorConfig
 from .vocab import API_VERSION as API
 from .vocab import (
+    KSERVE_API_VERSION,
     KUEUE_API_VERSION,
     MODEL_LABEL,
     TERMINAL,
@@ -260,22 +261,30 @@ class Reconciler:
                 self.sync_serving(model, serving, target)
 
     def sync_serving(self, model: dict, serving: dict, target: dict) -> None:
+        """Point one serving target (a Deployment or a KServe InferenceService) at `target`."""
         namespace = model["metadata"]["namespace"]
-        deployment = kube.get("apps/v1", "Deployment", namespace, serving["deployment"])
-        if deployment is None:
+        wanted = (target["uri"], target["digest"])
+        if serving.get("inferenceService"):
+            kind, name, api = "InferenceService", serving["inferenceService"], KSERVE_API_VERSION
+            obj = kube.get(api, kind, namespace, name)
+            current = obj and registry.isvc_current(obj)
+            patch, content_type = registry.isvc_patch(*wanted), kube.MERGE_PATCH
+        else:
+            kind, name, api = "Deployment", serving["deployment"], "apps/v1"
+            obj = kube.get(api, kind, namespace, name)
+            current = obj and registry.serving_current(obj, serving["container"])
+            patch = registry.serving_patch(serving["container"], *wanted)
+            content_type = kube.STRATEGIC_MERGE_PATCH
+        if obj is None:
             kopf.event(model, type="Warning", reason="ServingTargetMissing",
-                       message=f"Deployment {serving['deployment']} not found")
+                       message=f"{kind} {name} not found")
             return
-        if registry.serving_current(deployment, serving["container"]) == (
-                target["uri"], target["digest"]):
+        if current == wanted:
             return
-        kube.patch("apps/v1", "Deployment", namespace, serving["deployment"],
-                   registry.serving_patch(serving["container"], target["uri"],
-                                          target["digest"]),
-                   content_type=kube.STRATEGIC_MERGE_PATCH)
+        kube.patch(api, kind, namespace, name, patch, content_type=content_type)
         kopf.event(model, type="Normal", reason="ServingUpdated",
-                   message=f"Deployment {serving['deployment']} now serves version "
-                   f"{target['version']} ({target['digest'][:19]}...)")
+                   message=f"{kind} {name} now serves version {target['version']} "
+                   f"({target['digest'][:19]}...)")
 
     # --- schedules ------------------------------------------------------------------------
 

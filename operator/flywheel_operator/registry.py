@@ -317,6 +317,20 @@ def serving_patch(container: str, uri: str, digest: str) -> dict:
         "spec": {"containers": [{"name": container, "env": [{"name": URI_ENV, "value": uri}]}]}}}}
 
 
+def isvc_patch(uri: str, digest: str) -> dict:
+    """JSON merge patch that points a KServe InferenceService at a model: its predictor's
+    storageUri and the digest annotation, nothing else."""
+    return {"metadata": {"annotations": {DIGEST_ANNOTATION: digest}},
+            "spec": {"predictor": {"model": {"storageUri": uri}}}}
+
+
+def isvc_current(isvc: dict) -> tuple[str | None, str | None]:
+    """The (uri, digest) an InferenceService currently serves."""
+    model = ((isvc.get("spec") or {}).get("predictor") or {}).get("model") or {}
+    return model.get("storageUri"), (isvc["metadata"].get("annotations") or {}).get(
+        DIGEST_ANNOTATION)
+
+
 def serving_current(deployment: dict, container: str) -> tuple[str | None, str | None]:
     """The (uri, digest) a Deployment's template currently serves."""
     template = deployment["spec"]["template"]

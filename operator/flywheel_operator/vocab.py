@@ -31,6 +31,7 @@ SCHEDULED_AT_ANNOTATION = f"{GROUP}/scheduled-at"    # the tick a scheduled run 
 TRIGGER_ANNOTATION = f"{GROUP}/trigger"              # on a schedule: start a run now
 DIGEST_ANNOTATION = f"{GROUP}/model-digest"          # on a served Deployment's pod template
 URI_ANNOTATION = f"{GROUP}/model-uri"                # beside it (for a fetch init container)
+KSERVE_API_VERSION = "serving.kserve.io/v1beta1"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel-operator"}
 # Kueue (https://kueue.sigs.k8s.io): the labels that put a Job in a queue, with a priority.
 KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"

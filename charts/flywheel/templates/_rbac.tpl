@@ -47,6 +47,10 @@ by secretKeyRef, which the kubelet resolves, never the operator.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "patch"]
+# ... or into the named KServe InferenceService (spec.predictor.model.storageUri).
+- apiGroups: ["serving.kserve.io"]
+  resources: ["inferenceservices"]
+  verbs: ["get", "patch"]
 {{- if .Values.kueue.enabled }}
 # Kueue: a run's Workload tells whether it is queued, admitted (and with which flavor) or
 # evicted; `spec.suspend` of a queued run deactivates its Workload (spec.active).

@@ -165,12 +165,22 @@ class Promotion(BaseModel):
 
 
 class ServingTarget(BaseModel):
-    """A Deployment container that serves the promoted alias."""
+    """What serves the promoted alias: a Deployment's container (it gets FLYWHEEL_MODEL_URI
+    and the pod template the URI and digest annotations), or a KServe InferenceService (its
+    spec.predictor.model.storageUri and the digest annotation; nothing else is touched)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=cel(
+        {"rule": "has(self.deployment) != has(self.inferenceService)",
+         "message": "name either a deployment (with its container) or an inferenceService"},
+        {"rule": "!has(self.deployment) || has(self.container)",
+         "message": "a deployment target names the container that serves"}))
 
-    deployment: DnsLabel = Field(description="Deployment name (same namespace).")
-    container: DnsLabel = Field(description="Container that gets FLYWHEEL_MODEL_URI.")
+    deployment: DnsLabel | None = Field(default=None, description="Deployment name (same "
+                                        "namespace).")
+    container: DnsLabel | None = Field(
+        default=None, description="The Deployment's container that gets FLYWHEEL_MODEL_URI.")
+    inferenceService: DnsLabel | None = Field(
+        default=None, description="KServe InferenceService name (same namespace).")
 
 
 class ModelSpec(BaseModel):
