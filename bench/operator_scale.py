@@ -187,7 +187,9 @@ def teardown(operator: subprocess.Popen | None, namespaces: list[str], extra_nod
     steps = [*cleanups, lambda: stop_operator(operator),
              *[lambda ns=ns: kubectl("delete", "namespace", ns, "--wait=false",
                                      "--ignore-not-found") for ns in namespaces]]
-    if extra_nodes:
+    if extra_nodes:  # after the pods on them have ended (a node gone leaves them to podgc)
+        steps += [lambda ns=ns: kubectl("wait", "--for=delete", f"namespace/{ns}",
+                                        "--timeout=300s") for ns in namespaces]
         steps.append(lambda: kubectl("delete", "--wait=false", "--ignore-not-found",
                                      *[f"node/h200-{i}" for i in range(4, 4 + extra_nodes)]))
     for step in steps:
