@@ -33,8 +33,9 @@ def kserve_crd(cluster: Cluster, tmp_path_factory) -> Cluster:
                          env={**os.environ, "GOFLAGS": "-mod=mod"})
     crd = Path(json.loads(out.stdout)["Dir"]) / CRD
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd), timeout=180)
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/inferenceservices.serving.kserve.io")
+    wait_until(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in (
+        cluster.get("crd", "inferenceservices.serving.kserve.io").get("status") or {}).get(
+        "conditions") or []), message="KServe's CRD is established")
     return cluster
 
 
