@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from flywheel_trainer.contract import Summary
 
-from .api import ModelStatus, ModelVersionSpec, checked
+from .api import ModelStatus, ModelVersionSpec, Promotion, checked
 from .vocab import (
     API_VERSION,
     DIGEST_ANNOTATION,
@@ -183,7 +183,8 @@ def allocate_version(run_uid: str, make: Callable[[int, list[dict]], dict],
 
 
 def promoted_alias(model: dict) -> str:
-    return ((model.get("spec") or {}).get("promotion") or {}).get("alias", "production")
+    return ((model.get("spec") or {}).get("promotion") or {}).get(
+        "alias", Promotion.model_fields["alias"].default)
 
 
 def promoted_summary(model: dict | None, get: Callable[[str], dict | None]) -> dict | None:

@@ -268,10 +268,6 @@ def _store_error(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
 
 
-def error_code(exc: BaseException) -> str:
-    return _store_error(exc)[0]
-
-
 def _describe(what: str, uri: str, exc: BaseException) -> str:
     code, message = _store_error(exc)
     return redact(f"{what} {uri}: {code}: {message.strip() or code}")
