@@ -154,6 +154,7 @@ class Executor:
                 self.procs[uid] = proc
         if deleted:
             signal_group(proc, signal.SIGKILL)
+            proc.wait()
             self.remove_hosts(uid)
             self.release_ip(uid)
             return
@@ -228,9 +229,11 @@ class Executor:
                 kill.daemon = True
                 kill.start()
             return
-        if (pod.get("status") or {}).get("phase") in TERMINAL or (
-                (self.status.desired(uid) or {}).get("phase") in TERMINAL):
-            return  # it has ended: removed as it is
+        if (self.status.desired(uid) or {}).get("phase") in TERMINAL:
+            return  # it ended here: removed once that is written
+        if (pod.get("status") or {}).get("phase") in TERMINAL:
+            self.status.delete_when_terminal(pod, as_it_is=True)  # it ended before we knew it
+            return
         self.status.set(pod, never_ran(pod))  # never ran here
 
     def gone(self, uid: str) -> None:

@@ -84,6 +84,7 @@ class Entry:
     version: int = 0  # bumped by every set
     written: int = 0  # the version the apiserver accepted
     delete: bool = False  # remove the pod once its terminal status is in
+    as_it_is: bool = False  # ...or at once: it ended before this executor knew it
     deleted: bool = False  # the removal was accepted
     failures: int = 0  # failed tries in a row
     due: float = 0.0  # monotonic time of the next try
@@ -95,7 +96,7 @@ class Entry:
     def work(self) -> str | None:
         if self.version > self.written:
             return "write"
-        if self.delete and not self.deleted and (self.terminal or not self.status):
+        if self.delete and not self.deleted and (self.terminal or self.as_it_is):
             return "delete"
         return None
 
@@ -127,14 +128,15 @@ class StatusManager:
             entry.failures, entry.due = 0, 0.0
             self.cond.notify()
 
-    def delete_when_terminal(self, pod: dict) -> None:
-        """The pod is being deleted: remove it once its terminal status is accepted (at once
-        when nothing is to be written for it)."""
+    def delete_when_terminal(self, pod: dict, as_it_is: bool = False) -> None:
+        """The pod is being deleted: remove it once its terminal status is accepted (or, with
+        `as_it_is`, at once: it has ended and this executor has nothing to write for it)."""
         md = pod["metadata"]
         with self.cond:
             entry = self.entries.setdefault(md["uid"], Entry(md["namespace"], md["name"]))
-            if not entry.delete:
-                entry.delete, entry.failures, entry.due = True, 0, 0.0
+            if not entry.delete or (as_it_is and not entry.as_it_is):
+                entry.delete, entry.as_it_is = True, entry.as_it_is or as_it_is
+                entry.failures, entry.due = 0, 0.0
                 self.cond.notify()
 
     def forget(self, uid: str) -> None:
