@@ -202,6 +202,7 @@ class Cuttable(threading.Thread):
                 except OSError:
                     client.close()
                     continue
+                upstream.settimeout(None)  # watches are quiet for minutes
                 self.conns |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
