@@ -105,6 +105,11 @@ def test_week_two_is_compared_with_week_one_and_promoted_only_if_its_gates_hold(
 
     v1, v2 = story["1"]["modelVersion"], story["2"]["modelVersion"]
     assert v2["spec"]["version"] == v1["spec"]["version"] + 1
+    # Week 2 trained from production (week 1), as the weekly flywheel does: lineage.
+    assert v1["spec"].get("parent") is None
+    assert v2["spec"]["parent"]["modelVersion"] == v1["metadata"]["name"]
+    assert v2["spec"]["parent"]["digest"] == v1["spec"]["artifact"]["digest"]
+    assert v2["spec"]["parent"]["ref"] == demo.PRODUCTION_REF
     comparison = v2["spec"]["comparison"]
     assert comparison["alias"] == "production"
     assert comparison["version"] == v1["spec"]["version"]
