@@ -112,8 +112,9 @@ class Operator:
         import os
 
         env = {**os.environ, "KUBECONFIG": self.kubeconfig}
-        args = [sys.executable, "-m", "flywheel_operator", *self.scope,
-                "--metrics-port", "0", "--liveness", ""]
+        # the scope's flags last: they may override the defaults (e.g. --metrics-port -1)
+        args = [sys.executable, "-m", "flywheel_operator", "--metrics-port", "0",
+                "--liveness", "", *self.scope]
         if self.config:
             args += ["--config", str(self.config)]
         # Look for the start line only in what this start writes (the log is appended to).

@@ -149,6 +149,10 @@ class OperatorConfig(_Model):
         default=16 * 2**20, ge=1024, description="Longest dataset line the trainer reads: a "
         "longer one is a `file:line` error, not an out-of-memory.")
     # every Kubernetes API call (kube.py), with its retries
+    peeringLifetimeSeconds: int = Field(
+        default=20, ge=5, description="How long a replica counts as alive after its last "
+        "keep-alive in the kopf peering object: a standby takes over at most this long after "
+        "the active replica dies.")
     apiConnectTimeoutSeconds: float = Field(
         default=5, gt=0, description="Connect timeout of each Kubernetes API request.")
     apiReadTimeoutSeconds: float = Field(

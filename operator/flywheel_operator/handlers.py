@@ -39,8 +39,38 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.setdefault("config", OperatorConfig())
     kube.configure(memo.config.apiConnectTimeoutSeconds, memo.config.apiReadTimeoutSeconds)
     memo.reconciler = Reconciler(memo.config)
+    # A dead active replica is replaced within this many seconds (kopf's default is 60).
+    settings.peering.lifetime = memo.config.peeringLifetimeSeconds
+    follow_peering(memo.reconciler)
     metrics.serve(memo.get("metrics_port", 0))
     log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(memo.config.pools)))
+
+
+class _PeeringState(logging.Filter):
+    """kopf pauses only its own watches when a replica of higher priority is active; this
+    follows kopf's own decision (its peering log records, emitted exactly when it pauses or
+    resumes) to pause and resume the reconciler's timers and poller with it."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        super().__init__()
+        self.reconciler = reconciler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith(("Pausing operations", "Pausing all operators")):
+            self.reconciler.pause()
+        elif message.startswith("Resuming operations"):
+            self.reconciler.resume()
+        return True
+
+
+def follow_peering(reconciler: Reconciler) -> None:
+    peering = logging.getLogger("kopf._core.engines.peering")
+    if peering.getEffectiveLevel() > logging.INFO:  # its pause/resume records are INFO
+        peering.setLevel(logging.INFO)
+    for old in [f for f in peering.filters if isinstance(f, _PeeringState)]:
+        peering.removeFilter(old)
+    peering.addFilter(_PeeringState(reconciler))
 
 
 def slim(body: kopf.Body) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ RECONCILE = Histogram(
 ATTEMPTS = Counter("flywheel_attempts", "Attempts started (first attempts and restarts).",
                    ["namespace"])
 RESTARTS = Counter("flywheel_restarts", "Attempts started after a failed attempt.", ["namespace"])
+POLLS = Counter("flywheel_progress_polls", "Progress polls of training runs' rank 0.")
 GPU_HOURS = Counter("flywheel_gpu_hours", "GPU-hours consumed (live while attempts train).",
                     ["namespace", "model"])
 COST = Counter("flywheel_estimated_cost", "Estimated cost of finished attempts (GPU-hours x "
@@ -101,6 +103,11 @@ def track_runs(index: Mapping) -> None:
     _runs.index = index
 
 
-def serve(port: int) -> None:
-    if port:
-        start_http_server(port)
+def serve(port: int) -> int | None:
+    """Serve /metrics on `port` (0: off; -1: a port the OS picks, logged, for tests)."""
+    if not port:
+        return None
+    server, _ = start_http_server(max(port, 0))
+    bound = server.server_port
+    logging.getLogger("flywheel").warning("flywheel operator: metrics on port %d", bound)
+    return bound

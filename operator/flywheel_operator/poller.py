@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flywheel_trainer.contract import Progress
 
+from .metrics import POLLS
 from .observe import Polled
 from .vocab import Key, format_time
 from .waker import pop_due
@@ -40,12 +41,13 @@ class Poller(threading.Thread):
         self.heap: list[tuple[float, Key]] = []
         self.cv = threading.Condition()
         self.started = False
+        self.paused = False
 
     # --- what reconciles tell it
     def want(self, key: Key, attempt: int, url: str) -> None:
         """Poll `url` for this attempt (a new attempt or address is polled at once)."""
         with self.cv:
-            if self.targets.get(key) == (attempt, url):
+            if self.paused or self.targets.get(key) == (attempt, url):
                 return
             self.targets[key] = (attempt, url)
             heapq.heappush(self.heap, (time.monotonic(), key))
@@ -58,6 +60,19 @@ class Poller(threading.Thread):
         with self.cv:
             self.targets.pop(key, None)
             self.state.pop(key, None)
+
+    def pause(self) -> None:
+        """Poll nothing (a standby replica): every target is forgotten; reconciles after the
+        resume ask again for the runs still training."""
+        with self.cv:
+            self.paused = True
+            self.targets.clear()
+            self.state.clear()
+            self.heap.clear()
+
+    def resume(self) -> None:
+        with self.cv:
+            self.paused = False
 
     def polled(self, key: Key) -> Polled | None:
         """The last poll of the run's rank 0 (its `attempt` says which attempt's)."""
@@ -75,6 +90,7 @@ class Poller(threading.Thread):
 
     def poll(self, key: Key, attempt: int, url: str) -> None:
         now = format_time()
+        POLLS.inc()
         try:
             doc, error = self.get(url, self.timeout), None
         except Exception as err:  # unreachable, refused, not JSON: all mean "no answer"

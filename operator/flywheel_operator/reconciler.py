@@ -62,6 +62,27 @@ class Reconciler:
         self.visibility = queueing.Visibility()
         self.index: dict[str, kopf.Index] = {}
 
+    # --- high availability: a standby replica does nothing ------------------------------
+
+    def pause(self) -> None:
+        """kopf paused this replica (a peer of higher priority is active): stop every timer
+        and the poller too, not only kopf's watches."""
+        log.warning("flywheel operator: paused (another replica is active)")
+        self.runs.pause()
+        self.schedules.pause()
+        self.poller.pause()
+
+    def resume(self) -> None:
+        """This replica is active again: reconcile every run and schedule from the indexes."""
+        log.warning("flywheel operator: active")
+        self.runs.resume()
+        self.schedules.resume()
+        self.poller.resume()
+        for key in list(self.index.get("runs", {})):
+            self.runs.wake(key)
+        for key in list(self.index.get("schedule_index", {})):
+            self.schedules.wake(key)
+
     def bind(self, **indexes: kopf.Index | None) -> None:
         """kopf's indexes (they never change once created); starts the wakers."""
         self.index.update({k: v for k, v in indexes.items() if v is not None})

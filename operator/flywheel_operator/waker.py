@@ -58,6 +58,7 @@ class Waker(threading.Thread):
         self.failures: dict[Key, int] = {}
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"flywheel-{what}")
         self.busy: dict[Key, str] = {}  # key -> "waiting", "running" or "again"
+        self.paused = False
 
     def bind(self, reconcile: Callable[[Key], None]) -> None:
         """The reconcile to call (the first binding wins: kopf's indexes never change)."""
@@ -72,8 +73,21 @@ class Waker(threading.Thread):
             heapq.heappush(self.heap, (time.monotonic() + after, key))
             self.cv.notify()
 
+    def pause(self) -> None:
+        """Reconcile nothing until `resume` (pending wake-ups are dropped: the resume wakes
+        every key anew, from fresh indexes)."""
+        self.paused = True
+        with self.cv:
+            self.heap.clear()
+            self.failures.clear()
+
+    def resume(self) -> None:
+        self.paused = False
+
     def attempt(self, key: Key) -> None:
         assert self.reconcile is not None
+        if self.paused:
+            return
         try:
             self.reconcile(key)
         except Exception:
