@@ -30,8 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def build(hidden: int, layers: int):
     import torch
-    from flywheel_trainer import toy
     from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from hack import sample as toy
 
     tok = toy.build_tokenizer()
     cfg = Qwen3Config(vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden,

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # hack.sample: the sample's tokenizer, model and data
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
 
@@ -35,7 +37,7 @@ GPU_MODEL = dict(hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144
 
 def build_assets(root: Path, gpu: bool, examples: int) -> tuple[Path, Path]:
     """Model dir (random init) and a train file whose examples vary in length."""
-    from flywheel_trainer import toy
+    from hack import sample as toy
 
     tok = toy.build_tokenizer()
     dims = GPU_MODEL if gpu else CPU_MODEL

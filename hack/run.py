@@ -145,7 +145,7 @@ def build_base(work: Path) -> Path:
     model_dir = work / "base-model"
     if not (model_dir / "model.safetensors").exists():
         say("building a tiny Qwen3 model and its tokenizer (local, no download)")
-        from flywheel_trainer import toy
+        from hack import sample as toy
 
         tokenizer = toy.build_tokenizer(VOCAB)
         toy.build_model_dir(model_dir, vocab_size=len(tokenizer), tokenizer=tokenizer,
@@ -155,7 +155,7 @@ def build_base(work: Path) -> Path:
 
 def build_data(work: Path, week: str) -> tuple[Path, Path]:
     """(train, eval) for a week: `1`, `2`, `3`, ... or `bad`. The eval set is shared."""
-    from flywheel_trainer import toy
+    from hack import sample as toy
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """The sample's base model and a small slice of its data, train and eval side by side."""
-    from flywheel_trainer import toy
+    from hack import sample as toy
 
     work = tmp_path_factory.mktemp("storage-assets")
     (work / "data").mkdir()

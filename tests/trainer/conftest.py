@@ -33,7 +33,7 @@ class Toy:
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory) -> Toy:
-    from flywheel_trainer import toy as toylib
+    from hack import sample as toylib
 
     root = tmp_path_factory.mktemp("toy")
     tok = toylib.build_tokenizer()

@@ -6,12 +6,13 @@ import json
 import random
 
 import torch
-from flywheel_trainer import toy as toylib
 from flywheel_trainer.chat import ChatFormat
 from flywheel_trainer.checkpoint import complete_steps
 from flywheel_trainer.contract import fit as summary_json
 from flywheel_trainer.data import Example, Pack, collate, tokenize_conversation
 from flywheel_trainer.model import flops_per_token
+
+from hack import sample as toylib
 
 
 def _example(tok, seed, category):

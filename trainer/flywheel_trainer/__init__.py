@@ -18,5 +18,5 @@ operator mounts each claim a run names at /pvc/CLAIM).
 Modules: config (torch-free spec models), storage (every URI: s3, gs, pvc, file, hf),
 chat (chat templates: loss spans, tool-call formats), data, model (load + parallelize), memory
 (per-GPU memory plan), checkpoint, evaluate, export, tracking (Comet + summary), train (the
-loop), preflight, toy (test assets).
+Trainer and its steps), preflight. The sample's tiny model and data live in hack/sample.py.
 """

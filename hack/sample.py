@@ -1,4 +1,5 @@
-"""Toy assets for tests, CPU benchmarks and `make run`, built locally (nothing is downloaded).
+"""The sample's assets, for `make run`, tests and CPU benchmarks, built locally (nothing is
+downloaded).
 
 - synthetic `chat-tools` JSONL in three categories: templated requests in varied phrasings
   whose tool-call arguments are copied from the user's words (so a model can learn to copy),
