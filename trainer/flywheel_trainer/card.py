@@ -1,13 +1,14 @@
 """The model card: `README.md` in the Hugging Face model-card format, and `training.png` beside it.
 
 The card is written into the artifact directory with the weights (so the artifact digest covers
-it). Its YAML front matter carries `base_model` (a registry parent's artifact URI, the parent
-version named in the body), `datasets`, `library_name` and a `model-index`
-with one result per eval category (plus one for the whole eval set) holding exactly the metrics
-the run reports, so the registry's ModelVersion and the card agree (`card_metrics` reads them
-back). The body lists the dataset digests, hyperparameters, device-hours, run name and the
-Comet experiment. The plot shows the training and eval loss curves and the per-category
-tool-call accuracy of this version against the production version when one is known.
+it). It is a `huggingface_hub.ModelCard`: its metadata (`ModelCardData`) carries `base_model`
+(a registry parent's artifact URI, the parent version named in the body), `datasets`,
+`library_name` and, as `EvalResult`s, a `model-index` with one result per eval category (plus
+one for the whole eval set) holding exactly the metrics the run reports, so the registry's
+ModelVersion and the card agree (`card_metrics` reads them back). The body lists the dataset
+digests, hyperparameters, device-hours, run name and the Comet experiment. The plot shows the
+training and eval loss curves and the per-category tool-call accuracy of this version against
+the production version when one is known.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import io
 import math
 from dataclasses import dataclass, field
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 CARD_FILE = "README.md"
 PLOT_FILE = "training.png"
@@ -47,37 +49,45 @@ def _split(metric: str) -> tuple[str, str]:
     return base, cat or ALL
 
 
-def model_index(name: str, eval_uri: str | None, metrics: dict[str, float | None]) -> list[dict]:
-    """One `model-index` result per category (dataset config = category), finite values only."""
-    by_cat: dict[str, list[dict]] = {}
-    for metric, value in sorted(metrics.items()):
-        if value is None or not math.isfinite(float(value)):
-            continue
-        base, cat = _split(metric)
-        by_cat.setdefault(cat, []).append({"type": base, "name": metric, "value": float(value)})
-    results = [{
-        "task": {"type": "text-generation", "name": "Tool calling"},
-        "dataset": {"type": "chat-tools", "name": eval_uri or "eval", "config": cat},
-        "metrics": entries,
-    } for cat, entries in sorted(by_cat.items(), key=lambda kv: (kv[0] != ALL, kv[0]))]
-    return [{"name": name, "results": results}]
+def eval_results(eval_uri: str | None, metrics: dict[str, float | None]) -> list[EvalResult]:
+    """The `model-index` entries: one result per category (dataset config = category, the whole
+    eval set first as `all`), each metric under its flat name (`tool_call_accuracy/email`),
+    finite values only."""
+    finite = {k: float(v) for k, v in sorted(metrics.items())
+              if v is not None and math.isfinite(float(v))}
+    by_category = sorted(finite, key=lambda k: (_split(k)[1] != ALL, _split(k)[1]))
+    return [EvalResult(task_type="text-generation", task_name="Tool calling",
+                       dataset_type="chat-tools", dataset_name=eval_uri or "eval",
+                       dataset_config=_split(k)[1], metric_type=_split(k)[0], metric_name=k,
+                       metric_value=finite[k])
+            for k in by_category]
+
+
+def metadata(info: CardInfo) -> ModelCardData:
+    return ModelCardData(
+        base_model=info.base_model,
+        datasets=sorted(set(info.datasets.values())),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["flywheel", "tool-calling"],
+        model_name=info.name,
+        eval_results=eval_results(info.datasets.get("eval"), info.metrics),
+    )
 
 
 def front_matter(text: str) -> dict:
-    """The YAML metadata block of a card."""
+    """The metadata block of a card, as `huggingface_hub` reads it."""
     if not text.startswith("---\n"):
         raise ValueError("a model card starts with a '---' YAML block")
-    block, sep, _ = text[4:].partition("\n---\n")
-    if not sep:
+    if not REGEX_YAML_BLOCK.search(text):
         raise ValueError("the model card's YAML block is not closed by '---'")
-    return yaml.safe_load(block)
+    return ModelCard(text).data.to_dict()
 
 
 def card_metrics(text: str) -> dict[str, float]:
     """The metrics of a card's model-index, by their flat names (`tool_call_accuracy/email`)."""
-    meta = front_matter(text)
-    return {m["name"]: m["value"] for entry in meta["model-index"]
-            for result in entry["results"] for m in result["metrics"]}
+    front_matter(text)  # the same errors for a card without metadata
+    return {r.metric_name: r.metric_value for r in ModelCard(text).data.eval_results or []}
 
 
 def _fmt(v) -> str:
@@ -90,19 +100,19 @@ def categories(metrics: dict) -> list[str]:
     return sorted({_split(k)[1] for k in metrics if "/" in k})
 
 
+# A model card is its metadata block, then the Markdown body.
+TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
+
+
 def render(info: CardInfo) -> str:
-    """README.md: YAML metadata, then what a reader checks first."""
-    meta = {
-        "base_model": info.base_model,
-        "datasets": sorted(set(info.datasets.values())),
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["flywheel", "tool-calling"],
-        "model-index": model_index(info.name, info.datasets.get("eval"), info.metrics),
-    }
+    """README.md: the card's metadata, then what a reader checks first."""
+    card = ModelCard.from_template(metadata(info), template_str=TEMPLATE, body=body(info))
+    return str(card)
+
+
+def body(info: CardInfo) -> str:
     m, base = info.metrics, (info.baseline or {}).get("metrics") or {}
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# {info.name}", "",
+    lines = [f"# {info.name}", "",
              f"Fine-tuned from `{info.base_model}` by the Flywheel FineTuneRun `{info.name}` "
              f"({info.steps} optimizer steps, {info.tokens} tokens, {info.world_size} ranks).", "",
              *([f"Parent version: `{info.parent}` (the registry version it was trained from).",
