@@ -1,4 +1,17 @@
-"""The training loop.
+"""The trainer: one run on one rank, as a `Trainer` whose steps run in this order.
+
+    run(cfg)        distributed setup, seed, progress server, experiment tracker; then
+                    `Trainer(cfg, dist, tracker).run()`; on failure rank 0's summary is the error
+    load_data()     the base model's tokenizer; train/eval splits tokenized (every rank a
+                    share), packed into sequences, the step plan; fails here, before any
+                    training, on invalid lines
+    build_model()   model (FSDP2), optimizer, LR schedule, checkpoints: resumes from the
+                    run's newest complete checkpoint (or `resumeFrom`)
+    train()         the loop: one `train_step()` per optimizer step, with periodic eval loss,
+                    metrics, checkpoints and progress
+    evaluate()      final eval loss and greedy tool-call accuracy, overall and per category
+    export()        Hugging Face weights with the model card and its plot beside them
+    summarise()     rank 0's summary (contract.Summary): artifact, metrics, data, throughput
 
 One optimizer step consumes `globalBatchSize` packed sequences: each rank takes every
 world-th sequence of the step's batch and runs them as `accum` micro-batches. The loss of a
@@ -24,10 +37,11 @@ from .card import CARD_FILE, CardInfo, card_files
 from .chat import ChatFormat
 from .checkpoint import CheckpointManager
 from .config import TrainerConfig
-from .data import IGNORE_INDEX, Pack, StepPlan, collate, load_split, pack, plan_steps
+from .data import IGNORE_INDEX, Pack, Split, StepPlan, collate, load_split, pack, plan_steps
 from .evaluate import eval_loss, tool_call_accuracy
 from .export import export_hf
 from .model import (
+    Dist,
     flops_per_token,
     init_distributed,
     load_model,
@@ -103,21 +117,20 @@ def _scalar(t) -> float:
 
 
 def run(cfg: TrainerConfig) -> dict:
+    """Train, evaluate and export one run; returns rank 0's summary ({} on other ranks). If a
+    step fails, rank 0's summary carries the error (and where the experiment is)."""
     d = init_distributed()
     progress.start(d.rank, d.world_size)
-    hp = cfg.hyperparameters
-    torch.manual_seed(hp.seed)
+    torch.manual_seed(cfg.hyperparameters.seed)
     tracker = Tracker(cfg, d.is_main)
     try:
-        return _run(cfg, d, tracker)
+        # the Trainer (model, optimizer) is gone before the process group is destroyed
+        return Trainer(cfg, d, tracker).run()
     except Exception as e:
         if d.is_main:
             error = f"{type(e).__name__}: {e}"
             tracker.log_other("error", error)
-            archive = tracker.end()
-            write_summary({"error": error, "tracking": {
-                "url": tracker.url, "experimentKey": tracker.key,
-                **({"offlineArchive": archive} if archive else {})}})
+            write_summary({"error": error, "tracking": _tracking(tracker, tracker.end())})
         raise
     finally:
         progress.stop()
@@ -125,178 +138,237 @@ def run(cfg: TrainerConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainerConfig, d, tracker: Tracker) -> dict:
-    from transformers import AutoTokenizer
+def _tracking(tracker: Tracker, archive: str | None) -> dict:
+    return {"url": tracker.url, "experimentKey": tracker.key,
+            **({"offlineArchive": archive} if archive else {})}
 
-    hp = cfg.hyperparameters
-    progress.stage("loading-model")
-    model_path = resolve_model_path(cfg.baseModel, d, digest=cfg.baseModelDigest)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    fmt = ChatFormat(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+class Trainer:
+    """One rank's part of a run. The steps share what they build as attributes."""
+
+    def __init__(self, cfg: TrainerConfig, d: Dist, tracker: Tracker):
+        self.cfg, self.hp, self.d, self.tracker = cfg, cfg.hyperparameters, d, tracker
+        self.step = self.start_step = 0
+        self.tokens = 0  # non-padding tokens trained on, over all ranks (and earlier attempts)
+        self.train_loss: float | None = None
+        self.curve: list[dict] = []  # {"step", "train_loss"[, "eval_loss"]}: the card's plot
+        self.tokens_per_s: float | None = None
+        self.metrics: dict = {}
+        self.warnings: list[str] = []
+
+    def run(self) -> dict:
+        self.load_data()
+        self.build_model()
+        self.train()
+        self.evaluate()
+        self.export()
+        return self.summarise()
 
     # ---- data (fails here, before any training, on invalid lines)
-    def gather(obj):
-        out = [None] * d.world_size
-        dist.all_gather_object(out, obj)
-        return out
+    def load_data(self) -> None:
+        from transformers import AutoTokenizer
 
-    def load(uri):  # every rank tokenizes a share, then all ranks have everything
-        return load_split(uri, fmt, hp.maxSeqLength, cfg.dataset.skipInvalid,
-                          d.rank, d.world_size, gather)
+        cfg, hp, d = self.cfg, self.hp, self.d
+        progress.stage("loading-model")  # the tokenizer comes with the base model
+        self.model_path = resolve_model_path(cfg.baseModel, d, digest=cfg.baseModelDigest)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.fmt = ChatFormat(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    progress.stage("tokenizing")
-    train = load(cfg.dataset.train)
-    evals = load(cfg.dataset.eval) if cfg.dataset.eval else None
-    if not train.examples:
-        raise ValueError(f"no usable training examples in {cfg.dataset.train}")
-    packs = pack(train.examples, hp.maxSeqLength, hp.seed)
-    plan = plan_steps(len(packs), hp, d.world_size, cfg.maxSteps)
-    order = DataOrder(packs, plan, hp.seed)
-    total_steps, accum, global_batch = plan.total_steps, plan.grad_accum, plan.global_batch
-    report = {"train": train.report, "eval": evals.report if evals else None,
-              "packs": len(packs), "globalBatchSize": global_batch, "gradAccum": accum,
-              "totalSteps": total_steps}
-    if d.is_main:
-        log.info("data: %s", report)
+        def gather(obj):
+            out = [None] * d.world_size
+            dist.all_gather_object(out, obj)
+            return out
 
-    # ---- model, optimizer, schedule, checkpoints
-    progress.stage("loading-model")
-    model = load_model(model_path, d, cfg.fsdp, cfg.attnImplementation)
-    optimizer = build_optimizer(model, hp, d.on_gpu)
-    warmup = int(hp.warmupRatio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
-    ckpt = CheckpointManager(cfg.checkpoint_uri(), cfg.checkpoint.everySteps, cfg.checkpoint.keep,
-                             model, optimizer, scheduler, run=cfg.runUid,
-                             resume_from=cfg.resumeFrom)
-    step = ckpt.load_latest()
-    start_step = step
-    tracker.log_params({**hp.model_dump(), **cfg.fsdp.model_dump(), "worldSize": d.world_size,
-                        "gradAccum": accum, "effectiveGlobalBatchSize": global_batch,
-                        "totalSteps": total_steps, "baseModel": cfg.baseModel,
-                        **({"parentVersion": cfg.parentVersion} if cfg.parentVersion else {})})
-    if start_step == 0:
-        tracker.log_data_report(report)
+        def load(uri) -> Split:  # every rank tokenizes a share, then all ranks have everything
+            return load_split(uri, self.fmt, hp.maxSeqLength, cfg.dataset.skipInvalid,
+                              d.rank, d.world_size, gather)
 
-    fpt = flops_per_token(model, hp.maxSeqLength)
-    peak = peak_flops(d.device)
-    tokens_total = ckpt.extra.get("tokens", 0)
-    train_loss = ckpt.extra.get("loss")
-    tps = None
-    window_tokens, window_t0 = 0, time.perf_counter()
-    measured_tokens, measured_time = 0, 0.0
-    progress.training(total_steps, start_step, plan.steps_per_epoch,
-                      lambda tps: mfu(tps, d.world_size, fpt, peak))
+        progress.stage("tokenizing")
+        self.train_split = load(cfg.dataset.train)
+        self.evals = load(cfg.dataset.eval) if cfg.dataset.eval else None
+        if not self.train_split.examples:
+            raise ValueError(f"no usable training examples in {cfg.dataset.train}")
+        packs = pack(self.train_split.examples, hp.maxSeqLength, hp.seed)
+        self.plan = plan_steps(len(packs), hp, d.world_size, cfg.maxSteps)
+        self.order = DataOrder(packs, self.plan, hp.seed)
+        self.data_report = {
+            "train": self.train_split.report, "eval": self.evals.report if self.evals else None,
+            "packs": len(packs), "globalBatchSize": self.plan.global_batch,
+            "gradAccum": self.plan.grad_accum, "totalSteps": self.plan.total_steps}
+        if d.is_main:
+            log.info("data: %s", self.data_report)
+
+    # ---- model, optimizer, schedule, checkpoints (resumes here)
+    def build_model(self) -> None:
+        cfg, hp, d, plan = self.cfg, self.hp, self.d, self.plan
+        progress.stage("loading-model")
+        self.model = load_model(self.model_path, d, cfg.fsdp, cfg.attnImplementation)
+        self.optimizer = build_optimizer(self.model, hp, d.on_gpu)
+        warmup = int(hp.warmupRatio * plan.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(warmup, plan.total_steps))
+        self.ckpt = CheckpointManager(cfg.checkpoint_uri(), cfg.checkpoint.everySteps,
+                                      cfg.checkpoint.keep, self.model, self.optimizer,
+                                      self.scheduler, run=cfg.runUid, resume_from=cfg.resumeFrom)
+        self.step = self.start_step = self.ckpt.load_latest()
+        self.tracker.log_params({
+            **hp.model_dump(), **cfg.fsdp.model_dump(), "worldSize": d.world_size,
+            "gradAccum": plan.grad_accum, "effectiveGlobalBatchSize": plan.global_batch,
+            "totalSteps": plan.total_steps, "baseModel": cfg.baseModel,
+            **({"parentVersion": cfg.parentVersion} if cfg.parentVersion else {})})
+        if self.start_step == 0:
+            self.tracker.log_data_report(self.data_report)
+        fpt, peak = flops_per_token(self.model, hp.maxSeqLength), peak_flops(d.device)
+        # MFU of a throughput; progress keeps it, so it holds values, not the Trainer
+        self.mfu = lambda tokens_per_s: mfu(tokens_per_s, d.world_size, fpt, peak)
+        self.tokens = self.ckpt.extra.get("tokens", 0)
+        self.train_loss = self.ckpt.extra.get("loss")
+
+    @property
+    def has_eval(self) -> bool:
+        return self.evals is not None and bool(self.evals.examples)
+
+    def eval_loss(self) -> tuple[float, dict[str, float]]:
+        return eval_loss(self.model, self.evals, self.d, self.hp.maxSeqLength,
+                         self.hp.microBatchSize, self.pad_id)
 
     # ---- train
-    curve: list[dict] = []
-    eval_every = max(1, total_steps // 5)
-    t_start = time.time()
-    model.train()
-    while step < total_steps:
-        t0 = time.perf_counter()
-        micro = order.batch(step, d.rank, d.world_size)
-        batches = [collate(micro[i:i + hp.microBatchSize], pad_id)
-                   for i in range(0, len(micro), hp.microBatchSize)]
-        loss_sum, n_loss_tokens, n_tokens = forward_backward(model, batches, d)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp.maxGradNorm,
-                                                   foreach=True)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_loss = loss_sum / n_loss_tokens
-        curve.append({"step": step, "train_loss": train_loss})  # for the model card's plot
-        if evals is not None and evals.examples and step % eval_every == 0 and step < total_steps:
-            curve[-1]["eval_loss"] = eval_loss(model, evals, d, hp.maxSeqLength,
-                                               hp.microBatchSize, pad_id)[0]
-            tracker.log_metrics({"eval_loss": curve[-1]["eval_loss"]}, step)
-        tokens_total += n_tokens
-        window_tokens += n_tokens
-        if d.on_gpu:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if step > start_step + 1:  # the first step includes warm-up costs
-            measured_tokens += n_tokens
-            measured_time += dt
-        if step % cfg.logEverySteps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window_t0
-            tps = window_tokens / elapsed if elapsed > 0 else None
-            metrics = {"train_loss": train_loss, "lr": lr,
-                       "grad_norm": _scalar(grad_norm), "tokens_per_s": tps,
-                       "mfu": mfu(tps, d.world_size, fpt, peak),
-                       "tokens": tokens_total}
-            tracker.log_metrics(metrics, step)
-            if d.is_main:
-                log.info("step %d/%d %s", step, total_steps,
-                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
-            window_tokens, window_t0 = 0, time.perf_counter()
-        if ckpt.should_save(step, total_steps):
-            ckpt.extra = {"tokens": tokens_total, "loss": train_loss}
-            ckpt.save(step)
-            progress.checkpoint(step)
-            window_t0 = time.perf_counter()
-        progress.step(step, train_loss, n_tokens)
-        _debug_delay()
-    if measured_time > 0:
-        tps = measured_tokens / measured_time
+    def train(self) -> None:
+        """Steps from the resumed one to the plan's total. Throughput is measured per logging
+        window (for the metrics) and over every step but the first of this attempt, which pays
+        warm-up costs (for the summary)."""
+        cfg, d, total = self.cfg, self.d, self.plan.total_steps
+        progress.training(total, self.start_step, self.plan.steps_per_epoch, self.mfu)
+        eval_every = max(1, total // 5)
+        window_tokens, window_t0 = 0, time.perf_counter()
+        measured_tokens, measured_time = 0, 0.0
+        self.t_start = time.time()
+        self.model.train()
+        while self.step < total:
+            t0 = time.perf_counter()
+            n_tokens, lr, grad_norm = self.train_step()
+            if self.has_eval and self.step % eval_every == 0 and self.step < total:
+                self.curve[-1]["eval_loss"] = self.eval_loss()[0]
+                self.tracker.log_metrics({"eval_loss": self.curve[-1]["eval_loss"]}, self.step)
+            self.tokens += n_tokens
+            window_tokens += n_tokens
+            if d.on_gpu:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if self.step > self.start_step + 1:  # the first step includes warm-up costs
+                measured_tokens += n_tokens
+                measured_time += dt
+            if self.step % cfg.logEverySteps == 0 or self.step == total:
+                elapsed = time.perf_counter() - window_t0
+                self.tokens_per_s = window_tokens / elapsed if elapsed > 0 else None
+                self.log_step(lr, grad_norm)
+                window_tokens, window_t0 = 0, time.perf_counter()
+            if self.ckpt.should_save(self.step, total):
+                self.ckpt.extra = {"tokens": self.tokens, "loss": self.train_loss}
+                self.ckpt.save(self.step)
+                progress.checkpoint(self.step)
+                window_t0 = time.perf_counter()
+            progress.step(self.step, self.train_loss, n_tokens)
+            _debug_delay()
+        if measured_time > 0:
+            self.tokens_per_s = measured_tokens / measured_time
 
-    # ---- evaluate, export, summarise
-    metrics = {"train_loss": train_loss}
-    warnings = []
-    if evals is not None and evals.examples:
-        progress.stage("evaluating")
-        loss, per_cat = eval_loss(model, evals, d, hp.maxSeqLength, hp.microBatchSize, pad_id)
-        acc, acc_cat, warning = tool_call_accuracy(model, fmt, evals.conversations, d,
-                                                   cfg.evalMaxNewTokens,
-                                                   cfg.evalMaxToolCallPrompts)
-        warnings += [warning] if warning else []
-        metrics["eval_loss"] = loss
-        metrics.update({f"eval_loss/{c}": v for c, v in per_cat.items()})
-        metrics["tool_call_accuracy"] = acc
-        metrics.update({f"tool_call_accuracy/{c}": v for c, v in acc_cat.items()})
-        metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                   for k, v in metrics.items()}
-        tracker.log_metrics(metrics, step)
-    progress.stage("exporting")
-    summary, card = {}, None
-    if d.is_main:  # the model card and its plot go into the artifact (inside the digest)
-        splits = {"train": train, **({"eval": evals} if evals else {})}
-        card = CardInfo(
+    def train_step(self) -> tuple[int, float, torch.Tensor]:
+        """One optimizer step; returns (tokens it trained on, its learning rate, grad norm)."""
+        hp, d = self.hp, self.d
+        micro = self.order.batch(self.step, d.rank, d.world_size)
+        batches = [collate(micro[i:i + hp.microBatchSize], self.pad_id)
+                   for i in range(0, len(micro), hp.microBatchSize)]
+        loss_sum, n_loss_tokens, n_tokens = forward_backward(self.model, batches, d)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.maxGradNorm,
+                                                   foreach=True)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.train_loss = loss_sum / n_loss_tokens
+        self.curve.append({"step": self.step, "train_loss": self.train_loss})
+        return n_tokens, lr, grad_norm
+
+    def log_step(self, lr: float, grad_norm: torch.Tensor) -> None:
+        metrics = {"train_loss": self.train_loss, "lr": lr, "grad_norm": _scalar(grad_norm),
+                   "tokens_per_s": self.tokens_per_s, "mfu": self.mfu(self.tokens_per_s),
+                   "tokens": self.tokens}
+        self.tracker.log_metrics(metrics, self.step)
+        if self.d.is_main:
+            log.info("step %d/%d %s", self.step, self.plan.total_steps,
+                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+
+    # ---- evaluate
+    def evaluate(self) -> None:
+        """Final metrics: train loss, and on an eval set its loss and greedy tool-call
+        accuracy, overall and per category (NaN reported as None)."""
+        metrics = {"train_loss": self.train_loss}
+        if self.has_eval:
+            progress.stage("evaluating")
+            loss, per_cat = self.eval_loss()
+            acc, acc_cat, warning = tool_call_accuracy(
+                self.model, self.fmt, self.evals.conversations, self.d,
+                self.cfg.evalMaxNewTokens, self.cfg.evalMaxToolCallPrompts)
+            self.warnings += [warning] if warning else []
+            metrics["eval_loss"] = loss
+            metrics.update({f"eval_loss/{c}": v for c, v in per_cat.items()})
+            metrics["tool_call_accuracy"] = acc
+            metrics.update({f"tool_call_accuracy/{c}": v for c, v in acc_cat.items()})
+            metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                       for k, v in metrics.items()}
+            self.tracker.log_metrics(metrics, self.step)
+        self.metrics = metrics
+
+    # ---- export: weights, tokenizer, model card (rank 0 writes the card, inside the digest)
+    def export(self) -> None:
+        progress.stage("exporting")
+        card = self.card() if self.d.is_main else None
+        self.artifact = export_hf(self.model, self.tokenizer, self.model_path,
+                                  self.cfg.output.uri, self.d,
+                                  extra_files=card_files(card) if card else None)
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train_split, **({"eval": self.evals} if self.evals else {})}
+
+    def card(self) -> CardInfo:
+        cfg, d, splits = self.cfg, self.d, self.splits()
+        return CardInfo(
             name=cfg.runName or "flywheel-run", base_model=cfg.baseModel,
             datasets={k: getattr(cfg.dataset, k) for k in splits},
             digests={k: v.report["digest"] for k, v in splits.items()},
             examples={k: v.report["examples"] for k, v in splits.items()},
-            hyperparameters=hp.model_dump(), metrics=metrics, steps=step, tokens=tokens_total,
-            world_size=d.world_size, device_hours=d.world_size * (time.time() - t_start) / 3600,
-            tracking={"url": tracker.url, "experimentKey": tracker.key}, curve=curve,
-            baseline=cfg.baseline, parent=cfg.parentVersion)
-    artifact = export_hf(model, tokenizer, model_path, cfg.output.uri, d,
-                         extra_files=card_files(card) if card else None)
-    if d.is_main:
-        archive = tracker.end()
+            hyperparameters=self.hp.model_dump(), metrics=self.metrics, steps=self.step,
+            tokens=self.tokens, world_size=d.world_size,
+            device_hours=d.world_size * (time.time() - self.t_start) / 3600,
+            tracking={"url": self.tracker.url, "experimentKey": self.tracker.key},
+            curve=self.curve, baseline=cfg.baseline, parent=cfg.parentVersion)
+
+    # ---- summarise (rank 0)
+    def summarise(self) -> dict:
+        if not self.d.is_main:
+            return {}
+        archive = self.tracker.end()
+        splits, tps = self.splits(), self.tokens_per_s
         summary = {
-            "artifact": {**artifact, "card": artifact["uri"].rstrip("/") + "/" + CARD_FILE},
-            "metrics": metrics,
-            "steps": step,
-            "startStep": start_step,  # > 0: resumed from a checkpoint at that step
-            "dataset": {
-                "digests": {"train": train.report["digest"],
-                            **({"eval": evals.report["digest"]} if evals else {})},
-                "examples": {"train": train.report["examples"],
-                             **({"eval": evals.report["examples"]} if evals else {})},
-            },
-            "tokens": tokens_total,
-            **({"warnings": warnings} if warnings else {}),
-            "throughput": {"tokensPerSecond": tps, "mfu": mfu(tps, d.world_size, fpt, peak),
-                           "tokensPerSecondPerDevice": tps / d.world_size if tps else None},
-            "tracking": {"url": tracker.url, "experimentKey": tracker.key,
-                         **({"offlineArchive": archive} if archive else {})},
+            "artifact": {**self.artifact,
+                         "card": self.artifact["uri"].rstrip("/") + "/" + CARD_FILE},
+            "metrics": self.metrics,
+            "steps": self.step,
+            "startStep": self.start_step,  # > 0: resumed from a checkpoint at that step
+            "dataset": {"digests": {k: v.report["digest"] for k, v in splits.items()},
+                        "examples": {k: v.report["examples"] for k, v in splits.items()}},
+            "tokens": self.tokens,
+            **({"warnings": self.warnings} if self.warnings else {}),
+            "throughput": {"tokensPerSecond": tps, "mfu": self.mfu(tps),
+                           "tokensPerSecondPerDevice": tps / self.d.world_size if tps else None},
+            "tracking": _tracking(self.tracker, archive),
         }
         text = write_summary(summary)
         log.info("summary: %s", text)
-    return summary
+        return summary
 
 
 def _debug_delay() -> None:
