@@ -62,8 +62,12 @@ VOCAB = 1000
 EVAL_EXAMPLES = 60  # held out; the same file every week
 EVAL_NEW_PHRASINGS = 0.1  # share of eval requests in the phrasing users start using in week 2
 WEEK1_EXAMPLES = 4000  # x 3 epochs: 1002 steps
-NEXT_WEEK_EXAMPLES = 4400  # week 2 and later: more data, with the new phrasing; x 3 epochs
-NEXT_WEEK_EPOCHS = 3
+NEXT_WEEK_EXAMPLES = 4400  # week 2 and later: more data, with the new phrasing
+# Week 2 and later train from production (model://tiny-agent@production): the model already
+# copies arguments, so one epoch at a gentler peak rate refines it (bench/RESULTS.md).
+NEXT_WEEK_EPOCHS = 1
+NEXT_WEEK_LEARNING_RATE = 5.0e-3
+PRODUCTION_REF = "model://tiny-agent@production"
 NEXT_WEEK_NEW_PHRASINGS = 0.2
 BAD_WEEK_LOST = "edit-workflow"  # the category the bad week's data lost
 MIN_EXAMPLES = 50  # per required category, checked by preflight
@@ -199,9 +203,10 @@ def weekly_snapshot(train: Path, eval_: Path) -> Path:
 
 def run_manifest(name: str, model_dir: Path | str, train: Path | str, eval_: Path | str,
                  output: Path | str, nodes: int = 2, namespace: str = NAMESPACE,
-                 epochs: int | None = None) -> dict:
+                 next_week: bool = False) -> dict:
     """The week's FineTuneRun; s3:// locations name the local S3 server's credentials Secret
-    (the endpoint comes from the operator config, as a platform team would set it)."""
+    (the endpoint comes from the operator config, as a platform team would set it).
+    `next_week`: continued training from production (NEXT_WEEK_HYPERPARAMETERS)."""
     on_s3 = any(uri(x).startswith("s3://") for x in (model_dir, train, eval_, output))
     return {
         "apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
@@ -212,7 +217,9 @@ def run_manifest(name: str, model_dir: Path | str, train: Path | str, eval_: Pat
             "dataset": {"train": uri(train), "eval": uri(eval_),
                         "requiredCategories": list(CATEGORIES),
                         "minExamplesPerCategory": MIN_EXAMPLES},
-            "hyperparameters": {**HYPERPARAMETERS, **({"epochs": epochs} if epochs else {})},
+            "hyperparameters": {**HYPERPARAMETERS, **({
+                "epochs": NEXT_WEEK_EPOCHS, "learningRate": NEXT_WEEK_LEARNING_RATE}
+                if next_week else {})},
             "fsdp": FSDP,
             "resources": {"nodes": nodes, "gpusPerNode": 1, "nodePool": "local"},
             "checkpoint": {"everySteps": 250, "keep": 2},
@@ -319,6 +326,7 @@ def next_week(namespace: str = NAMESPACE) -> str:
 def follow(name: str, namespace: str = NAMESPACE, timeout: float = 1800) -> dict:
     say(f"following FineTuneRun {namespace}/{name} (Ctrl-C stops watching, not the run)")
     last, deadline, tty = None, time.monotonic() + timeout, sys.stdout.isatty()
+    logged = (-1, 0.0)  # without a terminal: the bar's last printed tenth and time
     while time.monotonic() < deadline:
         status = get("ftr", name, "-n", namespace).get("status") or {}
         progress = status.get("progress") or {}
@@ -337,8 +345,16 @@ def follow(name: str, namespace: str = NAMESPACE, timeout: float = 1800) -> dict
             line = (f"phase={status.get('phase', '-'):<10} attempt={status.get('attempt', '-')}"
                     + (f" preflight={pre}" if pre else "")
                     + (f" step={progress.get('step')}/{progress.get('totalSteps')}"
-                       if progress.get("step") is not None else "")
+                       if progress.get("step") is not None and progress.get("totalSteps")
+                       else "")
                     + (f"  {status['message']}" if status.get("message") else ""))
+        if line != last and line.startswith("[") and not tty:
+            # piped to a file: a bar line every tenth of the way or every 30 s, not every second
+            tenth = int(10 * progress.get("step", 0) / progress["totalSteps"])
+            if tenth == logged[0] and time.monotonic() - logged[1] < 30:
+                line = last
+            else:
+                logged = (tenth, time.monotonic())
         if line != last:
             bar = line.startswith("[") and tty  # redraw the bar in place on a terminal
             if tty and not bar and (last or "").startswith("["):
@@ -379,7 +395,7 @@ def production(namespace: str) -> dict | None:
     return ((model.get("status") or {}).get("aliases") or {}).get("production")
 
 
-def report(name: str, status: dict, output: Path | str, namespace: str = NAMESPACE) -> dict:
+def report(name: str, status: dict, namespace: str = NAMESPACE) -> dict:
     """Print what the run produced; returns {ok, modelVersion, promoted, card, ...}."""
     if status["phase"] != "Succeeded":
         failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
@@ -397,9 +413,13 @@ def report(name: str, status: dict, output: Path | str, namespace: str = NAMESPA
     from flywheel_trainer.card import CARD_FILE, PLOT_FILE
     from flywheel_trainer.export import digest_dir
 
-    output = uri(output).rstrip("/") + "/"
-
+    output = status["outputUri"]  # the run's own directory under spec.output.uri
     mv = get("mv", status["modelVersion"], "-n", namespace)
+    parent = mv["spec"].get("parent")
+    say("lineage: " + (f"{mv['metadata']['name']} <- trained from {parent['modelVersion']} "
+                       f"({parent['ref']}, digest {parent['digest'][:19]}... verified)"
+                       if parent else f"{mv['metadata']['name']} <- trained from the base "
+                       f"model {mv['spec']['baseModel']}"))
     model = get("model", MODEL, "-n", namespace)
     comparison = mv["spec"].get("comparison")
     say(f"registered {mv['metadata']['name']}: what it learned (held-out eval, greedy)"
@@ -415,18 +435,26 @@ def report(name: str, status: dict, output: Path | str, namespace: str = NAMESPA
             f"({decision['reason']}: {decision['message']})")
     for alias, target in sorted(aliases.items()):
         print(f"  {alias:<11} -> version {target['version']}  {target['digest'][:23]}...")
+    card = mv["spec"]["artifact"].get("card") or storage.join(output, CARD_FILE)
+    local = WORK / "artifacts" / name  # copies to open here: the card, its plot, Comet's archive
+    local.mkdir(parents=True, exist_ok=True)
     with store_access(output):  # re-read from the store: the digest covers what is there
         actual = digest_dir(output)
         archives = [storage.join(output, "comet-offline", e["name"]) for e in
                     storage.listdir(storage.join(output, "comet-offline"))
                     if e["name"].endswith(".zip")]
+        for uri in [card, storage.join(output, PLOT_FILE), *archives]:
+            with storage.open_uri(uri, "rb") as src:
+                (local / uri.rsplit("/", 1)[-1]).write_bytes(src.read())
     expected = mv["spec"]["artifact"]["digest"]
     say(f"artifacts: {output}  (digest {'matches' if actual == expected else 'MISMATCH'}, "
         "re-read from the store)")
-    card = mv["spec"]["artifact"].get("card") or storage.join(output, CARD_FILE)
-    say(f"model card: {card}  (plots: {storage.join(output, PLOT_FILE)})")
+    rel = local.relative_to(ROOT)
+    say(f"model card: {rel / CARD_FILE}  (plot: {rel / PLOT_FILE}; copied from {card})")
     for path in archives:
-        print(f"  Comet offline archive: {path}\n    upload with: comet upload {path}")
+        zip_name = rel / path.rsplit("/", 1)[-1]
+        print(f"  Comet offline archive: {zip_name}\n    to upload it to Comet: "
+              f"COMET_API_KEY=<your key> .venv/bin/comet upload {zip_name}")
     prod_digest = (aliases.get("production") or {}).get("digest")
     deadline = time.monotonic() + 30
     while True:  # the operator rolls the serving Deployment to production's digest
@@ -444,7 +472,9 @@ def report(name: str, status: dict, output: Path | str, namespace: str = NAMESPA
 
 
 def run_week(week: str, namespace: str = NAMESPACE, work: Path = WORK) -> dict:
-    """One week of the story: build that week's data, train, register, report."""
+    """One week of the story: build that week's data, train, register, report. Once a
+    version is in production, the week trains from it (`model://tiny-agent@production`,
+    resolved by the operator when the run starts), as the weekly flywheel does."""
     model_dir, train, eval_ = build_assets(work, week)
     name = f"{MODEL}-week-{week}-{datetime.now(UTC):%H%M%S}"
     base = f"s3://{BUCKET}/{namespace}"
@@ -452,15 +482,17 @@ def run_week(week: str, namespace: str = NAMESPACE, work: Path = WORK) -> dict:
     model_uri = publish(model_dir, f"{base}/base-model/")
     train_uri = publish(train, f"{base}/data/week-{week}/train.jsonl")
     eval_uri = publish(eval_, f"{base}/data/eval.jsonl")
-    output = f"{base}/artifacts/{name}/"
+    output = f"{base}/artifacts/"  # each run writes its own <run>-<uid8>/ under it
     local_s3.apply_secret(namespace)  # the keys, as a Secret the run names
-    epochs = None if week in ("1", "bad") else NEXT_WEEK_EPOCHS
-    apply(run_manifest(name, model_uri, train_uri, eval_uri, output, namespace=namespace,
-                       epochs=epochs))
+    prod = production(namespace)
+    run = run_manifest(name, PRODUCTION_REF if prod else model_uri, train_uri, eval_uri,
+                       output, namespace=namespace,
+                       next_week=bool(prod) and week != "1")
+    apply(run)
     say(f"week {week}: applied FineTuneRun {name} (2 nodes x 1 device on the local pool), "
-        f"training on {train_uri}")
-    return {"week": week, "name": name,
-            **report(name, follow(name, namespace), output, namespace)}
+        f"training on {train_uri}, from "
+        + (f"{PRODUCTION_REF} (now version {prod['version']})" if prod else model_uri))
+    return {"week": week, "name": name, **report(name, follow(name, namespace), namespace)}
 
 
 def setup(namespace: str = NAMESPACE) -> None:
@@ -500,9 +532,8 @@ def main() -> int:
             f"({schedule['spec']['schedule']}, {schedule['spec']['timeZone']})")
         name = trigger_schedule(schedule["metadata"]["name"])
         run = get("ftr", name, "-n", NAMESPACE)
-        output = run["spec"]["output"]["uri"]
         say(f"triggered {name}: trains on {run['spec']['dataset']['train']}")
-        result = report(name, follow(name), output)
+        result = report(name, follow(name))
         print(kubectl("get", "fts", "-n", NAMESPACE))
         return 0 if result["ok"] else 1
     finally:
