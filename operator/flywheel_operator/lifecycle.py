@@ -267,6 +267,12 @@ def fail_attempt(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary],
     set_condition(status, "Failed", True, reason, status["message"], ts, generation)
 
 
+def forget_gang(status: dict) -> None:
+    """Drop status.gang (None: a merge patch removes the field on the server)."""
+    if "gang" in status:
+        status["gang"] = None
+
+
 def apply_queue(plan: Plan, run: dict, state: queueing.QueueState, ts: str) -> bool:
     """Write a Kueue run's queue state into its status; True when admitted (the lifecycle
     then follows its pods)."""
@@ -279,6 +285,8 @@ def apply_queue(plan: Plan, run: dict, state: queueing.QueueState, ts: str) -> b
         plan.transition(*state.phase)
     if state.event:
         plan.events.append(state.event)
+    if not state.admitted:
+        forget_gang(plan.status)  # suspended or requeued: admitted again, a new gang
     return state.admitted
 
 
@@ -292,6 +300,7 @@ def follow_attempt(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary
     set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
                   "spec.suspend is true" if suspend else "", ts, generation)
     if suspend:
+        forget_gang(plan.status)  # resumed, the Job makes new pods: a new gang
         plan.transition("Suspended", "Suspended", "the run is suspended; its pods are stopped")
         set_condition(status, "Running", False, "Suspended", "", ts, generation)
         return

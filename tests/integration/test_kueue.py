@@ -161,7 +161,7 @@ def test_suspend_releases_the_quota_through_kueue_and_resume_requeues(cluster, q
                     "-p", '{"spec": {"suspend": false}}')
     pods = running_pods(cluster, ns, "pausing", 1, nodes)
     status = wait_phase(cluster, ns, "pausing", "Running")
-    assert status["attempt"] == 1 and "attempts" not in status  # a pause is not an attempt
+    assert status["attempt"] == 1 and "attempts" not in status, status  # a pause is not an attempt
     finish_pods(cluster, ns, pods, 0)
     wait_phase(cluster, ns, "pausing", "Succeeded")
 
