@@ -12,10 +12,10 @@ ValidatingAdmissionPolicy (charts/flywheel/templates/admission.yaml) refuses the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 from flywheel_trainer.config import Tracking
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .api import Resources, Storage, Toleration, merge_storage
 
@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 GPU_TAINT = "nvidia.com/gpu"
 #: `namespacePools` key for every namespace not listed.
 ANY_NAMESPACE = "*"
+
+
+#: A namespace name (a DNS label) or ANY_NAMESPACE.
+NAMESPACE_KEY = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$"
+NamespaceKey = Annotated[str, StringConstraints(pattern=NAMESPACE_KEY, max_length=63)]
 
 
 class Policy(BaseModel):
@@ -41,8 +46,10 @@ class Policy(BaseModel):
     requireImageDigest: bool = Field(
         default=False, description="A run's own spec.image must be pinned by digest "
         "(`@sha256:...`).")
-    namespacePools: dict[str, list[str]] = Field(
-        default_factory=dict, description="Node pools each namespace may use, e.g. "
+    namespacePools: dict[NamespaceKey, list[str]] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {
+            "pattern": NAMESPACE_KEY, "maxLength": 63}},
+        description="Node pools each namespace may use, e.g. "
         "{team-a: [h200, cpu], '*': [cpu]} ('*': every namespace not listed). Empty: every "
         "namespace may use every pool.")
     allowRunSecrets: bool = Field(

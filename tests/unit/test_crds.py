@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from flywheel_operator import crdgen
@@ -18,6 +20,16 @@ def test_committed_crds_match_models(folder):
     assert set(committed) == set(crdgen.render_files()), f"{folder}: run `make crds`"
     for name, text in crdgen.render_files().items():
         assert committed[name] == text, f"{folder}/{name} drifted from the models: run `make crds`"
+
+
+def test_chart_values_schema_is_generated_from_the_operator_config():
+    from flywheel_operator.config import OperatorConfig
+
+    committed = (ROOT / crdgen.VALUES_SCHEMA).read_text()
+    assert committed == crdgen.render_values_schema(ROOT), "values.schema.json: run `make crds`"
+    config = json.loads(committed)["properties"]["config"]
+    # every OperatorConfig field but those the chart fills from its own values
+    assert set(config["properties"]) == set(OperatorConfig.model_fields) - set(crdgen.CHART_SETS)
 
 
 def _walk(node, path="$"):
@@ -173,8 +185,10 @@ def test_metrics_are_number_maps():
 
 
 def test_crdgen_writes_both_folders(tmp_path):
+    (tmp_path / crdgen.VALUES_SCHEMA).parent.mkdir(parents=True)
+    (tmp_path / crdgen.VALUES_SCHEMA).write_text((ROOT / crdgen.VALUES_SCHEMA).read_text())
     written = crdgen.write(tmp_path)
-    assert len(written) == 2 * (len(crdgen.KINDS) + 1)
+    assert len(written) == 2 * (len(crdgen.KINDS) + 1) + 1  # and the chart's values schema
     for folder in crdgen.OUT_DIRS:
         for name, text in crdgen.render_files().items():
             assert (tmp_path / folder / name).read_text() == text
