@@ -39,7 +39,7 @@ def allows(rules: list[dict], group: str, resource: str, verb: str) -> bool:
     {"watchNamespaces": ["team-a", "team-b"]},
     {"replicas": 3},
     {"metrics": {"serviceMonitor": {"enabled": True}}},
-    {"peering": {"enabled": False}},
+    {"peering": {"enabled": False}, "replicas": 1},
     {"kueue": {"enabled": True, "defaultQueue": "h200"}},
 ])
 def test_helm_lint_is_clean(values):
@@ -55,11 +55,16 @@ def test_defaults_render_a_restricted_clusterwide_operator(default):
     # admission policies need the API server's capabilities: test_admission.py).
     assert kinds == sorted(["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding",
                             "Service", "Deployment", "ClusterKopfPeering", "Pod",
-                            "ClusterRole", "ClusterRole", "ClusterRole"])
+                            "ClusterRole", "ClusterRole", "ClusterRole",
+                            "PodDisruptionBudget"])
     deployment = one(default, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # production: an active replica and a standby, one kept up through drains
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    pdb = one(default, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -128,14 +133,15 @@ NAMESPACED_GRANTS = {
     ("flywheel.dev", "finetuneruns/status"): {"patch"},
     ("flywheel.dev", "finetuneschedules/status"): {"patch"},
     ("flywheel.dev", "models/status"): {"patch"},
-    ("batch", "jobs"): {"list", "watch", "create", "delete", "patch"},
-    ("", "configmaps"): {"create", "delete"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
+    ("", "configmaps"): {"get", "create", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
-    ("", "services"): {"create", "delete"},
+    ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("apps", "deployments"): {"get", "list", "patch"},
+    ("serving.kserve.io", "inferenceservices"): {"get", "patch"},
 }
 CLUSTERWIDE_EXTRA = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -161,7 +167,7 @@ def test_clusterrole_is_least_privilege(default):
                    or "*" in verbs for (group, resource), verbs in granted.items())
     # Every kind the operator reaches through kube.py is covered (Workloads: with Kueue on).
     groups = {"ConfigMap": "", "Service": "", "Job": "batch", "Pod": "", "Deployment": "apps",
-              "NetworkPolicy": "networking.k8s.io"}
+              "NetworkPolicy": "networking.k8s.io", "InferenceService": "serving.kserve.io"}
     for kind, plural in kube.PLURALS.items():
         if kind != "Workload":
             assert (groups.get(kind, vocab.GROUP), plural) in granted, kind
@@ -252,8 +258,10 @@ def test_replicas_above_one_use_peering_and_a_rolling_update():
 
 
 def test_standalone_when_peering_is_off_and_refused_with_replicas():
-    objs = render({"peering": {"enabled": False}})
+    objs = render({"peering": {"enabled": False}, "replicas": 1})
     assert "--standalone" in operator_container(objs)["args"]
+    assert not find(objs, "PodDisruptionBudget")
+    assert one(objs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
     assert not find(objs, "ClusterKopfPeering")
     assert not allows(one(objs, "ClusterRole", "fw-flywheel")["rules"], "kopf.dev",
                       "clusterkopfpeerings", "get")

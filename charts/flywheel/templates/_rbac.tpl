@@ -22,15 +22,17 @@ by secretKeyRef, which the kubelet resolves, never the operator.
 - apiGroups: ["flywheel.dev"]
   resources: ["finetuneruns/status", "finetuneschedules/status", "models/status"]
   verbs: ["patch"]
-# One Indexed Job per attempt (and the preflight Job); patched only to (un)suspend.
+# One Indexed Job per attempt (and the preflight Job); patched only to (un)suspend. Children
+# are the run's by owner uid: an existing one is read before it is taken as the run's or
+# deleted (a namesake's is never adopted nor deleted).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "delete", "patch"]
-# Per attempt: the trainer ConfigMap and the headless rendezvous Service (created with
-# deterministic names, AlreadyExists tolerated, so never read back).
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# Per attempt: the trainer ConfigMap and the headless rendezvous Service (deterministic
+# names; read only to check the owner of one that exists already).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "delete"]
+  verbs: ["get", "create", "delete"]
 # Per attempt: the NetworkPolicy that admits only the attempt's pods and the operator.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
