@@ -39,7 +39,8 @@ def test_a_summary_round_trips_into_a_model_version(tmp_path):
 
 
 def test_a_preflight_result_round_trips_into_status():
-    result = {"ok": False, "problems": ["train.jsonl:3: not JSON"], "errors": [f"train.jsonl:{i}: not JSON" for i in range(500)],
+    errors = [f"train.jsonl:{i}: not JSON" for i in range(500)]
+    result = {"ok": False, "problems": ["train.jsonl:3: not JSON"], "errors": errors,
               "invalidLines": 1, "train": {"examples": 96, "categories": {"email": 96},
                                            "tokens": 1000, "lossShare": {"email": 0.4}},
               "missingCategories": {"crm": 0}, "totalTokens": 3000, "optimizerSteps": 12,
