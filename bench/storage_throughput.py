@@ -4,9 +4,12 @@ digest, then the digest re-verified by reading back), against the local S3 serve
 
 The state is a randomly initialised Qwen3-architecture model in bf16 (~630 MB with the
 defaults; `--hidden/--layers` change it), in one process (world size 1, gloo). DCP writes the
-model's state dict through `storage.dcp_writer` (FileSystemWriter on disk, FsspecWriter on
-S3); export is `export.export_hf`. MB/s = bytes written or read / wall seconds (MB = 10^6
-bytes). The last stdout line is JSON.
+model's state dict through `checkpoint.writer`/`checkpoint.reader` (DCP's FileSystemWriter
+on disk; on S3 the parallel part streams of checkpoint.py); export is `export.export_hf`.
+MB/s = bytes written or read / wall seconds (MB = 10^6 bytes); `*_cpu_s` are the CPU seconds
+this process (`client`) and the S3 server (`server`) spent in that phase: the two share the
+machine's cores. With `--repeat N` the summary keeps each store's best of N, disk and S3
+measured alternately, and `s3_vs_disk` divides the two. The last stdout line is JSON.
 
     nice -n 10 .venv/bin/python bench/storage_throughput.py [--repeat 1]
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -57,22 +61,31 @@ def init_dist():
     return d
 
 
-def measure(label: str, uri: str, model, tok, base: str, d) -> dict:
+def cpu_s(server: int) -> tuple[float, float]:
+    """CPU seconds used so far by this process and by the S3 server's."""
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    with open(f"/proc/{server}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return mine.ru_utime + mine.ru_stime, (int(fields[11]) + int(fields[12])) / os.sysconf(
+        "SC_CLK_TCK")
+
+
+def measure(label: str, uri: str, model, tok, base: str, d, server: int) -> dict:
     import torch
     import torch.distributed.checkpoint as dcp
-    from flywheel_trainer import storage
+    from flywheel_trainer import checkpoint, storage
     from flywheel_trainer.export import digest_dir, export_hf
 
     state = {"model": model.state_dict()}
     ckpt = storage.join(uri, "ckpt")
-    t0 = time.perf_counter()
-    dcp.save(state, storage_writer=storage.dcp_writer(ckpt))
-    save_s = time.perf_counter() - t0
+    c0, t0 = cpu_s(server), time.perf_counter()
+    dcp.save(state, storage_writer=checkpoint.writer(ckpt))
+    save_s, c1 = time.perf_counter() - t0, cpu_s(server)
     ckpt_bytes = sum(e["size"] for e in storage.listdir(ckpt) if e["type"] == "file")
     target = {"model": {k: torch.empty_like(v) for k, v in state["model"].items()}}
     t0 = time.perf_counter()
-    dcp.load(target, storage_reader=storage.dcp_reader(ckpt))
-    load_s = time.perf_counter() - t0
+    dcp.load(target, storage_reader=checkpoint.reader(ckpt))
+    load_s, c2 = time.perf_counter() - t0, cpu_s(server)
     assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
     del target
     out = storage.join(uri, "model")
@@ -87,6 +100,8 @@ def measure(label: str, uri: str, model, tok, base: str, d) -> dict:
     row = {"store": label, "checkpoint_mb": round(ckpt_bytes / mb, 1),
            "dcp_save_mb_s": round(ckpt_bytes / mb / save_s, 1),
            "dcp_load_mb_s": round(ckpt_bytes / mb / load_s, 1),
+           "save_cpu_s": {"client": round(c1[0] - c0[0], 2), "server": round(c1[1] - c0[1], 2)},
+           "load_cpu_s": {"client": round(c2[0] - c1[0], 2), "server": round(c2[1] - c1[1], 2)},
            "export_mb": round(export_bytes / mb, 1),
            "export_mb_s": round(export_bytes / mb / export_s, 1),
            "verify_mb_s": round(export_bytes / mb / verify_s, 1)}
@@ -114,15 +129,18 @@ def main() -> None:
         d = init_dist()
         rows = []
         for i in range(args.repeat):
-            rows.append(measure("disk", str(work / f"disk-{i}"), model, tok, base, d))
-            rows.append(measure("s3", f"s3://bench/run-{i}", model, tok, base, d))
+            rows.append(measure("disk", str(work / f"disk-{i}"), model, tok, base, d, proc.pid))
+            rows.append(measure("s3", f"s3://bench/run-{i}", model, tok, base, d, proc.pid))
         best = {}
         for store in ("disk", "s3"):
             mine = [r for r in rows if r["store"] == store]
             best[store] = {k: max(r[k] for r in mine) for k in mine[0] if k.endswith("_mb_s")}
             best[store]["checkpoint_mb"] = mine[0]["checkpoint_mb"]
             best[store]["export_mb"] = mine[0]["export_mb"]
-        print(json.dumps({"disk": best["disk"], "s3": best["s3"],
+        ratio = {k: round(best["s3"][k] / best["disk"][k], 2)
+                 for k in ("dcp_save_mb_s", "dcp_load_mb_s")}
+        print(json.dumps({"disk": best["disk"], "s3": best["s3"], "s3_vs_disk": ratio,
+                          "repeat": args.repeat,
                           "params": sum(p.numel() for p in model.parameters())}))
     finally:
         proc.terminate()

@@ -208,34 +208,6 @@ def sha256(uri: str) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- DCP
-
-
-def dcp_writer(uri: str):
-    """torch.distributed.checkpoint writer: the plain filesystem one for local paths, fsspec
-    (objects streamed straight to the store) for the rest."""
-    import torch.distributed.checkpoint as dcp
-
-    local = local_path(uri)
-    if local is not None:
-        return dcp.FileSystemWriter(local)
-    from torch.distributed.checkpoint.fsspec_filesystem import FsspecWriter
-
-    # fsync means nothing to an object store: an object exists once its upload completes
-    return FsspecWriter(uri, sync_files=False, **storage_options(uri))
-
-
-def dcp_reader(uri: str):
-    import torch.distributed.checkpoint as dcp
-
-    local = local_path(uri)
-    if local is not None:
-        return dcp.FileSystemReader(local)
-    from torch.distributed.checkpoint.fsspec_filesystem import FsspecReader
-
-    return FsspecReader(uri, **storage_options(uri))
-
-
 # ----------------------------------------------------------------------------- preflight
 
 
