@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.conftest import ROOT, Cluster, wait_until
-from tests.e2e.test_local_training import TRAIN_TIMEOUT, assets, start_run, wait_done
+from tests.e2e.test_local_training import TRAIN_TIMEOUT, assets, run_dir, start_run, wait_done
 from tests.integration.test_kueue import kueue_operator
 from tests.integration.test_operator import attempt_pods, run_status
 
@@ -77,7 +77,8 @@ def test_high_priority_run_preempts_and_the_low_run_resumes_to_the_same_weights(
             # maxRestarts 0: a preemption must not spend the restart budget.
             start_run(cluster, low_ns, "low", assets, out / "low", queueName=QUEUE,
                       priorityClassName="low", maxRestarts=0)
-            wait_until(lambda: list((out / "low" / "checkpoints").glob("step-*/.complete")),
+            # (each run keeps its checkpoints in its own directory under its output)
+            wait_until(lambda: list((out / "low").glob("*/checkpoints/step-*/.complete")),
                        timeout=TRAIN_TIMEOUT, interval=0.5, message="low's first checkpoint")
             assert run_status(cluster, low_ns, "low")["phase"] == "Running"
 
@@ -112,9 +113,10 @@ def test_high_priority_run_preempts_and_the_low_run_resumes_to_the_same_weights(
             assert logs and "resumed from checkpoint step 4" in logs[-1].read_text().lower()
             # The same weights as the uninterrupted high run (the model cards differ: run
             # names, attempts); the registered digest is that of the files at the output.
-            weights = (out / "low" / "model.safetensors").read_bytes()
-            assert weights == (out / "high" / "model.safetensors").read_bytes()
+            weights = (run_dir(low) / "model.safetensors").read_bytes()
+            assert weights == (run_dir(high) / "model.safetensors").read_bytes()
             mv = cluster.get("mv", low["modelVersion"], "-n", low_ns)
-            assert mv["spec"]["artifact"]["uri"] == f"file://{out / 'low'}/"
+            assert mv["spec"]["artifact"]["uri"] == low["outputUri"]
+            assert low["outputUri"].startswith(f"file://{out / 'low'}/")
     finally:
         cluster.kubectl("delete", "clusterqueue", cq, "--wait=false", check=False)
