@@ -269,8 +269,11 @@ def test_an_edit_user_runs_and_reads_but_cannot_forge_or_step_outside_the_policy
             schedule(manifest("x", image="docker.io/evil/miner:1")["spec"]),
     }
     for message, obj in refusals.items():
-        proc = create(cluster, "alice", namespace, obj)
-        assert proc.returncode != 0, f"{obj['metadata']['name']} was admitted"
+        # the API server's admission informers see a new policy's binding a moment after it
+        # is type-checked: allow them that moment, then the refusal must hold
+        proc = wait_until(lambda obj=obj: (r := create(cluster, "alice", namespace, obj))
+                          .returncode != 0 and r, timeout=30,
+                          message=f"{obj['metadata']['name']} refused")
         assert f"ValidatingAdmissionPolicy '{p.name}-runs'" in proc.stderr, proc.stderr
         assert message in proc.stderr, proc.stderr
     # A run within the pool's bounds (narrowing it) and a schedule within the policy pass.
@@ -295,8 +298,9 @@ def test_only_the_operator_writes_the_registry_whatever_a_user_may(cluster, poli
         cluster.kubectl("create", "rolebinding", f"all-{uuid.uuid4().hex[:4]}", "-n", namespace,
                         "--role=flywheel-all", f"--user={user}")
     cluster.apply(manifest("real", suspend=True), namespace)
-    proc = create(cluster, "bob", namespace, model_version())
-    assert proc.returncode != 0, "bob forged a ModelVersion"
+    # (polled: the admission informers see a new binding a moment after it is type-checked)
+    proc = wait_until(lambda: (r := create(cluster, "bob", namespace, model_version()))
+                      .returncode != 0 and r, timeout=30, message="bob's forgery refused")
     assert (f"ValidatingAdmissionPolicy '{p.name}-registry'" in proc.stderr
             and f"registry: only the Flywheel operator ({p.operator}) may create or change "
             "ModelVersions; bob may not" in proc.stderr), proc.stderr

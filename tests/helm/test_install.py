@@ -96,11 +96,16 @@ def test_install_in_a_restricted_namespace_gives_an_available_operator(cluster, 
     release = install(labels={"pod-security.kubernetes.io/enforce": "restricted",
                               "pod-security.kubernetes.io/enforce-version": "latest"})
     deployment = cluster.get("deployment", release.fullname, "-n", release.namespace)
-    assert deployment["status"].get("availableReplicas") == 1
-    (pod,) = operator_pods(cluster, release)
-    assert pod["status"]["phase"] == "Running"
-    node = cluster.get("node", pod["spec"]["nodeName"])
-    assert node["metadata"]["labels"]["flywheel.dev/pool"] == "cpu"
+    # the production default: an active replica and a standby
+    assert deployment["status"].get("availableReplicas") == 2
+    pods = operator_pods(cluster, release)
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["status"]["phase"] == "Running"
+        node = cluster.get("node", pod["spec"]["nodeName"])
+        assert node["metadata"]["labels"]["flywheel.dev/pool"] == "cpu"
+    pdb = cluster.get("pdb", release.fullname, "-n", release.namespace)
+    assert pdb["spec"]["minAvailable"] == 1
 
     # The label is enforced here: a pod without the restricted settings is refused...
     bare = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bare"},
