@@ -26,10 +26,15 @@ d = init_distributed()
 for name, uri in zip(("good", "bad"), sys.argv[2:]):
     try:
         resolve_model_path(uri, d, digest=sys.argv[1])
-        print(f"{name} rank {d.rank}: verified", flush=True)
+        line = f"{name} rank {d.rank}: verified"
     except DigestMismatch as e:
-        print(f"{name} rank {d.rank}: refused: {e}", flush=True)
-"""  # no destroy_process_group: on gloo it aborts now and then at exit (torch, not this test)
+        line = f"{name} rank {d.rank}: refused: {e}"
+    sys.stdout.write(line + "\\n")  # one write: the ranks share the pipe (print writes twice)
+    sys.stdout.flush()
+import torch.distributed as dist
+dist.barrier()  # leave together: gloo now and then aborts a rank whose peer left first
+dist.destroy_process_group()
+"""
 EXPORT = """
 import json, sys
 from types import SimpleNamespace

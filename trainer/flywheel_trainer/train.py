@@ -123,9 +123,11 @@ def run(cfg: TrainerConfig) -> dict:
     progress.start(d.rank, d.world_size)
     torch.manual_seed(cfg.hyperparameters.seed)
     tracker = Tracker(cfg, d.is_main)
+    summary = None
     try:
         # the Trainer (model, optimizer) is gone before the process group is destroyed
-        return Trainer(cfg, d, tracker).run()
+        summary = Trainer(cfg, d, tracker).run()
+        return summary
     except Exception as e:
         if d.is_main:
             error = f"{type(e).__name__}: {e}"
@@ -135,6 +137,8 @@ def run(cfg: TrainerConfig) -> dict:
     finally:
         progress.stop()
         if dist.is_initialized():
+            if summary is not None:  # every rank finished: they leave the group together
+                dist.barrier()  # (gloo now and then aborts a rank whose peer left first)
             dist.destroy_process_group()
 
 
