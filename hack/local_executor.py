@@ -1,28 +1,26 @@
 """The local executor: a kubelet for the `local` node pool that really runs pods as processes.
 
-Pods scheduled to nodes labelled `flywheel.dev/executor=local` are executed on this machine:
-the container's own command, args and env (with `$(VAR)` expansion, fieldRef, secretKeyRef
-and configMapKeyRef resolved like the kubelet does), with ConfigMap volumes and emptyDirs
-materialised as local folders (a PersistentVolumeClaim as .cache/pvc/<namespace>/<claim>, so
-runs in a namespace share their claims) and every mount path in command, args and env
-pointed at them. The only other substitution is the network: each pod gets its own loopback
-address (127.10.x.y) as `status.podIP`, and its stable DNS names (hostname + subdomain, as
-rank 0's rendezvous address) resolve to it via /etc/hosts entries that the executor adds and
-removes. Servers in the pod that bind `$FLYWHEEL_BIND_HOST` (the trainer's progress endpoint)
-listen on the pod's own address, so several pods serve the same container port at once, and a
-client reaches them at podIP:containerPort exactly as on a real cluster. Running, the exit
-code and the termination message are reported through the Pod status, as a kubelet would,
-and kept until the apiserver accepts them (hack/local_executor_status.py: retried with backoff
-through an apiserver outage; every pod resynced when the watch reconnects, a pod deleted
-meanwhile killed). Deleting a pod (gracefully: `kubectl delete`, an eviction, a drain) stops
-its process group as a kubelet does: SIGTERM, SIGKILL after the grace period (at most 10 s
-here), then the pod's terminal status (Failed unless the process exited 0; an eviction's
-DisruptionTarget condition kept), and only then its removal. A pod force-deleted without
+Pods scheduled to nodes labelled `flywheel.dev/executor=local` are executed on this machine
+(hack/local_executor_pod.py: what a container's spec means here): the init containers one
+after another, each to exit 0 (a failed one restarted with back-off, `Init:CrashLoopBackOff`,
+unless restartPolicy is Never), then the container's own command, args and env ($(VAR),
+fieldRef, secretKeyRef, configMapKeyRef as the kubelet resolves them), with ConfigMap volumes
+and emptyDirs as local folders (a PersistentVolumeClaim as .cache/pvc/<namespace>/<claim>)
+and every mount path in command, args, env and workingDir pointed at them; Ready once its
+readinessProbe's httpGet answers. The network is the other substitution: each pod gets its
+own loopback address (127.10.x.y) as `status.podIP`, its DNS names (hostname + subdomain,
+rank 0's rendezvous address) resolve to it via /etc/hosts, and servers that bind
+`$FLYWHEEL_BIND_HOST` or `status.podIP` listen on it: a client reaches them at
+podIP:containerPort as on a real cluster. Status, exit codes and termination messages go
+through the Pod status and are kept until the apiserver accepts them
+(hack/local_executor_status.py: retried through an outage; every pod resynced when the watch
+reconnects). Deleting a pod (`kubectl delete`, an eviction, a drain) stops its process group
+as a kubelet does: SIGTERM, SIGKILL after the grace period (at most 10 s here), the terminal
+status (an eviction's DisruptionTarget kept), then its removal. A pod force-deleted without
 finalizers is simply gone: its processes are killed.
 
-Test hook: `.cache/executor/env/<namespace>.json` ({"NAME": "value"}), when it exists, adds
-environment variables to every pod of that namespace (e.g. the trainer's
-FLYWHEEL_DEBUG_STOP_AT_STEP for the hang test).
+Test hook: `.cache/executor/env/<namespace>.json` ({"NAME": "value"}) adds environment
+variables to every pod of that namespace (e.g. FLYWHEEL_DEBUG_STOP_AT_STEP for the hang test).
 
 Development and tests only; started by `hack/cluster.py up` with the other components.
 `local_executor.py KUBECONFIG [SELECTOR]`: the nodes it runs pods for (default
@@ -33,7 +31,6 @@ own loopback range and /etc/hosts mark.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -42,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 if __name__ == "__main__" and len(sys.argv) > 1:  # before the kubernetes client reads it
@@ -52,34 +50,31 @@ from flywheel_operator.vocab import EXECUTOR_LABEL, format_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from local_executor_pod import (  # noqa: E402
-    PVC,
+    WORK,
     ContainerConfigError,
+    Network,
+    Process,
     dns_names,
-    expand,
     log_tail,
     materialise_volumes,
-    remap,
-    resolve_env,
+    prepare,
     wait_port_free,
 )
 from local_executor_status import (  # noqa: E402
     TERMINAL,
     StatusManager,
     call,
+    conditions,
+    container_status,
+    ended,
     never_ran,
     transient,
     watch_lines,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / ".cache" / "executor"
 #: Storage credentials reach a pod only through its own spec (Secret refs), as on a real node.
 HOST_ONLY_ENV = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS")
-HOSTS = Path("/etc/hosts")
-HOSTS_MARK = "# flywheel-local-executor"
 NODE_LABEL = f"{EXECUTOR_LABEL}=local"
-
-_hosts_lock = threading.Lock()
 
 
 def now() -> str:
@@ -94,114 +89,176 @@ class Executor:
     def __init__(self, selector: str = NODE_LABEL) -> None:
         self.selector = selector
         own = selector != NODE_LABEL  # a second executor (the tests'): addresses of its own
-        self.hosts_mark = f"{HOSTS_MARK}-{selector.rpartition('=')[2]}" if own else HOSTS_MARK
-        self.ip_prefix = "127.11" if own else "127.10"
+        # pod addresses: one loopback address per pod, its DNS names in /etc/hosts
+        self.net = Network(selector.rpartition("=")[2] if own else None)
         self.nodes: set[str] = set()  # ours
         self.all_nodes: set[str] = set()  # every node's name, as last listed
         self.nodes_listed = 0.0  # monotonic time of that listing
         self.procs: dict[str, subprocess.Popen | None] = {}  # pod uid -> process (None: starting)
         self.stopping: set[str] = set()  # pod uids whose deletion is under way
         self.lock = threading.Lock()
-        self.ips: dict[str, str] = {}  # pod uid -> its loopback address
-        self.next_ip = 0
         self.status = StatusManager(log).start()  # every status write goes through it
 
     # --- pod lifecycle ---
     def start(self, pod: dict) -> None:
+        """Prepare the pod's folder, volumes, address and every container (a missing Secret
+        raises ContainerConfigError before anything runs), then run it in a thread."""
         md, spec = pod["metadata"], pod["spec"]
         uid = md["uid"]
         workdir = WORK / md["namespace"] / md["name"]
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        container = spec["containers"][0]
         volumes = materialise_volumes(pod, workdir)
-        mounts = {m["mountPath"]: volumes[m["name"]]
-                  for m in container.get("volumeMounts") or [] if m["name"] in volumes}
-        for mount_path, path in list(mounts.items()):
-            if path.parent.parent == PVC:  # claims mounted side by side: their root too
-                mounts.setdefault(str(Path(mount_path).parent), path.parent)
-        term_path = container.get("terminationMessagePath", "/dev/termination-log")
-        term_file = workdir / "termination-log"
-        mounts[term_path] = term_file
-        pod_ip = self.allocate_ip(uid)
-        env = resolve_env(pod, container, pod_ip)
-        env = {k: remap(v, mounts) for k, v in env.items()}
-        extra = WORK / "env" / f"{md['namespace']}.json"  # the test hook (module docstring)
-        if extra.exists():
-            env.update(json.loads(extra.read_text()))
-        argv = [remap(expand(a, env), mounts)
-                for a in (container.get("command") or []) + (container.get("args") or [])]
+        pod_ip = self.net.allocate(uid)
+        inits = [prepare(pod, c, volumes, workdir, pod_ip, init=True)
+                 for c in spec.get("initContainers") or []]
+        main = prepare(pod, spec["containers"][0], volumes, workdir, pod_ip)
         # Every pod here shares the host's loopback: a port a previous attempt's rank 0 still
         # holds (it is being torn down) would be in use. On a real node it is a fresh netns.
-        port = next((int(m.group(1)) for a in argv
+        port = next((int(m.group(1)) for a in main.argv
                      if (m := re.fullmatch(r"--master[-_]port=(\d+)", a))), None)
-        if port and any(re.fullmatch(r"--node[-_]rank=0", a) for a in argv):
+        if port and any(re.fullmatch(r"--node[-_]rank=0", a) for a in main.argv):
             wait_port_free(port)
-        hostnames = dns_names(pod)
-        self.add_hosts(uid, hostnames, pod_ip)
+        self.net.add_hosts(uid, dns_names(pod), pod_ip)
+        threading.Thread(target=self.run_pod, args=(pod, inits, main, pod_ip),
+                         daemon=True).start()
+
+    def run_pod(self, pod: dict, inits: list[Process], main: Process, pod_ip: str) -> None:
+        """Init containers one after another, each to exit 0 (a failed one restarted with the
+        kubelet's back-off, 10 s doubling, unless restartPolicy is Never), then the main
+        container; Ready once its readiness probe answers (at once without one)."""
+        uid = pod["metadata"]["uid"]
+        started = now()
+        addr = {"hostIP": "127.0.0.1", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
+                "startTime": started}
+        done: list[dict] = []  # initContainerStatuses of the inits that completed
+        try:
+            for i, init in enumerate(inits):
+                restarts, last = 0, None
+                while True:
+                    since = now()
+                    waiting = [container_status(p.name, p.image, waiting=("PodInitializing", ""))
+                               for p in (*inits[i + 1:], main)]
+                    self.status.set(pod, {
+                        "phase": "Pending", **addr,
+                        "conditions": conditions(since, Initialized=False, Ready=False,
+                                                 ContainersReady=False),
+                        "initContainerStatuses": [*done, container_status(
+                            init.name, init.image, running=since, restarts=restarts,
+                            last=last)] + waiting[:-1],
+                        "containerStatuses": waiting[-1:]})
+                    code, message, proc = self.run_container(pod, init)
+                    if proc is None or not self.owns(uid, proc):
+                        return  # gone
+                    last = ended(code, since, message)
+                    if code == 0:
+                        done.append(container_status(init.name, init.image, terminated=last,
+                                                     restarts=restarts))
+                        break
+                    never = pod["spec"].get("restartPolicy") == "Never"
+                    if never or uid in self.stopping:
+                        self.status.set(pod, {"phase": "Failed", "initContainerStatuses": [
+                            *done, container_status(init.name, init.image, terminated=last,
+                                                    restarts=restarts)]})
+                        return
+                    restarts += 1
+                    backoff = min(10 * 2 ** (restarts - 1), 80)
+                    log(f"init {pod['metadata']['name']}/{init.name} exited {code}; "
+                        f"restarting in {backoff}s")
+                    self.status.set(pod, {"initContainerStatuses": [*done, container_status(
+                        init.name, init.image, restarts=restarts, last=last, waiting=(
+                            "CrashLoopBackOff", f"back-off {backoff}s restarting failed "
+                            f"container={init.name} pod={pod['metadata']['name']}"))]
+                        + waiting[:-1]})
+                    deadline = time.monotonic() + backoff
+                    while time.monotonic() < deadline and uid not in self.stopping:
+                        time.sleep(0.5)
+                    if uid in self.stopping:
+                        self.status.set(pod, {"phase": "Failed"})
+                        return
+            since = now()
+            running = {"phase": "Running", **addr, "initContainerStatuses": done}
+            proc = self.spawn(pod, main)
+            if proc is None:
+                return
+            self.status.set(pod, {**running, **self.running(main, since, main.probe is None)})
+            if main.probe:
+                threading.Thread(target=self.probe, daemon=True,
+                                 args=(pod, main, proc, pod_ip, running, since)).start()
+            code, message, _ = self.run_container(pod, main, proc)
+            if not self.owns(uid, proc):
+                return  # the pod is gone: nothing to report
+            self.status.set(pod, {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "conditions": conditions(now(), Ready=False, ContainersReady=False),
+                "containerStatuses": [container_status(
+                    main.name, main.image, terminated=ended(code, since, message))]})
+        finally:
+            self.net.remove_hosts(uid)
+            self.net.release(uid)
+
+    @staticmethod
+    def running(main: Process, since: str, ready: bool) -> dict:
+        return {"conditions": conditions(since, Initialized=True, Ready=ready,
+                                         ContainersReady=ready),
+                "containerStatuses": [container_status(main.name, main.image, running=since,
+                                                       ready=ready)]}
+
+    def probe(self, pod: dict, main: Process, proc: subprocess.Popen, pod_ip: str,
+              running: dict, since: str) -> None:
+        """The readiness probe: GET the container's path until it answers 2xx or 3xx."""
+        port, path = main.probe
+        while self.owns(pod["metadata"]["uid"], proc) and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://{pod_ip}:{port}{path}", timeout=2):
+                    pass  # urlopen raises on 4xx/5xx (HTTPError is an OSError)
+                log(f"ready {pod['metadata']['namespace']}/{pod['metadata']['name']}")
+                self.status.set(pod, {**running, **self.running(main, now(), True)})
+                return
+            time.sleep(1)
+
+    def spawn(self, pod: dict, p: Process) -> subprocess.Popen | None:
+        """Start one container's process; None when the pod was deleted meanwhile."""
+        md = pod["metadata"]
         host_env = {k: v for k, v in os.environ.items() if not k.startswith(HOST_ONLY_ENV)}
-        full_env = {**host_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                    "HOSTNAME": spec.get("hostname", md["name"]), "FLYWHEEL_BIND_HOST": pod_ip,
-                    **env}
-        log(f"start {md['namespace']}/{md['name']}: {' '.join(argv)}")
-        with open(workdir / "output.log", "wb") as out:
-            proc = subprocess.Popen(argv, env=full_env, cwd=workdir, stdout=out,
+        env = {**host_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "HOSTNAME": pod["spec"].get("hostname", md["name"]),
+               "FLYWHEEL_BIND_HOST": self.net.allocate(md["uid"]), **p.env}
+        log(f"start {md['namespace']}/{md['name']} {p.name}: {' '.join(p.argv)}")
+        p.cwd.mkdir(parents=True, exist_ok=True)
+        with open(p.log, "wb") as out:
+            proc = subprocess.Popen(p.argv, env=env, cwd=p.cwd, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         with self.lock:
-            deleted = uid not in self.procs  # deleted while starting (terminate() reports it)
+            deleted = md["uid"] not in self.procs  # deleted while starting (see terminate())
             if not deleted:
-                self.procs[uid] = proc
+                self.procs[md["uid"]] = proc
         if deleted:
             signal_group(proc, signal.SIGKILL)
             proc.wait()
-            self.remove_hosts(uid)
-            self.release_ip(uid)
-            return
-        started = now()
-        self.status.set(pod, {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": pod_ip,
-            "podIPs": [{"ip": pod_ip}], "startTime": started,
-            "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
-                           for t in ("Initialized", "Ready", "ContainersReady")],
-            "containerStatuses": [{"name": container["name"], "image": container["image"],
-                                   "ready": True, "restartCount": 0, "started": True,
-                                   "state": {"running": {"startedAt": started},
-                                             "waiting": None, "terminated": None}}],
-        })
-        threading.Thread(target=self.wait, args=(pod, proc, term_file, started),
-                         daemon=True).start()
+            return None
+        return proc
 
-    def wait(self, pod: dict, proc: subprocess.Popen, term_file: Path, started: str) -> None:
+    def run_container(self, pod: dict, p: Process, proc: subprocess.Popen | None = None
+                      ) -> tuple[int, str, subprocess.Popen | None]:
+        """Run (or wait for) one container: its exit code and termination message."""
+        proc = proc or self.spawn(pod, p)
+        if proc is None:
+            return -1, "", None
         code = proc.wait()
-        self.remove_hosts(pod["metadata"]["uid"])
-        self.release_ip(pod["metadata"]["uid"])
-        message = term_file.read_bytes()[:4096].decode(errors="replace") if (
-            term_file.exists()) else ""
-        policy = pod["spec"]["containers"][0].get("terminationMessagePolicy")
-        if not message.strip() and code != 0 and policy == "FallbackToLogsOnError":
-            message = log_tail(term_file.parent / "output.log")  # the kubelet's fallback
+        message = p.term_file.read_bytes()[:4096].decode(errors="replace") if (
+            p.term_file.exists()) else ""
+        if not message.strip() and code != 0 and p.fallback_to_logs:
+            message = log_tail(p.log)  # the kubelet's fallback
         if code < 0:  # killed by a signal: report it the way a container runtime does
             code = 128 - code
-        log(f"exit {pod['metadata']['namespace']}/{pod['metadata']['name']}: {code}")
-        finished = now()
-        container = pod["spec"]["containers"][0]
-        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                      "startedAt": started, "finishedAt": finished}
-        if message:
-            terminated["message"] = message
+        log(f"exit {pod['metadata']['namespace']}/{pod['metadata']['name']} {p.name}: {code}")
+        return code, message, proc
+
+    def owns(self, uid: str, proc: subprocess.Popen) -> bool:
         with self.lock:
-            if self.procs.get(pod["metadata"]["uid"]) is not proc:
-                return  # the pod is gone: nothing to report
-        self.status.set(pod, {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": [{"type": t, "status": "False", "lastTransitionTime": finished}
-                           for t in ("Ready", "ContainersReady")],
-            "containerStatuses": [{"name": container["name"], "image": container["image"],
-                                   "ready": False, "restartCount": 0, "started": False,
-                                   "state": {"terminated": terminated,
-                                             "running": None, "waiting": None}}],
-        })
+            return self.procs.get(uid) is proc
 
     def terminate(self, pod: dict) -> None:
         """The pod is being deleted: SIGTERM, SIGKILL after its grace period; its terminal
@@ -243,8 +300,8 @@ class Executor:
             self.stopping.discard(uid)
         if proc and proc.poll() is None:
             signal_group(proc, signal.SIGKILL)
-        self.remove_hosts(uid)
-        self.release_ip(uid)
+        self.net.remove_hosts(uid)
+        self.net.release(uid)
         self.status.forget(uid)
 
     def waiting(self, pod: dict, reason: str, message: str, retry_s: float = 10) -> None:
@@ -280,41 +337,9 @@ class Executor:
 
         later(retry_s, retry)
 
-    # --- pod addresses: one loopback address per pod, its DNS names in /etc/hosts ---
-    def allocate_ip(self, uid: str) -> str:
-        """A loopback address no live pod holds; rotating, so a freed one is not reused soon."""
-        with self.lock:
-            if uid in self.ips:
-                return self.ips[uid]
-            taken = set(self.ips.values())
-            while True:
-                self.next_ip = self.next_ip % (250 * 250) + 1
-                ip = f"{self.ip_prefix}.{self.next_ip // 250 + 1}.{self.next_ip % 250 + 1}"
-                if ip not in taken:
-                    self.ips[uid] = ip
-                    return ip
-
-    def release_ip(self, uid: str) -> None:
-        with self.lock:
-            self.ips.pop(uid, None)
-
-    def add_hosts(self, uid: str, names: list[str], ip: str = "127.0.0.1") -> None:
-        with _hosts_lock:
-            lines = HOSTS.read_text().splitlines()
-            lines.append(f"{ip} {' '.join(names)} {self.hosts_mark} {uid}")
-            HOSTS.write_text("\n".join(lines) + "\n")
-
-    def remove_hosts(self, uid: str | None = None) -> None:
-        with _hosts_lock:
-            lines = HOSTS.read_text().splitlines()
-            keep = [ln for ln in lines if f" {self.hosts_mark} " not in ln
-                    or (uid is not None and not ln.endswith(f" {self.hosts_mark} {uid}"))]
-            if keep != lines:
-                HOSTS.write_text("\n".join(keep) + "\n")
-
     # --- the loop: list, reconcile, watch from the listing; again whenever the watch ends ---
     def run(self) -> None:
-        self.remove_hosts()
+        self.net.remove_hosts()
         delay = 1.0
         while True:
             try:
@@ -385,11 +410,11 @@ class Executor:
         try:
             self.start(pod)
         except ContainerConfigError as err:  # the kubelet's wait-and-retry, in its words
-            self.release_ip(uid)
+            self.net.release(uid)
             self.waiting(pod, "CreateContainerConfigError", str(err))
         except Exception as err:
-            self.remove_hosts(uid)
-            self.release_ip(uid)
+            self.net.remove_hosts(uid)
+            self.net.release(uid)
             if not transient(err):  # report it on the pod, as a kubelet would
                 log(f"cannot start {pod['metadata']['name']}: {err!r}")
                 with self.lock:

@@ -1,22 +1,85 @@
 """What a pod's spec means on this machine, for the local executor (hack/local_executor.py):
-its environment resolved as the kubelet resolves it (`$(VAR)`, fieldRef, secretKeyRef,
-configMapKeyRef), its volumes as local folders (a PersistentVolumeClaim as
-.cache/pvc/<namespace>/<claim>) and container paths pointed at them, its DNS names."""
+each container as a process to start (`prepare`: its environment resolved as the kubelet
+resolves it, `$(VAR)`, fieldRef, secretKeyRef, configMapKeyRef; its volumes as local folders,
+a PersistentVolumeClaim as .cache/pvc/<namespace>/<claim>, and container paths pointed at
+them; its workingDir where that is under a volume; its readiness probe), its DNS names."""
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel_operator import kube
 
 ROOT = Path(__file__).resolve().parent.parent
 PVC = ROOT / ".cache" / "pvc"  # claim C of namespace N is the folder .cache/pvc/N/C
+WORK = ROOT / ".cache" / "executor"  # pod P of namespace N runs in .cache/executor/N/P
 
 
 class ContainerConfigError(Exception):
     """A Secret or ConfigMap the container's env needs is missing."""
+
+
+@dataclass
+class Process:
+    """One container of a pod, ready to run here as a process."""
+
+    name: str
+    image: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log: Path  # stdout and stderr
+    term_file: Path  # what the container writes to its terminationMessagePath
+    fallback_to_logs: bool  # terminationMessagePolicy: FallbackToLogsOnError
+    probe: tuple[int, str] | None  # readinessProbe.httpGet as (port, path)
+
+
+def prepare(pod: dict, container: dict, volumes: dict[str, Path], workdir: Path,
+            pod_ip: str, init: bool = False) -> Process:
+    """`container` of `pod` as a process: every path under one of its volume mounts (in
+    command, args, env and workingDir) pointed at the volume's local folder. The main
+    container logs to `output.log` in the pod's folder; an init container to `<name>.log`."""
+    mounts = {m["mountPath"]: volumes[m["name"]]
+              for m in container.get("volumeMounts") or [] if m["name"] in volumes}
+    for mount_path, path in list(mounts.items()):
+        if path.parent.parent == PVC:  # claims mounted side by side: their root too
+            mounts.setdefault(str(Path(mount_path).parent), path.parent)
+    stem = container["name"] if init else "output"
+    term_file = workdir / ("termination-log" if not init else f"{stem}.termination-log")
+    mounts[container.get("terminationMessagePath", "/dev/termination-log")] = term_file
+    env = {k: remap(v, mounts) for k, v in resolve_env(pod, container, pod_ip).items()}
+    extra = WORK / "env" / f"{pod['metadata']['namespace']}.json"  # the executor's test hook
+    if extra.exists():
+        env.update(json.loads(extra.read_text()))
+    argv = [remap(expand(a, env), mounts)
+            for a in (container.get("command") or []) + (container.get("args") or [])]
+    # The image's own filesystem does not exist here: a workingDir counts under a volume only
+    # (created when the container starts, if need be, as container runtimes do).
+    wd = container.get("workingDir") or ""
+    return Process(
+        name=container["name"], image=container["image"], argv=argv, env=env,
+        cwd=Path(remap(wd, mounts)) if remap(wd, mounts) != wd else workdir,
+        log=workdir / f"{stem}.log",
+        term_file=term_file,
+        fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
+        probe=http_probe(container))
+
+
+def http_probe(container: dict) -> tuple[int, str] | None:
+    """The container's readinessProbe.httpGet as (port, path); a named port resolved."""
+    get = (container.get("readinessProbe") or {}).get("httpGet")
+    if not get:
+        return None
+    port = get["port"]
+    if isinstance(port, str) and not port.isdigit():
+        port = next(p["containerPort"] for p in container.get("ports") or []
+                    if p.get("name") == port)
+    return int(port), get.get("path", "/")
 
 
 def resolve_env(pod: dict, container: dict, pod_ip: str) -> dict[str, str]:
@@ -153,3 +216,51 @@ def dns_names(pod: dict) -> list[str]:
         base = f"{hostname}.{spec['subdomain']}.{md['namespace']}.svc"
         names += [base, f"{base}.cluster.local"]
     return names
+
+
+class Network:
+    """Pod addresses: one loopback address per pod (127.10.x.y; a second executor's
+    `own` range 127.11.x.y), its DNS names in /etc/hosts under the executor's mark."""
+
+    HOSTS = Path("/etc/hosts")
+    MARK = "# flywheel-local-executor"
+    _hosts_lock = threading.Lock()  # every executor in this process edits one file
+
+    def __init__(self, own: str | None = None) -> None:
+        self.mark = f"{self.MARK}-{own}" if own else self.MARK
+        self.prefix = "127.11" if own else "127.10"
+        self.ips: dict[str, str] = {}  # pod uid -> its loopback address
+        self.next = 0
+        self.lock = threading.Lock()
+
+    def allocate(self, uid: str) -> str:
+        """A loopback address no live pod holds; rotating, so a freed one is not reused soon."""
+        with self.lock:
+            if uid in self.ips:
+                return self.ips[uid]
+            taken = set(self.ips.values())
+            while True:
+                self.next = self.next % (250 * 250) + 1
+                ip = f"{self.prefix}.{self.next // 250 + 1}.{self.next % 250 + 1}"
+                if ip not in taken:
+                    self.ips[uid] = ip
+                    return ip
+
+    def release(self, uid: str) -> None:
+        with self.lock:
+            self.ips.pop(uid, None)
+
+    def add_hosts(self, uid: str, names: list[str], ip: str = "127.0.0.1") -> None:
+        with self._hosts_lock:
+            lines = self.HOSTS.read_text().splitlines()
+            lines.append(f"{ip} {' '.join(names)} {self.mark} {uid}")
+            self.HOSTS.write_text("\n".join(lines) + "\n")
+
+    def remove_hosts(self, uid: str | None = None) -> None:
+        """Remove the pod's entries (every entry of this executor without `uid`)."""
+        with self._hosts_lock:
+            lines = self.HOSTS.read_text().splitlines()
+            keep = [ln for ln in lines if f" {self.mark} " not in ln
+                    or (uid is not None and not ln.endswith(f" {self.mark} {uid}"))]
+            if keep != lines:
+                self.HOSTS.write_text("\n".join(keep) + "\n")

@@ -34,6 +34,37 @@ BACKOFF = (0.2, 5.0)  # first retry, most between retries (s)
 TERMINAL = ("Succeeded", "Failed")
 
 
+def conditions(at: str, **state: bool) -> list[dict]:
+    """Pod conditions (Initialized, Ready, ContainersReady...) as of `at`."""
+    return [{"type": t, "status": str(v), "lastTransitionTime": at} for t, v in state.items()]
+
+
+def container_status(name: str, image: str, *, running: str | None = None,
+                     ready: bool = False, terminated: dict | None = None,
+                     waiting: tuple[str, str] | None = None, restarts: int = 0,
+                     last: dict | None = None) -> dict:
+    """One entry of containerStatuses / initContainerStatuses: running since `running`, or
+    `terminated` ({exitCode, reason, startedAt, finishedAt, message}), or `waiting` (reason,
+    message); `last`: the terminated state before a restart."""
+    state = {"running": {"startedAt": running} if running else None,
+             "terminated": terminated,
+             "waiting": {"reason": waiting[0], "message": waiting[1]} if waiting else None}
+    status = {"name": name, "image": image, "ready": ready, "restartCount": restarts,
+              "started": bool(running), "state": state}
+    if last:
+        status["lastState"] = {"terminated": last}
+    return status
+
+
+def ended(code: int, started: str, message: str = "") -> dict:
+    """A container's terminated state, as a runtime reports it."""
+    terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                  "startedAt": started, "finishedAt": format_time()}
+    if message:
+        terminated["message"] = message
+    return terminated
+
+
 def never_ran(pod: dict) -> dict:
     """The terminal status of a pod deleted before its container ran, in the kubelet's words."""
     finished = format_time()
