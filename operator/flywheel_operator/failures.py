@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from flywheel_trainer.contract import EXIT_DATA_ERROR
 
+from .api import GangStatus
 from .objects import JobSummary, PodSummary
 from .vocab import parse_time
 
@@ -105,7 +106,8 @@ def classify(pods: list[PodSummary], job: JobSummary | None) -> Failure:
                    (job.failed if job else None) or "the attempt's Job failed")
 
 
-def lost_member(pods: list[PodSummary], gang: dict | None, attempt: int) -> Failure | None:
+def lost_member(pods: list[PodSummary], gang: GangStatus | None, attempt: int
+                ) -> Failure | None:
     """A rank of a running gang is going or gone: a pod being deleted or evicted, or, once
     every pod ran (`gang`: the attempt's pod names then), one missing or replaced by the Job
     controller. A torchrun gang cannot take a restarted rank back, so the attempt ends as a
@@ -119,11 +121,11 @@ def lost_member(pods: list[PodSummary], gang: dict | None, attempt: int) -> Fail
                 reason, why = "PodDeleted", "it was deleted"
             return Failure(reason, DISRUPTION, f"pod {pod.name} on node {pod.node} is going "
                            f"({why}); a torchrun gang cannot take a restarted rank back"[:1024])
-    if gang and gang.get("attempt") == attempt:
+    if gang and gang.attempt == attempt:
         names = {p.name for p in pods}
-        gone = sorted(set(gang.get("pods") or []) - names)
+        gone = sorted(set(gang.pods) - names)
         if gone:
-            new = sorted(names - set(gang.get("pods") or []))
+            new = sorted(names - set(gang.pods))
             return Failure("PodDeleted", DISRUPTION, f"pod {gone[0]} of attempt {attempt} is "
                            "gone" + (f" (replaced by {new[0]})" if new else "")
                            + "; a torchrun gang cannot take a restarted rank back")

@@ -14,14 +14,25 @@ deterministic child names make every create idempotent.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from flywheel_trainer.contract import Summary, SummaryError, parse_summary
 
 from . import failures, observe, queueing
-from .api import FineTuneRunStatus, checked
+from .api import (
+    FineTuneRunStatus,
+    GangStatus,
+    PreflightStatus,
+    Progress,
+    QueueStatus,
+    ResolvedModel,
+    Run,
+    checked,
+    has_condition,
+    set_condition,
+    status_document,
+)
 from .attempts import add_gpu_hours, preflight_result, preflight_status, record_attempt
 from .config import OperatorConfig
 from .failures import DISRUPTION, FATAL, RETRY, Failure
@@ -36,7 +47,6 @@ from .vocab import (
     experiment_key,
     format_time,
     pods_gpu_hours,
-    set_condition,
 )
 
 # --- the plan -----------------------------------------------------------------------------
@@ -46,7 +56,7 @@ from .vocab import (
 class Plan:
     """What the handler does, in order: register, patch status, delete, create, post events."""
 
-    status: dict                               # the run's whole new status
+    status: FineTuneRunStatus                  # the run's whole new status
     was: str | None = None                     # its phase before (events fire on a change)
     register: Summary | None = None            # register rank 0's model, then `registered()`
     create_attempt: int | None = None          # render and create this attempt's children
@@ -56,37 +66,52 @@ class Plan:
     activate: tuple[str, bool] | None = None     # (Workload name, spec.active): Kueue runs
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, msg)
     recheck_after: float | None = None         # decide again in this many seconds
+    now: str = ""                              # the decision's time, as written in status
+    generation: int = 1                        # the run's metadata.generation
 
     def transition(self, phase: str, reason: str, message: str, event_type: str = "Normal"):
         if phase != self.was:
             self.events.append((event_type, reason, message))
-        self.status["phase"] = phase
-        self.status["message"] = message
+        self.status.phase = phase  # type: ignore[assignment]
+        self.status.message = message
+
+    def condition(self, type_: str, value: bool, reason: str, message: str) -> None:
+        """Set a condition of the run (observedGeneration: the run's generation)."""
+        set_condition(self.status, type_, value, reason, message, self.now,
+                      self.generation)
+
+    def fail(self, reason: str, message: str) -> None:
+        """The run failed: completionTime, phase Failed (a Warning event) and the condition."""
+        self.status.completionTime = self.now
+        self.transition("Failed", reason, message, "Warning")
+        self.condition("Failed", True, reason, message)
 
 
-def decide(run: dict, jobs: list[JobSummary], pods: list[PodSummary],
+def decide(run: Run, jobs: list[JobSummary], pods: list[PodSummary],
            now: datetime | None = None, config: OperatorConfig | None = None,
            workloads: list[WorkloadSummary] | None = None,
            position: int | None = None, polled: Polled | None = None,
-           base_model: dict | str | None = None) -> Plan:
-    """The run's next status and actions (status checked against FineTuneRunStatus). One step
-    per stage: refuse, preflight, start_attempt, succeed, preempt (Kueue took it back),
-    fail_attempt (restart or give up), else follow_queued (a Kueue run) or follow_attempt
-    (suspend, scheduling, running, progress, stalls); a new stage is a new step here.
-    `polled`: what the progress poller last heard from rank 0. `workloads`: Kueue's Workloads
-    of the run's Jobs (objects.WorkloadSummary); `position`: the current one's place in its
-    LocalQueue, where Kueue's visibility API gives it. `base_model`: for a model:// base
-    model not yet resolved, its resolution (status.baseModel) or why it cannot be."""
-    config, ts = config or OperatorConfig(), format_time(now)
-    old = run.get("status") or {}
-    plan = Plan(status=copy.deepcopy(old), was=old.get("phase"))
-    plan.status["observedGeneration"] = run["metadata"].get("generation", 1)
+           base_model: ResolvedModel | str | None = None) -> Plan:
+    """The run's next status and actions (the status checked against FineTuneRunStatus).
+    One step per stage: refuse, preflight, start_attempt, succeed, preempt (Kueue took it
+    back), fail_attempt (restart or give up), else follow_queued (a Kueue run) or
+    follow_attempt (suspend, scheduling, running, progress, stalls); a new stage is a new
+    step here. `polled`: what the progress poller last heard from rank 0. `workloads`:
+    Kueue's Workloads of the run's Jobs (objects.WorkloadSummary); `position`: the current
+    one's place in its LocalQueue, where Kueue's visibility API gives it. `base_model`: for a
+    model:// base model not yet resolved, its resolution (status.baseModel) or why it cannot
+    be."""
+    config = config or OperatorConfig()
+    old = run.status
+    plan = Plan(status=old.model_copy(deep=True), was=old.phase, now=format_time(now),
+                generation=run.generation)
+    ts, status = plan.now, plan.status
+    status.observedGeneration = run.generation
     pre_jobs = [j for j in jobs if j.component == "preflight"]
     pre_pods = [p for p in pods if p.component == "preflight"]
     jobs = [j for j in jobs if j.component != "preflight"]
     pods = [p for p in pods if p.component != "preflight"]
-    attempt = max([old.get("attempt") or 0] + [j.attempt for j in jobs]) or 1
-    plan.status["attempt"] = attempt
+    attempt = status.attempt = max([old.attempt or 0] + [j.attempt for j in jobs]) or 1
     plan.delete_attempts = sorted({j.attempt for j in jobs if j.attempt < attempt})
     job = next((j for j in jobs if j.attempt == attempt), None)
     current = [p for p in pods if p.attempt == attempt]
@@ -95,336 +120,304 @@ def decide(run: dict, jobs: list[JobSummary], pods: list[PodSummary],
     failed_pod = not (job and job.suspended) and any(p.phase == "Failed" for p in current)
     stuck, plan.recheck_after = failures.start_failure(current, ts,
                                                        config.startFailureGraceSeconds)
-    wants_preflight = (run["spec"].get("preflight") or {}).get("enabled", True)
     # A Job is under Kueue when it was created with a queue; a new one when the config says.
-    queue = job.queue if job else config.kueue.queue(
-        run["metadata"]["namespace"], run["spec"].get("queueName"))
+    queue = job.queue if job else config.kueue.queue(run.namespace, run.spec.queueName)
     wl = next((w for w in workloads or [] if job and w.job == job.name), None)
     heard = polled if polled and polled.attempt == attempt else None  # this attempt's rank 0
 
     if plan.was in TERMINAL:
         pass
     elif job is None and (why := refusal(run, config)):
-        plan.status["completionTime"] = ts
-        plan.transition("Failed", why.reason, why.message, "Warning")
-        set_condition(plan.status, "Failed", True, why.reason, why.message, ts,
-                      run["metadata"].get("generation", 1))
-    elif job is None and not resolve_base_model(plan, run, base_model, ts):
+        plan.fail(why.reason, why.message)
+    elif job is None and not resolve_base_model(plan, run, base_model):
         pass  # a registry base model that names no version: the run failed
-    elif (job is None and attempt == 1 and wants_preflight
-          and (plan.status.get("preflight") or {}).get("phase") != "Succeeded"
-          and not preflight(plan, run, pre_jobs, pre_pods, ts, config)):
+    elif (job is None and attempt == 1 and run.spec.preflight.enabled
+          and (status.preflight is None or status.preflight.phase != "Succeeded")
+          and not preflight(plan, run, pre_jobs, pre_pods, config)):
         pass  # preflight is running, or failed the run
     elif job is None:
-        start_attempt(plan, run, ts, queue)
+        start_attempt(plan, run, queue)
     elif job.complete and not failed_pod:
-        succeed(plan, run, job, current, ts, config)
-    elif queue and queueing.preempted(wl) and not run["spec"].get("suspend"):
-        preempt(plan, run, job, wl, current, ts, config, queue)  # type: ignore[arg-type]
+        succeed(plan, run, job, current, config)
+    elif queue and queueing.preempted(wl) and not run.spec.suspend:
+        preempt(plan, run, job, wl, current, config, queue)  # type: ignore[arg-type]
     elif job.failed is not None or failed_pod or stuck:
-        fail_attempt(plan, run, job, current, ts, config,
-                     stuck or failures.classify(current, job))
+        fail_attempt(plan, run, job, current, config, stuck or failures.classify(current, job))
     elif queue:
-        state = queueing.queue_state(run, plan.status, attempt, wl, queue, position)
-        if apply_queue(plan, run, state, ts):
-            follow_pods(plan, run, job, current, ts, config, heard)
+        state = queueing.queue_state(run, status, attempt, wl, queue, position)
+        if apply_queue(plan, state):
+            follow_pods(plan, run, job, current, config, heard)
     else:
-        follow_attempt(plan, run, job, current, ts, config, heard)
-    checked(FineTuneRunStatus, plan.status)
+        follow_attempt(plan, run, job, current, config, heard)
+    checked(FineTuneRunStatus, status_document(status))  # values within the API's bounds
     return plan
 
 
-def preflight(plan: Plan, run: dict, jobs: list[JobSummary], pods: list[PodSummary], ts: str,
+def preflight(plan: Plan, run: Run, jobs: list[JobSummary], pods: list[PodSummary],
               config: OperatorConfig) -> bool:
     """Start, follow or conclude the preflight Job; True once it passed (training may start)."""
-    status, spec, generation = plan.status, run["spec"], run["metadata"].get("generation", 1)
-    before = status.get("preflight") or {}
-    status.setdefault("startTime", ts)
+    status, ts = plan.status, plan.now
+    before = status.preflight or PreflightStatus()
+    status.startTime = status.startTime or ts
     if not jobs:
         plan.create_preflight = True
-        status["preflight"] = {"phase": "Running", "startTime": before.get("startTime", ts)}
+        status.preflight = PreflightStatus(phase="Running", startTime=before.startTime or ts)
         plan.transition("Pending", "PreflightStarted",
                         "preflight: checking data, chat template and categories on CPU")
         return False
     result = preflight_result(pods, jobs[0])
     if result is None:
-        status["preflight"] = {**before, "phase": "Running", "job": jobs[0].name}
-        status["message"] = "preflight: checking data, chat template and categories on CPU"
+        status.preflight = before.model_copy(update={"phase": "Running", "job": jobs[0].name})
+        status.message = "preflight: checking data, chat template and categories on CPU"
         return False
-    figures = preflight_status(result, spec, config)
-    status["preflight"] = {**before, **figures, "job": jobs[0].name, "completionTime": ts,
-                           "phase": "Succeeded" if result["ok"] else "Failed"}
-    if not result["ok"]:
-        first = "; ".join(figures["problems"][:3]) or "preflight failed"
-        if figures["missingCategories"]:
+    figures = preflight_status(result, run.spec, config)
+    pre = status.preflight = before.model_copy(update={
+        **status_document(figures), "job": jobs[0].name, "completionTime": ts,
+        "phase": "Succeeded" if result.ok else "Failed"})
+    if not result.ok:
+        first = "; ".join(figures.problems[:3]) or "preflight failed"
+        if figures.missingCategories:
             first += "; missing categories: " + ", ".join(
-                f"{c} ({figures['categories'].get(c, 0)})" for c in figures["missingCategories"])
-        status["preflight"]["message"] = first[:1024]
-        status["completionTime"] = ts
-        plan.transition("Failed", "PreflightFailed", f"preflight failed: {first}"[:1024], "Warning")
-        set_condition(status, "Failed", True, "PreflightFailed", status["message"], ts, generation)
+                f"{c} ({figures.categories.get(c, 0)})" for c in figures.missingCategories)
+        pre.message = first[:1024]
+        plan.fail("PreflightFailed", f"preflight failed: {first}"[:1024])
         return False
-    status["preflight"]["message"] = (
-        f"{figures.get('examples')} examples, {figures.get('tokens')} tokens, "
-        f"{figures.get('steps')} steps")
-    plan.events.append(("Normal", "PreflightPassed", status["preflight"]["message"]))
+    pre.message = f"{figures.examples} examples, {figures.tokens} tokens, {figures.steps} steps"
+    plan.events.append(("Normal", "PreflightPassed", pre.message))
     return True
 
 
-def resolve_base_model(plan: Plan, run: dict, base_model: dict | str | None, ts: str) -> bool:
+def resolve_base_model(plan: Plan, run: Run, base_model: ResolvedModel | str | None) -> bool:
     """Record where the run's output and checkpoints go and, for a model:// base model, the
     version it resolved to (once: later attempts train from the same version, wherever the
     alias has moved since). False when the reference names no version: the run fails."""
     status = plan.status
-    if "output" in run["spec"]:
-        status["outputUri"], status["checkpointUri"] = run_paths(run)
-    if status.get("baseModel") or not run["spec"].get("baseModel", "").startswith(MODEL_REF_SCHEME):
+    status.outputUri, status.checkpointUri = run_paths(run)
+    if status.baseModel or not run.spec.baseModel.startswith(MODEL_REF_SCHEME):
         return True
-    if isinstance(base_model, dict):
-        status["baseModel"] = base_model
-        plan.events.append(("Normal", "BaseModelResolved", f"{base_model['ref']} is "
-                            f"{base_model['modelVersion']} ({base_model['digest'][:19]}...)"))
+    if isinstance(base_model, ResolvedModel):
+        status.baseModel = base_model
+        plan.events.append(("Normal", "BaseModelResolved", f"{base_model.ref} is "
+                            f"{base_model.modelVersion} ({base_model.digest[:19]}...)"))
         return True
-    why = f"baseModel {run['spec']['baseModel']}: {base_model or 'not resolved'}"
-    status["completionTime"] = ts
-    plan.transition("Failed", "BaseModelNotFound", why, "Warning")
-    set_condition(status, "Failed", True, "BaseModelNotFound", why, ts,
-                  run["metadata"].get("generation", 1))
+    plan.fail("BaseModelNotFound",
+              f"baseModel {run.spec.baseModel}: {base_model or 'not resolved'}")
     return False
 
 
-def start_attempt(plan: Plan, run: dict, ts: str, queue: str | None) -> None:
+def suspended_condition(plan: Plan, suspend: bool) -> None:
+    plan.condition("Suspended", suspend, "Suspended" if suspend else "Active",
+                   "spec.suspend is true" if suspend else "")
+
+
+def start_attempt(plan: Plan, run: Run, queue: str | None) -> None:
     """The current attempt has no Job yet: create it (suspended when spec.suspend; with a
     queue, created suspended for Kueue to admit, and not at all while spec.suspend)."""
-    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    suspend = bool(spec.get("suspend"))
+    status, suspend, attempt = plan.status, run.spec.suspend, plan.status.attempt
     if queue and suspend:  # Kueue would admit a Job it sees: create none until resumed
         plan.transition("Suspended", "Suspended", "the run is suspended")
-        set_condition(status, "Suspended", True, "Suspended", "spec.suspend is true", ts,
-                      run["metadata"].get("generation", 1))
+        suspended_condition(plan, True)
         return
     plan.create_attempt = attempt
-    status.setdefault("startTime", ts)
-    comet = (spec.get("tracking") or {}).get("comet")
-    status.setdefault("experimentKey", experiment_key(run["metadata"]["uid"]))
+    status.startTime = status.startTime or plan.now
+    status.experimentKey = status.experimentKey or experiment_key(run.uid)
+    comet = run.spec.tracking.comet
     if comet:
-        status.setdefault("trackingUrl", comet_experiment_url(
-            comet["workspace"], comet["project"], status["experimentKey"]))
+        status.trackingUrl = status.trackingUrl or comet_experiment_url(
+            comet.workspace, comet.project, status.experimentKey)
     if suspend:
         plan.transition("Suspended", "Suspended", "the run is suspended")
     elif queue:
-        status["queue"] = {"name": queue}
+        status.queue = QueueStatus(name=queue)
         plan.transition("Queued", "Queued", f"attempt {attempt}: queued in {queue}")
     else:
         plan.transition("Pending", "AttemptCreated", f"attempt {attempt}: creating the Job")
-    set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
-                  "spec.suspend is true" if suspend else "", ts,
-                  run["metadata"].get("generation", 1))
+    suspended_condition(plan, suspend)
 
 
-def fail_attempt(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
+def fail_attempt(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
                  config: OperatorConfig, failure: Failure) -> None:
     """The attempt failed (failures.classify says how): start the next one, resuming from the
     checkpoint, while its budget lasts (disruptions: maxDisruptions, other failures:
     maxRestarts); fail the run at once on a data or start-up error, or when the budget is
     spent."""
-    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    generation = run["metadata"].get("generation", 1)
+    status, spec, attempt = plan.status, run.spec, plan.status.attempt or 1
     why = f"{failure.reason}: {failure.message}"
     record_attempt(status, attempt, job, pods, "Failed", failure.reason, failure.message, spec,
-                   ts, config)
+                   plan.now, config)
     plan.delete_attempts.append(attempt)
-    set_condition(status, "Running", False, failure.reason, failure.message, ts, generation)
+    plan.condition("Running", False, failure.reason, failure.message)
     if failure.reason == "Stalled":
         plan.events.append(("Warning", "Stalled", f"attempt {attempt}: {failure.message}"))
     # Kueue's preemptions (phase Preempted) spend neither budget; disruptions spend their own.
-    preempted = sum(a.get("phase") == "Preempted" for a in status["attempts"])
-    disrupted = sum(a.get("phase") != "Preempted" and a.get("reason") in failures.DISRUPTED
-                    for a in status["attempts"])
+    preempted = sum(a.phase == "Preempted" for a in status.attempts)
+    disrupted = sum(a.phase != "Preempted" and a.reason in failures.DISRUPTED
+                    for a in status.attempts)
     failed = attempt - disrupted - preempted  # every other attempt so far failed
-    budget, used, name = ((spec.get("maxDisruptions", 10), disrupted, "disruption")
-                          if failure.kind == DISRUPTION
-                          else (spec.get("maxRestarts", 3), failed, "restart"))
+    budget, used, name = ((spec.maxDisruptions, disrupted, "disruption")
+                          if failure.kind == DISRUPTION else (spec.maxRestarts, failed, "restart"))
     if failure.kind != FATAL and used <= budget:
-        status["attempt"] = attempt + 1
-        plan.create_attempt = attempt + 1
+        status.attempt = plan.create_attempt = attempt + 1
         plan.events.append(("Warning", "AttemptDisrupted" if failure.kind == DISRUPTION
                             else "AttemptFailed",
                             f"attempt {attempt} failed ({why}); starting attempt {attempt + 1} "
                             f"({name} {used} of {budget}), resuming from the last complete "
                             "checkpoint"))
-        status["phase"] = "Pending"
-        status["message"] = f"attempt {attempt} failed: {why}"[:1024]
+        status.phase = "Pending"
+        status.message = f"attempt {attempt} failed: {why}"[:1024]
         return
-    status["completionTime"] = ts
     if failure.kind == FATAL:
         reason, message = failure.reason, f"attempt {attempt} failed, not retried: {why}"
     else:
         reason = "DisruptionBudgetExhausted" if failure.kind == DISRUPTION else (
             "RestartBudgetExhausted")
         message = f"attempt {attempt} failed and the {name} budget ({budget}) is spent: {why}"
-    plan.transition("Failed", reason, message[:1024], "Warning")
-    set_condition(status, "Failed", True, reason, status["message"], ts, generation)
+    plan.fail(reason, message[:1024])
 
 
-def forget_gang(status: dict) -> None:
-    """Drop status.gang (None: a merge patch removes the field on the server)."""
-    if "gang" in status:
-        status["gang"] = None
-
-
-def apply_queue(plan: Plan, run: dict, state: queueing.QueueState, ts: str) -> bool:
+def apply_queue(plan: Plan, state: queueing.QueueState) -> bool:
     """Write a Kueue run's queue state into its status; True when admitted (the lifecycle
     then follows its pods)."""
-    generation = run["metadata"].get("generation", 1)
     plan.activate = state.activate
-    plan.status["queue"] = state.queue
+    plan.status.queue = state.queue
     for kind, value, reason, message in state.conditions:
-        set_condition(plan.status, kind, value, reason, message, ts, generation)
+        plan.condition(kind, value, reason, message)
     if state.phase:
         plan.transition(*state.phase)
     if state.event:
         plan.events.append(state.event)
     if not state.admitted:
-        forget_gang(plan.status)  # suspended or requeued: admitted again, a new gang
+        plan.status.gang = None  # suspended or requeued: admitted again, a new gang
     return state.admitted
 
 
-def follow_attempt(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
+def follow_attempt(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
                    config: OperatorConfig, polled: Polled | None = None) -> None:
     """The attempt is under way: suspend or resume its Job, then follow its pods."""
-    status, spec, generation = plan.status, run["spec"], run["metadata"].get("generation", 1)
-    suspend = bool(spec.get("suspend"))
+    suspend = run.spec.suspend
     if job.suspended != suspend:
         plan.suspend_job = (job.name, suspend)
-    set_condition(status, "Suspended", suspend, "Suspended" if suspend else "Active",
-                  "spec.suspend is true" if suspend else "", ts, generation)
+    suspended_condition(plan, suspend)
     if suspend:
-        forget_gang(plan.status)  # resumed, the Job makes new pods: a new gang
+        plan.status.gang = None  # resumed, the Job makes new pods: a new gang
         plan.transition("Suspended", "Suspended", "the run is suspended; its pods are stopped")
-        set_condition(status, "Running", False, "Suspended", "", ts, generation)
+        plan.condition("Running", False, "Suspended", "")
         return
-    follow_pods(plan, run, job, pods, ts, config, polled)
+    follow_pods(plan, run, job, pods, config, polled)
 
 
-def follow_pods(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
+def follow_pods(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
                 config: OperatorConfig, polled: Polled | None = None) -> None:
     """Report the attempt's scheduling and whether all of its pods run; while it trains, its
     progress and GPU-hours, or tear it down when it has stalled."""
-    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    generation, nodes = run["metadata"].get("generation", 1), spec["resources"]["nodes"]
-    lost = failures.lost_member(pods, status.get("gang"), attempt)
+    status, spec, attempt = plan.status, run.spec, plan.status.attempt
+    nodes = spec.resources.nodes
+    lost = failures.lost_member(pods, status.gang, attempt or 1)
     if lost:
-        fail_attempt(plan, run, job, pods, ts, config, lost)
+        fail_attempt(plan, run, job, pods, config, lost)
         return
     unschedulable = [p for p in pods if p.unschedulable]
     if unschedulable:
-        why = unschedulable[0].unschedulable
-        msg = f"{len(unschedulable)} pod(s) cannot be scheduled: {why}"
-        set_condition(status, "Scheduled", False, "Unschedulable", msg, ts, generation)
-        if not any(c.get("reason") == "Unschedulable" and c["status"] == "False"
-                   for c in (run.get("status") or {}).get("conditions", [])
-                   if c["type"] == "Scheduled"):
+        msg = f"{len(unschedulable)} pod(s) cannot be scheduled: {unschedulable[0].unschedulable}"
+        plan.condition("Scheduled", False, "Unschedulable", msg)
+        if not has_condition(run.status.conditions, "Scheduled", "False", "Unschedulable"):
             plan.events.append(("Warning", "Unschedulable", msg))
     elif len(pods) == nodes and all(p.node for p in pods):
-        set_condition(status, "Scheduled", True, "Scheduled",
-                      f"{nodes} pod(s) placed on {len({p.node for p in pods})} node(s)",
-                      ts, generation)
+        plan.condition("Scheduled", True, "Scheduled",
+                       f"{nodes} pod(s) placed on {len({p.node for p in pods})} node(s)")
 
     # A pod that already exited 0 (a worker rank finishing first) still counts as up.
     running = [p for p in pods if p.phase in ("Running", "Succeeded")]
     if len(running) == nodes:
         since = max((p.started_at for p in running if p.started_at), default=None)
-        stall = observe.stalled(polled, since, ts, observe.allowances(spec, config))
+        stall = observe.stalled(polled, since, plan.now, observe.allowances(spec, config))
         if stall:
-            set_condition(status, "Stalled", True, stall[0], stall[1][:1024], ts, generation)
-            fail_attempt(plan, run, job, pods, ts, config, Failure("Stalled", RETRY, stall[1]))
+            plan.condition("Stalled", True, stall[0], stall[1][:1024])
+            fail_attempt(plan, run, job, pods, config, Failure("Stalled", RETRY, stall[1]))
             return
         plan.transition("Running", "Running", f"attempt {attempt}: {nodes} node(s) training")
-        status["gang"] = {"attempt": attempt, "pods": sorted(p.name for p in running)}
-        set_condition(status, "Running", True, "AllPodsRunning", status["message"], ts, generation)
-        if any(c["type"] == "Stalled" for c in status.get("conditions", [])):
-            set_condition(status, "Stalled", False, "Training", f"attempt {attempt} is running",
-                          ts, generation)
+        status.gang = GangStatus(attempt=attempt or 1, pods=sorted(p.name for p in running))
+        plan.condition("Running", True, "AllPodsRunning", status.message or "")
+        if any(c.type == "Stalled" for c in status.conditions):
+            plan.condition("Stalled", False, "Training", f"attempt {attempt} is running")
         if polled is not None:
-            status["progress"] = observe.progress_status(polled, status.get("progress"))
+            status.progress = observe.progress_status(polled, status.progress)
             checkpoint = observe.last_checkpoint(
-                polled, status.get("checkpointUri") or run_paths(run)[1])
+                polled, status.checkpointUri or run_paths(run)[1])
             if checkpoint:
-                status["lastCheckpoint"] = checkpoint
-            add_gpu_hours(status, pods_gpu_hours(pods, spec["resources"]["gpusPerNode"],
+                status.lastCheckpoint = checkpoint
+            add_gpu_hours(status, pods_gpu_hours(pods, spec.resources.gpusPerNode,
                                                  polled.polled_at), spec, config)
     else:
         message = (f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
                    + ("; unschedulable" if unschedulable else ""))
         plan.transition("Pending", "Pending", message)
-        set_condition(status, "Running", False, "PodsPending", message, ts, generation)
+        plan.condition("Running", False, "PodsPending", message)
 
 
-def preempt(plan: Plan, run: dict, job: JobSummary, wl: WorkloadSummary,
-            pods: list[PodSummary], ts: str, config: OperatorConfig, queue: str) -> None:
+def preempt(plan: Plan, run: Run, job: JobSummary, wl: WorkloadSummary,
+            pods: list[PodSummary], config: OperatorConfig, queue: str) -> None:
     """Kueue evicted the attempt (preemption, waitForPodsReady timeout): close it as
     Preempted with the GPU-hours it held, without spending maxRestarts, and queue the next
     attempt, which resumes from the last complete checkpoint."""
-    status, spec, attempt = plan.status, run["spec"], plan.status["attempt"]
-    generation, evicted = run["metadata"].get("generation", 1), wl.evicted
+    status, resources, attempt = plan.status, run.spec.resources, plan.status.attempt or 1
+    evicted = wl.evicted
     assert evicted is not None  # queueing.preempted
     why = f"{evicted.reason}: {evicted.message}".rstrip(": ")
-    end = evicted.at or ts
-    admitted_at = (status.get("queue") or {}).get("admittedAt")
-    gpus = spec["resources"]["nodes"] * spec["resources"]["gpusPerNode"]
-    hours = queueing.held_gpu_hours(pods_gpu_hours(pods, spec["resources"]["gpusPerNode"], end),
-                                    admitted_at, end, gpus)
-    record_attempt(status, attempt, job, pods, "Preempted", evicted.reason, why, spec, end,
+    end = evicted.at or plan.now
+    admitted_at = status.queue and status.queue.admittedAt
+    hours = queueing.held_gpu_hours(pods_gpu_hours(pods, resources.gpusPerNode, end),
+                                    admitted_at, end, resources.nodes * resources.gpusPerNode)
+    record_attempt(status, attempt, job, pods, "Preempted", evicted.reason, why, run.spec, end,
                    config, gpu_hours=hours, started=admitted_at)
     plan.delete_attempts.append(attempt)
-    status["attempt"] = plan.create_attempt = attempt + 1
-    status["queue"] = {"name": queue}
+    status.attempt = plan.create_attempt = attempt + 1
+    status.queue = QueueStatus(name=queue)
     message = (f"attempt {attempt} preempted ({why}); attempt {attempt + 1} queued in {queue}, "
                "resuming from the last complete checkpoint")[:1024]
     for kind, value in (("Running", False), ("Admitted", False), ("Queued", True)):
-        set_condition(status, kind, value, "Preempted", why[:1024], ts, generation)
+        plan.condition(kind, value, "Preempted", why[:1024])
     plan.events.append(("Warning", "Preempted", message))
-    status.update(phase="Queued", message=message)
+    status.phase, status.message = "Queued", message
 
 
-def succeed(plan: Plan, run: dict, job: JobSummary, pods: list[PodSummary], ts: str,
+def succeed(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
             config: OperatorConfig) -> None:
     """The attempt's Job completed. Rank 0's summary decides: a valid one marks the run
     Succeeded and asks for its model's registration (`plan.register`); a missing or malformed
     one fails the run (InvalidSummary) and registers nothing."""
-    status, spec = plan.status, run["spec"]
-    generation, attempt = run["metadata"].get("generation", 1), status["attempt"]
-    status["completionTime"] = ts
-    record_attempt(status, attempt, job, pods, "Succeeded", "Completed", "", spec, ts, config)
-    set_condition(status, "Running", False, "Completed", "", ts, generation)
+    status, attempt = plan.status, plan.status.attempt or 1
+    status.completionTime = plan.now
+    record_attempt(status, attempt, job, pods, "Succeeded", "Completed", "", run.spec,
+                   plan.now, config)
+    plan.condition("Running", False, "Completed", "")
     rank0 = next((p for p in pods if p.index == 0), None)
     try:
         summary = parse_summary(rank0.message if rank0 else None)
     except SummaryError as err:
-        status.update(phase="Failed", message=str(err))
-        set_condition(status, "Succeeded", False, "InvalidSummary", str(err), ts, generation)
-        set_condition(status, "Failed", True, "InvalidSummary", str(err), ts, generation)
+        status.phase, status.message = "Failed", str(err)
+        plan.condition("Succeeded", False, "InvalidSummary", str(err))
+        plan.condition("Failed", True, "InvalidSummary", str(err))
         plan.events = [("Warning", "InvalidSummary", str(err))]
         return
     plan.transition("Succeeded", "Succeeded", f"attempt {attempt} completed")
-    set_condition(status, "Succeeded", True, "JobComplete",
-                  f"all {spec['resources']['nodes']} node(s) of attempt {attempt} exited 0",
-                  ts, generation)
-    done = {k: v for k, v in (status.get("progress") or {}).items() if k not in ("eta", "stage")}
-    status["progress"] = {
+    plan.condition("Succeeded", True, "JobComplete",
+                   f"all {run.spec.resources.nodes} node(s) of attempt {attempt} exited 0")
+    done = {k: v for k, v in status_document(status.progress or Progress()).items()
+            if k not in ("eta", "stage")}
+    tokens_per_second = summary.throughput.tokensPerSecond
+    status.progress = Progress(**{
         **done, "stage": "done", "step": summary.steps, "totalSteps": summary.steps,
         "percent": "100%", "tokens": summary.tokens,
-        **({"tokensPerSecond": round(summary.throughput.tokensPerSecond, 1)}
-           if summary.throughput.tokensPerSecond else {})}
+        **({"tokensPerSecond": round(tokens_per_second, 1)} if tokens_per_second else {})})
     if summary.tracking.url:
-        status["trackingUrl"] = summary.tracking.url
-    if not status.get("modelVersion"):
+        status.trackingUrl = summary.tracking.url
+    if not status.modelVersion:
         plan.register = summary
 
 
 def registered(plan: Plan, mv: dict) -> None:
     """Record the ModelVersion that `plan.register` produced (status and event)."""
-    plan.status["modelVersion"] = mv["metadata"]["name"]
+    plan.status.modelVersion = mv["metadata"]["name"]
     plan.events.append(("Normal", "Registered", f"ModelVersion {mv['metadata']['name']} "
                         f"(digest {mv['spec']['artifact']['digest'][:19]}...)"))

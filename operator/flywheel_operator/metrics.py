@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .api import FineTuneRunStatus
 from .vocab import RUN_PHASES, parse_time
 
 RECONCILE = Histogram(
@@ -89,12 +90,13 @@ _runs = _RunsByPhase()
 REGISTRY.register(_runs)
 
 
-def count_spend(namespace: str, model: str, old: dict, new: dict) -> None:
+def count_spend(namespace: str, model: str, old: FineTuneRunStatus,
+                new: FineTuneRunStatus) -> None:
     """Add what a status write adds to a run's GPU-hours and estimated cost."""
-    used = new.get("gpuHours", 0) - old.get("gpuHours", 0)
+    used = (new.gpuHours or 0) - (old.gpuHours or 0)
     if used > 0:
         GPU_HOURS.labels(namespace, model).inc(used)
-    spent = new.get("estimatedCost", 0) - old.get("estimatedCost", 0)
+    spent = (new.estimatedCost or 0) - (old.estimatedCost or 0)
     if spent > 0:
         COST.labels(namespace, model).inc(spent)
 

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from flywheel_trainer.contract import TRAINING
 
+from .api import FineTuneRunSpec, LastCheckpoint, Progress
 from .objects import PodSummary
 from .vocab import format_time, parse_time
 
@@ -42,33 +43,31 @@ def progress_url(pod: PodSummary | None) -> str | None:
     return f"http://{host}:{pod.progress_port}/progress"
 
 
-def progress_status(polled: Polled, old: dict | None) -> dict:
+def progress_status(polled: Polled, old: Progress | None) -> Progress:
     """status.progress from rank 0's document (the last known values when a poll failed)."""
     doc = polled.doc
     if not doc:
-        return old or {}
+        return old or Progress()
     step, total = doc.get("step"), doc.get("totalSteps")
     eta = None
     if doc.get("etaSeconds") is not None and polled.fetched_at:
         eta = format_time(parse_time(polled.fetched_at) + timedelta(seconds=doc["etaSeconds"]))
-    out = {"stage": doc.get("stage"), "step": step, "totalSteps": total,
-           "percent": f"{int(100 * step / total)}%" if step is not None and total else None,
-           "epoch": doc.get("epoch"),
-           "loss": _round(doc.get("loss"), 4),
-           "tokensPerSecond": _round(doc.get("tokensPerSecond"), 1),
-           "mfu": _round(doc.get("mfu"), 4),
-           "eta": eta, "heartbeatTime": doc.get("heartbeatTime")}
-    return {k: v for k, v in out.items() if v is not None}
+    return Progress(stage=doc.get("stage"), step=step, totalSteps=total,
+                    percent=f"{int(100 * step / total)}%" if step is not None and total else None,
+                    epoch=doc.get("epoch"), loss=_round(doc.get("loss"), 4),
+                    tokensPerSecond=_round(doc.get("tokensPerSecond"), 1),
+                    mfu=_round(doc.get("mfu"), 4), eta=eta,
+                    heartbeatTime=doc.get("heartbeatTime"))
 
 
-def last_checkpoint(polled: Polled, checkpoint_uri: str) -> dict | None:
+def last_checkpoint(polled: Polled, checkpoint_uri: str) -> LastCheckpoint | None:
     """status.lastCheckpoint: the newest complete checkpoint rank 0 reported, in the run's
     checkpoint directory (status.checkpointUri)."""
     ckpt = (polled.doc or {}).get("lastCheckpoint")
     if not ckpt or ckpt.get("step") is None:
         return None
-    return {"step": ckpt["step"], "time": ckpt.get("time"),
-            "uri": f"{checkpoint_uri.rstrip('/')}/step-{ckpt['step']}"}
+    return LastCheckpoint(step=ckpt["step"], time=ckpt.get("time"),
+                          uri=f"{checkpoint_uri.rstrip('/')}/step-{ckpt['step']}")
 
 
 def _round(value, digits: int):
@@ -84,10 +83,10 @@ class Allowances:
     evaluation: float  # evaluating, exporting
 
 
-def allowances(spec: dict, config) -> Allowances:
+def allowances(spec: FineTuneRunSpec, config) -> Allowances:
     """spec.stallTimeoutSeconds (else the operator config's) for training; the config's own
     allowances for loading and evaluation, never below the stall timeout."""
-    stall = spec.get("stallTimeoutSeconds") or config.stallTimeoutSeconds
+    stall = spec.stallTimeoutSeconds or config.stallTimeoutSeconds
     return Allowances(stall=stall, loading=max(stall, config.loadingTimeoutSeconds),
                       evaluation=max(stall, config.evaluationTimeoutSeconds))
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 from flywheel_trainer.config import Tracking
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from .api import Resources, Storage, Toleration, merge_storage
+from .api import Resources, Run, Storage, Toleration, merge_storage
 
 if TYPE_CHECKING:
     from .config import OperatorConfig, Pool
@@ -252,23 +252,21 @@ class Refusal(NamedTuple):
     message: str
 
 
-def refusal(run: dict, config: OperatorConfig) -> Refusal | None:
+def refusal(run: Run, config: OperatorConfig) -> Refusal | None:
     """Why the run cannot start under this operator's config (None: it can): a pool that does
     not exist or queue settings that cannot work (InvalidSpec), or the admin's policy
     (PolicyDenied, every rule broken, each naming the rule and the field)."""
-    spec, namespace = run["spec"], run["metadata"]["namespace"]
-    if spec.get("queueName") and not config.kueue.enabled:
+    spec, namespace = run.spec, run.namespace
+    if spec.queueName and not config.kueue.enabled:
         return Refusal("InvalidSpec", "spec.queueName is set but the operator's Kueue "
                        "integration is off (operator config kueue.enabled)")
-    if spec.get("priorityClassName") and not config.kueue.queue(
-            namespace, spec.get("queueName")):
+    if spec.priorityClassName and not config.kueue.queue(namespace, spec.queueName):
         return Refusal("InvalidSpec", "spec.priorityClassName needs a Kueue queue: set "
                        "spec.queueName (or a default queue in the operator config)")
-    parsed = Asked.model_validate(spec)
-    unknown = unknown_pool(parsed, namespace, config)
+    unknown = unknown_pool(spec, namespace, config)  # type: ignore[arg-type] (Asked's fields)
     if unknown:
         return Refusal("InvalidSpec", unknown)
-    denied = denials(parsed, namespace, config)
+    denied = denials(spec, namespace, config)  # type: ignore[arg-type]
     if denied:
         return Refusal("PolicyDenied", f"refused by the operator's policy: {'; '.join(denied)}"
                        [:1024])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .api import FineTuneRunStatus, QueueStatus, Run, has_condition
 from .objects import JobSummary, WorkloadSummary
 from .vocab import parse_time
 
@@ -83,26 +84,25 @@ class QueueState:
     lifecycle writes it into the run's status (`lifecycle.apply_queue`)."""
 
     admitted: bool                                   # True: follow the attempt's pods
-    queue: dict                                      # status.queue
+    queue: QueueStatus                               # status.queue
     conditions: list[tuple[str, bool, str, str]] = field(default_factory=list)
     phase: tuple[str, str, str] | None = None        # (phase, reason, message) to show
     activate: tuple[str, bool] | None = None         # (Workload, spec.active) to write
     event: tuple[str, str, str] | None = None        # (type, reason, message)
 
 
-def queue_state(run: dict, old: dict, attempt: int, wl: WorkloadSummary | None, queue: str,
-                position: int | None) -> QueueState:
+def queue_state(run: Run, old: FineTuneRunStatus, attempt: int, wl: WorkloadSummary | None,
+                queue: str, position: int | None) -> QueueState:
     """A Kueue run's attempt: suspend or resume it through its Workload's spec.active (never
     the Job), queued (Kueue's reason, the position) or admitted (the flavor). `old`: the
     status so far."""
-    suspend = bool(run["spec"].get("suspend"))
-    was_suspended = any(c["type"] == "Suspended" and c["status"] == "True"
-                        for c in (run.get("status") or {}).get("conditions", []))
+    suspend = run.spec.suspend
+    was_suspended = has_condition(run.status.conditions, "Suspended")
     activate = ((wl.name, not suspend)
                 if wl and wl.active == suspend and (suspend or was_suspended) else None)
     suspended = ("Suspended", suspend, "Suspended" if suspend else "Active",
                  "spec.suspend is true" if suspend else "")
-    base = {"name": queue, **({"workload": wl.name} if wl else {})}
+    base = QueueStatus(name=queue, workload=wl.name if wl else None)
     if suspend:
         return QueueState(False, base, [suspended, ("Running", False, "Suspended", "")],
                           ("Suspended", "Suspended", "the run is suspended; Kueue stopped its "
@@ -110,16 +110,15 @@ def queue_state(run: dict, old: dict, attempt: int, wl: WorkloadSummary | None, 
     if not (wl and wl.admitted):
         reason, message = pending_message(queue, wl, position)
         return QueueState(
-            False, {**base, **({"position": position} if position is not None else {})},
+            False, base.model_copy(update={"position": position}),
             [suspended, ("Queued", True, reason, message), ("Admitted", False, reason, message)],
             ("Queued", "Queued", f"attempt {attempt}: {message}"[:1024]), activate)
     message = admission_message(wl)
-    was = old.get("queue") or {}
-    newly = not any(c["type"] == "Admitted" and c["status"] == "True"
-                    for c in old.get("conditions", []))
+    newly = not has_condition(old.conditions, "Admitted")
     return QueueState(
-        True, {**base, "clusterQueue": wl.cluster_queue, "flavors": list(wl.flavors),
-               "admittedAt": was.get("admittedAt") or wl.admitted_at},
+        True, base.model_copy(update={
+            "clusterQueue": wl.cluster_queue, "flavors": list(wl.flavors),
+            "admittedAt": (old.queue and old.queue.admittedAt) or wl.admitted_at}),
         [suspended, ("Queued", False, "Admitted", message),
          ("Admitted", True, "Admitted", message)], None, activate,
         ("Normal", "Admitted", f"attempt {attempt}: {message}") if newly else None)

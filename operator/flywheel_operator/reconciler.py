@@ -10,6 +10,7 @@ plan and executes it through `kube`; registration applies `registry`'s decisions
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from . import (
     schedules,
     waker,
 )
+from .api import FineTuneRunStatus, ResolvedModel, Run, set_condition, status_document, status_patch
 from .config import OperatorConfig
 from .vocab import API_VERSION as API
 from .vocab import (
@@ -40,7 +42,6 @@ from .vocab import (
     TERMINAL,
     Key,
     format_time,
-    set_condition,
     trusted,
 )
 
@@ -105,10 +106,11 @@ class Reconciler:
             found = list(self.index["runs"].get(key, []))
             if not found or found[0]["metadata"].get("deletionTimestamp"):
                 return
-            run = trusted(found[0], self.written.get(key), final=TERMINAL)
+            # The run enters the decisions here, parsed once into the API models.
+            run = Run.parse(trusted(found[0], self.written.get(key), final=TERMINAL))
             started = time.monotonic()
             # Only the run's own children (by owner uid): a namesake's are never adopted.
-            jobs, pods = objects.owned(run["metadata"]["uid"],
+            jobs, pods = objects.owned(run.uid,
                                        list(self.index["run_jobs"].get(key, [])),
                                        list(self.index["run_pods"].get(key, [])))
             workloads = [w for j in jobs for w in self.index.get("run_workloads", {}).get(
@@ -126,9 +128,9 @@ class Reconciler:
             except kube.Terminating:
                 return  # the namespace is going away, and the run with it
             self.clear_conflict(key, run, plan)
-            url = observe.progress_url(observe.rank0(pods, plan.status.get("attempt")))
-            if plan.status.get("phase") == "Running" and url:
-                self.poller.want(key, plan.status["attempt"], url)
+            url = observe.progress_url(observe.rank0(pods, plan.status.attempt))
+            if plan.status.phase == "Running" and url and plan.status.attempt:
+                self.poller.want(key, plan.status.attempt, url)
             else:
                 self.poller.drop(key)
             if plan.recheck_after is not None:  # e.g. when a start failure's grace is up
@@ -148,55 +150,59 @@ class Reconciler:
             return None
         return positions.get(workload)
 
-    def resolve_base_model(self, run: dict) -> dict | str | None:
+    def resolve_base_model(self, run: Run) -> ResolvedModel | str | None:
         """For a model:// base model not yet resolved: status.baseModel, or why it names no
         version (lifecycle.resolve_base_model records either)."""
-        ref = registry.parse_ref(run["spec"]["baseModel"])
-        if ref is None or (run.get("status") or {}).get("baseModel"):
+        ref = registry.parse_ref(run.spec.baseModel)
+        if ref is None or run.status.baseModel:
             return None
-        namespace = run["metadata"]["namespace"]
         try:
-            name = registry.ref_version_name(ref, kube.get(API, "Model", namespace, ref.model))
-            mv = kube.get(API, "ModelVersion", namespace, name)
-            return registry.resolve_ref(run["spec"]["baseModel"], ref, mv, name)
+            name = registry.ref_version_name(ref, kube.get(API, "Model", run.namespace,
+                                                           ref.model))
+            mv = kube.get(API, "ModelVersion", run.namespace, name)
+            return registry.resolve_ref(run.spec.baseModel, ref, mv, name)
         except registry.RefError as err:
             return str(err)
 
-    def write_status(self, key: Key, run: dict, status: dict) -> None:
-        kube.patch_status("FineTuneRun", *key, status)
-        self.written[key] = (run["metadata"]["resourceVersion"], status)
+    def write_status(self, key: Key, run: Run, status: FineTuneRunStatus,
+                     force: bool = False) -> bool:
+        """Merge-patch the run's status where it differs from what the run has (or `force`);
+        the status is serialised here, at the edge, as the API models write it."""
+        old, new = status_document(run.status), status_document(status)
+        if new == old and not force:
+            return False
+        patch = status_patch(old, new)
+        kube.patch_status("FineTuneRun", *key, patch)
+        self.written[key] = (run.resource_version, patch)
+        return True
 
-    def report_conflict(self, key: Key, run: dict, plan: lifecycle.Plan,
+    def report_conflict(self, key: Key, run: Run, plan: lifecycle.Plan,
                         err: kube.Conflict) -> None:
         """A child's name is taken by an object that is not the run's: say so on the run (it
         is never adopted nor deleted) and look again later (a namesake's children go)."""
-        status = {**plan.status, "message": str(err)[:1024]}
-        set_condition(status, "Conflict", True, "NameTaken", str(err), format_time(),
-                      run["metadata"].get("generation", 1))
-        if status != (run.get("status") or {}):
-            self.write_status(key, run, status)
-            kopf.event(run, type="Warning", reason="Conflict", message=str(err))
+        status = plan.status.model_copy(deep=True, update={"message": str(err)[:1024]})
+        set_condition(status, "Conflict", True, "NameTaken", str(err),
+                      format_time(), run.generation)
+        if self.write_status(key, run, status):
+            kopf.event(run.ref, type="Warning", reason="Conflict", message=str(err))
         self.runs.wake(key, CONFLICT_RECHECK_SECONDS)
 
-    def clear_conflict(self, key: Key, run: dict, plan: lifecycle.Plan) -> None:
-        if any(c["type"] == "Conflict" and c["status"] == "True"
-               for c in plan.status.get("conditions") or []):
-            status = {**plan.status}
+    def clear_conflict(self, key: Key, run: Run, plan: lifecycle.Plan) -> None:
+        if any(c.type == "Conflict" and c.status == "True" for c in plan.status.conditions):
+            status = plan.status.model_copy(deep=True)
             set_condition(status, "Conflict", False, "Resolved", "", format_time(),
-                          run["metadata"].get("generation", 1))
-            self.write_status(key, run, status)
+                          run.generation)
+            self.write_status(key, run, status, force=True)
 
-    def execute(self, key: Key, run: dict, plan: lifecycle.Plan) -> None:
+    def execute(self, key: Key, run: Run, plan: lifecycle.Plan) -> None:
         namespace, name = key
-        uid = run["metadata"]["uid"]
+        uid = run.uid
         if plan.register is not None:  # before the status: Succeeded means registered
             lifecycle.registered(plan, self.register(run, plan.register))
-        if plan.status != (run.get("status") or {}):
-            # Status first: a crash after this line resumes at the recorded attempt.
-            self.write_status(key, run, plan.status)
-            metrics.count_spend(namespace, run["spec"]["modelName"], run.get("status") or {},
-                                plan.status)
-        run_for_render = {**run, "status": plan.status}
+        # Status first: a crash after this line resumes at the recorded attempt.
+        if self.write_status(key, run, plan.status):
+            metrics.count_spend(namespace, run.spec.modelName, run.status, plan.status)
+        run_for_render = dataclasses.replace(run, status=plan.status)
         for attempt in plan.delete_attempts:
             for child in render.attempt_children(name, attempt):  # only the run's own
                 kube.delete_owned(child.api_version, child.kind, namespace, child.name, uid)
@@ -214,7 +220,7 @@ class Reconciler:
             metrics.ATTEMPTS.labels(namespace).inc()
             if plan.create_attempt > 1:
                 metrics.RESTARTS.labels(namespace).inc()
-            model = kube.get(API, "Model", namespace, run["spec"]["modelName"])
+            model = kube.get(API, "Model", namespace, run.spec.modelName)
             baseline = registry.promoted_summary(
                 model, lambda mv: kube.get(API, "ModelVersion", namespace, mv))
             *parts, job = render.attempt_objects(run_for_render, plan.create_attempt,
@@ -224,18 +230,17 @@ class Reconciler:
             list(self.creators.map(lambda obj: kube.create_owned(obj, namespace, uid), parts))
             kube.create_owned(job, namespace, uid)
         for event_type, reason, message in plan.events:
-            kopf.event(run, type=event_type, reason=reason, message=message)
+            kopf.event(run.ref, type=event_type, reason=reason, message=message)
             log.info("%s/%s: %s: %s", namespace, name, reason, message)
             if reason == "Stalled":
-                metrics.STALLS.labels(namespace, name, run["spec"]["modelName"]).inc()
+                metrics.STALLS.labels(namespace, name, run.spec.modelName).inc()
 
     # --- registration and serving -------------------------------------------------------
 
-    def register(self, run: dict, summary: Summary) -> dict:
+    def register(self, run: Run, summary: Summary) -> dict:
         """Create the run's ModelVersion (once, under the next free number) and record it in
         its Model, creating the Model when it is new. Returns the ModelVersion."""
-        namespace, uid = run["metadata"]["namespace"], run["metadata"]["uid"]
-        model_name = run["spec"]["modelName"]
+        namespace, uid, model_name = run.namespace, run.uid, run.spec.modelName
         with waker.lock(("model", namespace, model_name)):
             model = kube.get(API, "Model", namespace, model_name)
             if model is None:

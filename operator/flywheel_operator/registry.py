@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from flywheel_trainer.contract import Summary
 
-from .api import ModelStatus, ModelVersionSpec, Promotion, checked
+from .api import ModelStatus, ModelVersionSpec, Promotion, ResolvedModel, Run, checked
 from .vocab import (
     API_VERSION,
     DIGEST_ANNOTATION,
@@ -91,35 +91,35 @@ def ref_version_name(ref: ModelRef, model: dict | None) -> str:
     return target["modelVersion"]
 
 
-def resolve_ref(uri: str, ref: ModelRef, mv: dict | None, name: str) -> dict:
+def resolve_ref(uri: str, ref: ModelRef, mv: dict | None, name: str) -> ResolvedModel:
     """status.baseModel for a reference resolved to ModelVersion `mv` (named `name`)."""
     if mv is None:
         raise RefError(f"ModelVersion {name} (named by {uri}) does not exist")
     if mv["spec"].get("modelName") != ref.model:
         raise RefError(f"ModelVersion {name} is a version of {mv['spec'].get('modelName')}, "
                        f"not of {ref.model}")
-    return {"ref": uri, "modelVersion": name, "version": mv["spec"]["version"],
-            "uri": mv["spec"]["artifact"]["uri"], "digest": mv["spec"]["artifact"]["digest"]}
+    return ResolvedModel(ref=uri, modelVersion=name, version=mv["spec"]["version"],
+                         uri=mv["spec"]["artifact"]["uri"],
+                         digest=mv["spec"]["artifact"]["digest"])
 
 
-def model_version(run: dict, summary: Summary, version: int, baseline: dict | None,
+def model_version(run: Run, summary: Summary, version: int, baseline: dict | None,
                   alias: str) -> dict:
     """The immutable ModelVersion record for a succeeded run (validated against the API)."""
-    spec = run["spec"]
-    parent = (run.get("status") or {}).get("baseModel")
+    spec, parent = run.spec, run.status.baseModel
     metrics = finite_metrics(summary.metrics)
     tracking = {k: v for k, v in {"url": summary.tracking.url,
                                   "experimentKey": summary.tracking.experimentKey}.items() if v}
     mv_spec = ModelVersionSpec.model_validate({
-        "modelName": spec["modelName"],
+        "modelName": spec.modelName,
         "version": version,
         "artifact": summary.artifact.model_dump(exclude_none=True,
                                                 include={"uri", "digest", "format", "card"}),
-        "baseModel": parent["uri"] if parent else spec["baseModel"],
-        "parent": {"modelVersion": parent["modelVersion"], "version": parent["version"],
-                   "digest": parent["digest"], "ref": parent["ref"]} if parent else None,
-        "sourceRun": {"name": run["metadata"]["name"], "uid": run["metadata"]["uid"]},
-        "dataset": {"train": spec["dataset"]["train"], "eval": spec["dataset"].get("eval"),
+        "baseModel": parent.uri if parent else spec.baseModel,
+        "parent": parent.model_dump(include={"modelVersion", "version", "digest", "ref"})
+        if parent else None,
+        "sourceRun": {"name": run.name, "uid": run.uid},
+        "dataset": {"train": spec.dataset.train, "eval": spec.dataset.eval,
                     "digests": summary.dataset.digests},
         "metrics": metrics,
         "tracking": tracking or None,
@@ -127,10 +127,8 @@ def model_version(run: dict, summary: Summary, version: int, baseline: dict | No
     return {
         "apiVersion": API_VERSION, "kind": "ModelVersion",
         "metadata": {
-            "name": version_name(spec["modelName"], version),
-            "labels": {MODEL_LABEL: spec["modelName"],
-                       RUN_UID_LABEL: run["metadata"]["uid"],
-                       RUN_LABEL: run["metadata"]["name"]}},
+            "name": version_name(spec.modelName, version),
+            "labels": {MODEL_LABEL: spec.modelName, RUN_UID_LABEL: run.uid, RUN_LABEL: run.name}},
         "spec": mv_spec.model_dump(exclude_none=True)}
 
 

@@ -1,4 +1,4 @@
-"""Pure rendering: a FineTuneRun (as kopf gives it) -> the Kubernetes objects of an attempt.
+"""Pure rendering: a FineTuneRun (api.Run) -> the Kubernetes objects of an attempt.
 
 No I/O. Names are deterministic, so re-running a handler can never create a second Job:
 `<run>-a<attempt>` (Job and headless Service), `<run>-a<attempt>-config` (ConfigMap),
@@ -16,7 +16,7 @@ from flywheel_trainer.contract import EXIT_DATA_ERROR, TERMINATION_LOG, Env
 from kubernetes.utils.quantity import parse_quantity
 
 from . import isolation, policy
-from .api import FineTuneRunSpec
+from .api import FineTuneRunSpec, Run
 from .config import GPU_RESOURCE, OperatorConfig, Pool
 from .vocab import (
     ATTEMPT_LABEL,
@@ -112,32 +112,26 @@ def preflight_labels(run_name: str) -> dict[str, str]:
     return {RUN_LABEL: _label_value(run_name), COMPONENT_LABEL: "preflight", **MANAGED_BY}
 
 
-def master_addr(run: dict[str, Any], attempt: int) -> str:
+def master_addr(run: Run, attempt: int) -> str:
     """Rank 0's stable DNS name: `<job>-0.<service>.<namespace>.svc`."""
-    name = attempt_name(run["metadata"]["name"], attempt)
-    return f"{name}-0.{name}.{run['metadata']['namespace']}.svc"
+    name = attempt_name(run.name, attempt)
+    return f"{name}-0.{name}.{run.namespace}.svc"
 
 
 # ---------------------------------------------------------------------------- trainer config
 
 
-def run_spec(run: dict[str, Any]) -> FineTuneRunSpec:
-    """The run's spec as a model (API-server defaults are re-applied by pydantic)."""
-    return FineTuneRunSpec.model_validate(run.get("spec") or {})
-
-
-def run_paths(run: dict[str, Any]) -> tuple[str, str]:
+def run_paths(run: Run) -> tuple[str, str]:
     """(artifact directory, checkpoint directory) of a run: its own directories under the
     spec's `output.uri` (and `checkpoint.uri`), `<uri>/<run-name>-<uid8>/` (config.run_scoped).
     Two runs naming one output, or a run deleted and applied again, never share either."""
-    spec, meta = run["spec"], run["metadata"]
-    output = run_scoped(spec["output"]["uri"], meta["name"], meta["uid"])
-    checkpoint = (spec.get("checkpoint") or {}).get("uri")
-    return output, (run_scoped(checkpoint, meta["name"], meta["uid"]) if checkpoint
+    output = run_scoped(run.spec.output.uri, run.name, run.uid)
+    checkpoint = run.spec.checkpoint.uri
+    return output, (run_scoped(checkpoint, run.name, run.uid) if checkpoint
                     else default_checkpoint_uri(output))
 
 
-def trainer_config(run: dict[str, Any], attempt: int | None,
+def trainer_config(run: Run, attempt: int | None,
                    baseline: dict | None = None) -> TrainerConfig:
     """The trainer's config for an attempt: the spec's training part plus runtime fields
     (`baseline`: the promoted version's {name, metrics}, for the model card).
@@ -146,14 +140,13 @@ def trainer_config(run: dict[str, Any], attempt: int | None,
     resumes from the same place and no other run's. A registry base model (`model://`) is
     the artifact it resolved to when the run started (`status.baseModel`), with its digest.
     """
-    spec = run_spec(run)
+    spec, resolved = run.spec, run.status.baseModel
     output, checkpoints = run_paths(run)
-    resolved = (run.get("status") or {}).get("baseModel") or {}
-    if spec.baseModel.startswith(MODEL_REF_SCHEME) and not resolved.get("uri"):
+    if spec.baseModel.startswith(MODEL_REF_SCHEME) and not resolved:
         raise ValueError(f"baseModel {spec.baseModel} is not resolved yet (status.baseModel)")
-    data: dict[str, Any] = {"baseModel": resolved.get("uri") or spec.baseModel,
-                            "baseModelDigest": resolved.get("digest"),
-                            "parentVersion": resolved.get("modelVersion"),
+    data: dict[str, Any] = {"baseModel": resolved.uri if resolved else spec.baseModel,
+                            "baseModelDigest": resolved and resolved.digest,
+                            "parentVersion": resolved and resolved.modelVersion,
                             "dataset": spec.dataset.model_dump(exclude_none=True),
                             "hyperparameters": spec.hyperparameters.model_dump(),
                             "fsdp": spec.fsdp.model_dump(),
@@ -161,16 +154,15 @@ def trainer_config(run: dict[str, Any], attempt: int | None,
                                            "uri": checkpoints},
                             "output": {"uri": output},
                             "tracking": spec.tracking.model_dump(exclude_none=True),
-                            "runName": run["metadata"]["name"],
-                            "runUid": run["metadata"]["uid"], "attempt": attempt,
+                            "runName": run.name, "runUid": run.uid, "attempt": attempt,
                             "resumeFrom": spec.resumeFrom,
-                            "experimentKey": experiment_key(run["metadata"]["uid"]),
+                            "experimentKey": experiment_key(run.uid),
                             "baseline": baseline}
     data = {k: v for k, v in data.items() if v is not None}
     return TrainerConfig.model_validate(data)
 
 
-def _config_map(run: dict[str, Any], name: str, labels: dict, cfg: TrainerConfig) -> dict:
+def _config_map(run: Run, name: str, labels: dict, cfg: TrainerConfig) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -183,9 +175,9 @@ def _config_map(run: dict[str, Any], name: str, labels: dict, cfg: TrainerConfig
 # ---------------------------------------------------------------------------- pod pieces
 
 
-def _meta(run: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"name": name, "namespace": run["metadata"]["namespace"], "labels": dict(labels),
-            "ownerReferences": [owner_reference(run)]}
+def _meta(run: Run, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": run.namespace, "labels": dict(labels),
+            "ownerReferences": [owner_reference(run.ref)]}
 
 
 def _scheduling(pool: Pool, spec: FineTuneRunSpec | None, config: OperatorConfig
@@ -260,7 +252,7 @@ def _volumes(config_map: str, pool: Pool, cache: str) -> list[dict[str, Any]]:
 _MOUNTS = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *isolation.MOUNTS]
 
 
-def _job(run: dict[str, Any], name: str, labels: dict[str, str], pod_spec: dict[str, Any],
+def _job(run: Run, name: str, labels: dict[str, str], pod_spec: dict[str, Any],
          completions: int, indexed: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {"completions": completions, "parallelism": completions,
                             "backoffLimit": 0,
@@ -288,19 +280,18 @@ def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: Fine
 # ---------------------------------------------------------------------------- public renderers
 
 
-def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
+def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
                     baseline: dict | None = None) -> list[dict]:
     """ConfigMap, headless Service, NetworkPolicy (unless the config turns it off) and Indexed
     Job of `attempt` (1-based), in creation order.
     `baseline`: the promoted version's {name, metrics}, passed on to the model card."""
     if attempt < 1:
         raise ValueError("attempt is 1-based")
-    meta = run["metadata"]
-    spec = run_spec(run)
+    spec = run.spec
     pool = config.pool(spec.resources.nodePool)
-    name = attempt_name(meta["name"], attempt)
-    cm_name = config_map_name(meta["name"], attempt)
-    labels = attempt_labels(meta["name"], attempt)
+    name = attempt_name(run.name, attempt)
+    cm_name = config_map_name(run.name, attempt)
+    labels = attempt_labels(run.name, attempt)
     selector = {RUN_LABEL: labels[RUN_LABEL], ATTEMPT_LABEL: labels[ATTEMPT_LABEL]}
     nodes, gpus = spec.resources.nodes, spec.resources.gpusPerNode
 
@@ -320,9 +311,9 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
             "valueFrom": {
                 "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
             }},
-        _env(Env.RUN_NAME, meta["name"]),
+        _env(Env.RUN_NAME, run.name),
         _env(Env.ATTEMPT, attempt),
-        _env(Env.EXPERIMENT_KEY, experiment_key(meta["uid"])),
+        _env(Env.EXPERIMENT_KEY, experiment_key(run.uid)),
         _env(Env.SUMMARY_PATH, TERMINATION_LOG),
         _env(Env.PROGRESS_PORT, PROGRESS_PORT),
         # NCCL's own watchdog: a hung collective ends the process (and so the attempt)
@@ -347,7 +338,7 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
                  "terminationMessagePath": TERMINATION_LOG,
                  "terminationMessagePolicy": "FallbackToLogsOnError",
                  "securityContext": _container_security()}
-    parameters = ((run.get("status") or {}).get("preflight") or {}).get("parameters")
+    parameters = run.status.preflight and run.status.preflight.parameters
     pod_spec = {"subdomain": name,
                 **_pod_spec(container, cm_name, pool, spec, storage_wiring(spec, config), config,
                             isolation.cache_size(pool, parameters))}
@@ -359,7 +350,7 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
                                                    "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                               "values": [EXIT_DATA_ERROR]}}]}
-    queue = config.kueue.queue(meta["namespace"], spec.queueName)
+    queue = config.kueue.queue(run.namespace, spec.queueName)
     if queue:  # Kueue admits it: created suspended; Kueue alone unsuspends (all pods or none)
         job["metadata"]["labels"][QUEUE_NAME_LABEL] = queue
         if spec.priorityClassName:
@@ -369,16 +360,15 @@ def attempt_objects(run: dict[str, Any], attempt: int, config: OperatorConfig,
     return [config_map, service, *([netpol] if netpol else []), job]
 
 
-def preflight_objects(run: dict[str, Any], config: OperatorConfig) -> list[dict]:
+def preflight_objects(run: Run, config: OperatorConfig) -> list[dict]:
     """ConfigMap and single-pod CPU Job that run the trainer's preflight mode."""
-    meta = run["metadata"]
-    spec = run_spec(run)
+    spec = run.spec
     pool = config.pool(config.preflightPool)
-    name = preflight_name(meta["name"])
+    name = preflight_name(run.name)
     cm_name = f"{name}-config"
-    labels = preflight_labels(meta["name"])
+    labels = preflight_labels(run.name)
     config_map = _config_map(run, cm_name, labels, trainer_config(run, None))
-    env = [_env(Env.RUN_NAME, meta["name"]), _env(Env.SUMMARY_PATH, TERMINATION_LOG)]
+    env = [_env(Env.RUN_NAME, run.name), _env(Env.SUMMARY_PATH, TERMINATION_LOG)]
     world_size = spec.resources.nodes * spec.resources.gpusPerNode
     memory = config.pool(spec.resources.nodePool).gpuMemoryGB
     container = {

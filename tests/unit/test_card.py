@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from flywheel_operator.api import Run
 from flywheel_operator.registry import model_version
 from flywheel_trainer.card import (
     PLOT_FILE,
@@ -59,9 +60,10 @@ def test_model_index_holds_exactly_the_model_versions_metrics():
         "artifact": {"uri": "s3://m/", "digest": DIGEST}, "steps": 120, "tokens": 4096,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                     for k, v in METRICS.items()}}))
-    run = {"metadata": {"name": "r", "uid": "u"},
-           "spec": {"modelName": "tiny-agent", "baseModel": "file:///models/base",
-                    "dataset": {"train": "s3://data/w2/train.jsonl"}}}
+    run = Run.parse({"metadata": {"name": "r", "namespace": "ml", "uid": "u"},
+                     "spec": {"modelName": "tiny-agent", "baseModel": "file:///models/base",
+                              "dataset": {"train": "s3://data/w2/train.jsonl"},
+                              "output": {"uri": "s3://models/tiny-agent/"}}})
     mv = model_version(run, summary, 1, None, "production")
     assert card_metrics(render(info())) == mv["spec"]["metrics"]
 
@@ -104,9 +106,10 @@ def test_model_version_points_to_the_card():
     summary = parse_summary(json.dumps({
         "artifact": {"uri": "s3://models/tiny-agent/run-1/", "digest": DIGEST, "card": card},
         "steps": 1, "tokens": 1, "metrics": {}}))
-    run = {"metadata": {"name": "run-1", "uid": "u"},
-           "spec": {"modelName": "tiny-agent", "baseModel": "file:///models/base",
-                    "dataset": {"train": "s3://data/train.jsonl"}}}
+    run = Run.parse({"metadata": {"name": "run-1", "namespace": "ml", "uid": "u"},
+                     "spec": {"modelName": "tiny-agent", "baseModel": "file:///models/base",
+                              "dataset": {"train": "s3://data/train.jsonl"},
+                              "output": {"uri": "s3://models/tiny-agent/"}}})
     assert model_version(run, summary, 1, None, "production")["spec"]["artifact"]["card"] == card
 
 
@@ -118,6 +121,7 @@ def test_the_attempt_config_carries_the_promoted_version_to_the_card(tmp_path):
     run = demo.run_manifest("week-2", tmp_path, tmp_path / "t.jsonl", tmp_path / "e.jsonl",
                             tmp_path / "out")
     run["metadata"]["uid"] = "0f0e"
+    run = Run.parse(run)
     baseline = {"name": "tiny-agent-v1", "metrics": {"tool_call_accuracy": 0.9}}
     assert trainer_config(run, 1, baseline).baseline == baseline
     assert trainer_config(run, 1).baseline is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from flywheel_operator import observe, registry
+from flywheel_operator.api import LastCheckpoint
 from flywheel_operator.attempts import preflight_result, preflight_status
 from flywheel_operator.config import OperatorConfig
 from flywheel_operator.objects import JobSummary, PodSummary
@@ -49,10 +50,10 @@ def test_a_preflight_result_round_trips_into_status():
     assert len(text.encode()) <= contract.MESSAGE_LIMIT and json.loads(text)["truncated"]
     pod = PodSummary("pre-0", component="preflight", phase="Failed", message=text)
     read = preflight_result([pod], JobSummary("pre", component="preflight"))
-    status = preflight_status(read, {"resources": {}}, OperatorConfig())
-    assert status["examples"] == 96 and status["steps"] == 12 and status["parameters"] == 123
-    assert status["missingCategories"] == ["crm"]
-    assert "train.jsonl:3: not JSON" in status["problems"]
+    status = preflight_status(read, make_run().spec, OperatorConfig())
+    assert status.examples == 96 and status.steps == 12 and status.parameters == 123
+    assert status.missingCategories == ["crm"]
+    assert "train.jsonl:3: not JSON" in status.problems
 
 
 def test_a_progress_document_round_trips_into_status():
@@ -67,7 +68,7 @@ def test_a_progress_document_round_trips_into_status():
     polled = observe.Polled(attempt=1, doc=doc.model_dump(exclude_unset=True),
                             fetched_at="2027-01-15T08:00:00Z", polled_at="2027-01-15T08:00:00Z")
     status = observe.progress_status(polled, None)
-    assert (status["stage"], status["step"], status["totalSteps"], status["percent"]) == (
+    assert (status.stage, status.step, status.totalSteps, status.percent) == (
         "training", 3, 100, "3%")
-    assert observe.last_checkpoint(polled, "s3://ck/run-1/") == {
-        "step": 2, "time": doc.lastCheckpoint.time, "uri": "s3://ck/run-1/step-2"}
+    assert observe.last_checkpoint(polled, "s3://ck/run-1/") == LastCheckpoint(
+        step=2, time=doc.lastCheckpoint.time, uri="s3://ck/run-1/step-2")

@@ -7,24 +7,23 @@ import dataclasses
 import json
 from datetime import UTC, datetime
 
+from flywheel_operator.api import Run, status_document
 from flywheel_operator.lifecycle import decide
 from flywheel_operator.objects import job_summary, pod_summary
 from flywheel_operator.observe import Polled
+
+from .conftest_data import make_run
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 T0 = "2026-11-29T11:00:00Z"
 
 
-def run(status=None, restarts=3, disruptions=10, stall=None):
-    spec = {"resources": {"nodes": 2, "gpusPerNode": 8, "nodePool": "h200"},
-            "maxRestarts": restarts, "maxDisruptions": disruptions,
-            "preflight": {"enabled": False}, "output": {"uri": "s3://b/out"}}
-    if stall:
-        spec["stallTimeoutSeconds"] = stall
-    return {"apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
-            "metadata": {"name": "r", "namespace": "ns", "uid": "u1", "generation": 1,
-                         "resourceVersion": "1"},
-            "spec": spec, "status": {"phase": "Running", "attempt": 1, **(status or {})}}
+def run(status=None, restarts=3, disruptions=10, stall=None) -> Run:
+    return make_run("r", "ns", {"phase": "Running", "attempt": 1, **(status or {})}, "u1",
+                    resources={"nodes": 2, "gpusPerNode": 8, "nodePool": "h200"},
+                    maxRestarts=restarts, maxDisruptions=disruptions,
+                    preflight={"enabled": False}, output={"uri": "s3://b/out"},
+                    **({"stallTimeoutSeconds": stall} if stall else {}))
 
 
 def job(attempt=1, failed=None, reason=None):
@@ -51,7 +50,7 @@ def pod(index, attempt=1, phase="Running", terminated=None, waiting=None, condit
 
 
 def cond(status, type_):
-    return next(c for c in status["conditions"] if c["type"] == type_)
+    return next(c for c in status.conditions if c.type == type_)
 
 
 def doc(step_time="2026-11-29T11:59:50Z", **kw):
@@ -77,7 +76,7 @@ def test_pod_summary_carries_what_observe_reads():
 
 def test_progress_checkpoint_and_gpu_hours_while_training():
     plan = decide(run(), [job()], [pod(0), pod(1)], NOW, polled=polled(doc()))
-    s = plan.status
+    s = status_document(plan.status)  # as written
     assert s["phase"] == "Running" and plan.create_attempt is None
     assert s["progress"] == {"stage": "training", "step": 30, "totalSteps": 120,
                              "percent": "25%", "epoch": 1, "loss": 1.5,
@@ -91,24 +90,24 @@ def test_progress_checkpoint_and_gpu_hours_while_training():
     assert abs(s["gpuHours"] - 16 * 3599 / 3600) < 1e-3 and s["estimatedCost"] > 0
     # another attempt's poll is ignored
     other = decide(run(), [job()], [pod(0), pod(1)], NOW, polled=polled(doc(), attempt=2))
-    assert "progress" not in other.status
+    assert "progress" not in status_document(other.status)
 
 
 def test_a_stall_is_a_condition_an_event_and_a_new_attempt():
     stuck = polled(doc(step_time="2026-11-29T11:20:00Z"))
     plan = decide(run(stall=600), [job()], [pod(0), pod(1)], NOW, polled=stuck)
-    s = plan.status
-    stalled = cond(s, "Stalled")
-    assert stalled["status"] == "True" and stalled["reason"] == "NoProgress"
-    assert stalled["message"].startswith("no step for 2399s (stage training, step 30/120)")
-    assert "ranks last heard: rank 0 step 30 (1s ago)" in stalled["message"]
+    s = status_document(plan.status)
+    stalled = cond(plan.status, "Stalled")
+    assert stalled.status == "True" and stalled.reason == "NoProgress"
+    assert stalled.message.startswith("no step for 2399s (stage training, step 30/120)")
+    assert "ranks last heard: rank 0 step 30 (1s ago)" in stalled.message
     assert plan.create_attempt == 2 and plan.delete_attempts == [1]
     assert s["attempts"][0]["reason"] == "Stalled"
     assert [e[1] for e in plan.events] == ["Stalled", "AttemptFailed"]
     # the next attempt trains: Stalled goes False
     after = decide(run({**s, "phase": "Pending"}, stall=600), [job(2)],
                    [pod(0, 2), pod(1, 2)], NOW, polled=polled(doc(), attempt=2))
-    assert cond(after.status, "Stalled")["status"] == "False"
+    assert cond(after.status, "Stalled").status == "False"
 
 
 def test_a_lost_node_does_not_spend_the_restart_budget():
@@ -116,8 +115,8 @@ def test_a_lost_node_does_not_spend_the_restart_budget():
                conditions=[{"type": "DisruptionTarget", "status": "True",
                             "reason": "DeletionByPodGC", "message": "PodGC: node h200-1 gone"}])
     plan = decide(run(restarts=0), [job()], [pod(0), gone], NOW)
-    assert plan.create_attempt == 2 and plan.status["phase"] == "Pending"
-    assert plan.status["attempts"][0]["reason"] == "NodeLost"
+    assert plan.create_attempt == 2 and plan.status.phase == "Pending"
+    assert plan.status.attempts[0].reason == "NodeLost"
     assert plan.events[-1][1] == "AttemptDisrupted" and "disruption 1 of 10" in plan.events[-1][2]
     # ... the Job's podFailurePolicy verdict alone says the same
     verdict = job(failed="Pod ns/r-a1-1 has condition DisruptionTarget matching FailJob rule "
@@ -127,26 +126,26 @@ def test_a_lost_node_does_not_spend_the_restart_budget():
     spent = decide(run({"attempts": [{"attempt": 1, "reason": "NodeLost", "phase": "Failed"}],
                         "attempt": 2}, restarts=0, disruptions=1),
                    [job(2)], [pod(0, 2), dataclasses.replace(gone, attempt=2)], NOW)
-    assert spent.status["phase"] == "Failed"
-    assert cond(spent.status, "Failed")["reason"] == "DisruptionBudgetExhausted"
+    assert spent.status.phase == "Failed"
+    assert cond(spent.status, "Failed").reason == "DisruptionBudgetExhausted"
 
 
 def test_data_error_fails_at_once_in_the_trainers_words():
     bad = pod(0, phase="Failed", terminated={"exitCode": 2, "reason": "Error", "message":
                                              json.dumps({"error": "DataError: t.jsonl:7: bad"})})
     plan = decide(run(restarts=3), [job()], [bad, pod(1)], NOW)
-    assert plan.create_attempt is None and plan.status["phase"] == "Failed"
+    assert plan.create_attempt is None and plan.status.phase == "Failed"
     failed = cond(plan.status, "Failed")
-    assert failed["reason"] == "DataError"
-    assert "not retried" in failed["message"] and "DataError: t.jsonl:7: bad" in failed["message"]
+    assert failed.reason == "DataError"
+    assert "not retried" in failed.message and "DataError: t.jsonl:7: bad" in failed.message
 
 
 def test_oom_killed_is_named_and_retried():
     oom = pod(1, phase="Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
     plan = decide(run(), [job()], [pod(0), oom], NOW)
     assert plan.create_attempt == 2
-    assert plan.status["attempts"][0]["reason"] == "OOMKilled"
-    assert "ran out of memory" in plan.status["attempts"][0]["message"]
+    assert plan.status.attempts[0].reason == "OOMKilled"
+    assert "ran out of memory" in plan.status.attempts[0].message
 
 
 def test_a_missing_secret_fails_the_run_after_the_grace_period():
@@ -154,11 +153,11 @@ def test_a_missing_secret_fails_the_run_after_the_grace_period():
     early = decide(run({"phase": "Pending"}), [job()],
                    [pod(0, phase="Pending", waiting=waiting)],
                    datetime(2026, 11, 29, 11, 1, tzinfo=UTC))
-    assert early.status["phase"] == "Pending" and early.create_attempt is None
+    assert early.status.phase == "Pending" and early.create_attempt is None
     assert early.recheck_after == 60.0  # decide again when the grace (120 s) is up
     plan = decide(run({"phase": "Pending"}), [job()], [pod(0, phase="Pending", waiting=waiting)],
                   NOW)
     failed = cond(plan.status, "Failed")
-    assert plan.status["phase"] == "Failed" and plan.create_attempt is None
-    assert failed["reason"] == "CreateContainerConfigError"
-    assert 'secret "comet" not found' in failed["message"]
+    assert plan.status.phase == "Failed" and plan.create_attempt is None
+    assert failed.reason == "CreateContainerConfigError"
+    assert 'secret "comet" not found' in failed.message

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from flywheel_operator import failures, observe
+from flywheel_operator.api import GangStatus, Progress, status_document
 from flywheel_operator.failures import DISRUPTION, FATAL, RETRY
 from flywheel_operator.objects import JobSummary, PodSummary, Why
 from flywheel_operator.observe import Allowances, Polled
@@ -88,14 +89,15 @@ ALLOW = Allowances(stall=300, loading=1800, evaluation=3600)
 
 def test_progress_status_and_last_checkpoint():
     p = polled(doc())
-    assert observe.progress_status(p, None) == {
+    assert status_document(observe.progress_status(p, None)) == {
         "stage": "training", "step": 40, "totalSteps": 100, "percent": "40%", "epoch": 1,
         "loss": 1.2346, "tokensPerSecond": 1234.6, "mfu": 0.4123,
         "eta": "2026-11-29T12:20:06Z", "heartbeatTime": "2026-11-29T12:10:05Z"}
-    assert observe.last_checkpoint(p, "s3://b/ckpt/") == {
+    assert status_document(observe.last_checkpoint(p, "s3://b/ckpt/")) == {
         "step": 40, "time": "2026-11-29T12:09:00Z", "uri": "s3://b/ckpt/step-40"}
     # a failed poll keeps what was known
-    assert observe.progress_status(polled(None, error="timed out"), {"step": 3}) == {"step": 3}
+    known = Progress(step=3)
+    assert observe.progress_status(polled(None, error="timed out"), known) == known
 
 
 def test_a_healthy_run_is_not_stalled():
@@ -152,7 +154,7 @@ def test_no_answer_since_the_pods_started():
 
 
 def test_a_gang_member_deleted_or_replaced_is_a_disruption():
-    gang = {"attempt": 1, "pods": ["r-a1-0-x", "r-a1-1-y"]}
+    gang = GangStatus(attempt=1, pods=["r-a1-0-x", "r-a1-1-y"])
     running = [pod("r-a1-0-x", phase="Running"), pod("r-a1-1-y", phase="Running")]
     assert failures.lost_member(running, gang, 1) is None
     # kubectl delete pod (graceful): the pod is going

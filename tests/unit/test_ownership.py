@@ -7,12 +7,13 @@ import json
 
 import pytest
 from flywheel_operator import registry, render
+from flywheel_operator.api import status_document
 from flywheel_operator.lifecycle import decide
 from flywheel_operator.objects import job_summary, owned, pod_summary
 from flywheel_trainer import contract
 from flywheel_trainer.config import TrainerConfig
 
-from .conftest_data import make_run
+from .conftest_data import make_run, with_status
 
 DIGEST = "sha256:" + "cd" * 32
 UID = "6f1c2a9e-2b1d-4c0a-9d8e-0123456789ab"
@@ -29,10 +30,10 @@ def _summary() -> contract.Summary:
 
 def test_two_runs_on_one_output_get_their_own_directories():
     a = make_run("week-1", output={"uri": "s3://m/out/"})
-    b = make_run("week-2", output={"uri": "s3://m/out/"})
-    b["metadata"]["uid"] = "0a1b2c3d-0000-0000-0000-000000000000"
-    again = make_run("week-1", output={"uri": "s3://m/out"})  # deleted and applied again
-    again["metadata"]["uid"] = "99999999-0000-0000-0000-000000000000"
+    b = make_run("week-2", output={"uri": "s3://m/out/"},
+                 uid="0a1b2c3d-0000-0000-0000-000000000000")
+    again = make_run("week-1", output={"uri": "s3://m/out"},  # deleted and applied again
+                     uid="99999999-0000-0000-0000-000000000000")
     paths = {render.run_paths(r) for r in (a, b, again)}
     assert len(paths) == 3
     assert render.run_paths(a) == ("s3://m/out/week-1-6f1c2a9e/",
@@ -46,8 +47,8 @@ def test_new_run_records_its_directories_in_status():
     run = make_run(output={"uri": "s3://m/out/"}, preflight={"enabled": False})
     plan = decide(run, [], [])
     assert plan.create_attempt == 1
-    assert plan.status["outputUri"] == "s3://m/out/qwen-w48-6f1c2a9e/"
-    assert plan.status["checkpointUri"] == "s3://m/out/qwen-w48-6f1c2a9e/checkpoints/"
+    assert plan.status.outputUri == "s3://m/out/qwen-w48-6f1c2a9e/"
+    assert plan.status.checkpointUri == "s3://m/out/qwen-w48-6f1c2a9e/checkpoints/"
 
 
 def test_resume_from_reaches_the_trainer():
@@ -116,8 +117,9 @@ def test_an_alias_resolves_to_where_it_points_now():
     name = registry.ref_version_name(ref, model)
     assert name == "flow-agent-v3"
     resolved = registry.resolve_ref("model://flow-agent@production", ref, _mv(3), name)
-    assert resolved == {"ref": "model://flow-agent@production", "modelVersion": "flow-agent-v3",
-                        "version": 3, "uri": "s3://m/out/r3/", "digest": DIGEST}
+    assert status_document(resolved) == {
+        "ref": "model://flow-agent@production", "modelVersion": "flow-agent-v3", "version": 3,
+        "uri": "s3://m/out/r3/", "digest": DIGEST}
 
 
 @pytest.mark.parametrize("uri, model, mv, words", [
@@ -136,20 +138,20 @@ def test_unresolvable_references_say_why(uri, model, mv, words):
 
 def test_a_registry_base_model_is_resolved_once_and_verified_by_digest():
     run = make_run(baseModel="model://flow-agent@production", preflight={"enabled": False})
-    resolved = registry.resolve_ref(run["spec"]["baseModel"],
-                                    registry.parse_ref(run["spec"]["baseModel"]), _mv(3),
+    resolved = registry.resolve_ref(run.spec.baseModel,
+                                    registry.parse_ref(run.spec.baseModel), _mv(3),
                                     "flow-agent-v3")
     plan = decide(run, [], [], base_model=resolved)
-    assert plan.status["baseModel"] == resolved
+    assert plan.status.baseModel == resolved
     assert plan.create_attempt == 1
-    cfg = render.trainer_config({**run, "status": plan.status}, 1)
+    cfg = render.trainer_config(with_status(run, plan.status), 1)
     assert (cfg.baseModel, cfg.baseModelDigest, cfg.parentVersion) == (
         "s3://m/out/r3/", DIGEST, "flow-agent-v3")
     # recorded: the next decision keeps it whatever the alias does meanwhile
-    later = decide({**run, "status": plan.status}, [], [], base_model="alias moved")
-    assert later.status["baseModel"] == resolved
+    later = decide(with_status(run, plan.status), [], [], base_model="alias moved")
+    assert later.status.baseModel == resolved
     # the version it produces names its parent
-    mv = registry.model_version({**run, "status": plan.status}, _summary(), 4, None,
+    mv = registry.model_version(with_status(run, plan.status), _summary(), 4, None,
                                 "production")
     assert mv["spec"]["parent"] == {"modelVersion": "flow-agent-v3", "version": 3,
                                     "digest": DIGEST, "ref": "model://flow-agent@production"}
@@ -159,11 +161,11 @@ def test_a_registry_base_model_is_resolved_once_and_verified_by_digest():
 def test_a_reference_to_nothing_fails_the_run_at_once():
     run = make_run(baseModel="model://flow-agent@production")
     plan = decide(run, [], [], base_model="Model flow-agent does not exist in this namespace")
-    assert plan.status["phase"] == "Failed"
+    assert plan.status.phase == "Failed"
     assert plan.create_attempt is None and not plan.create_preflight
-    (failed,) = [c for c in plan.status["conditions"] if c["type"] == "Failed"]
-    assert failed["reason"] == "BaseModelNotFound"
-    assert "model://flow-agent@production" in failed["message"]
+    (failed,) = [c for c in plan.status.conditions if c.type == "Failed"]
+    assert failed.reason == "BaseModelNotFound"
+    assert "model://flow-agent@production" in failed.message
     with pytest.raises(ValueError, match="not resolved"):
         render.trainer_config(run, 1)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from flywheel_operator import policy, render
+from flywheel_operator import policy
+from flywheel_operator.api import FineTuneRunStatus, Run
 from flywheel_operator.config import OperatorConfig
 from flywheel_operator.lifecycle import decide
 from pydantic import ValidationError
@@ -22,12 +23,11 @@ def config(**policy_fields) -> OperatorConfig:
     return OperatorConfig.model_validate({"policy": policy_fields})
 
 
-def denials(run: dict, cfg: OperatorConfig) -> list[str]:
-    spec = policy.Asked.model_validate(run["spec"])
-    return policy.denials(spec, run["metadata"]["namespace"], cfg)
+def denials(run: Run, cfg: OperatorConfig) -> list[str]:
+    return policy.denials(run.spec, run.namespace, cfg)  # the spec serves as policy.Asked
 
 
-def refused(run: dict, cfg: OperatorConfig) -> dict:
+def refused(run: Run, cfg: OperatorConfig) -> FineTuneRunStatus:
     """The run's status after its first reconcile."""
     return decide(run, [], [], NOW, cfg).status
 
@@ -96,11 +96,11 @@ def test_namespace_pools_must_name_known_pools():
 def test_an_unknown_pool_fails_at_once_naming_the_pools_the_namespace_may_use():
     cfg = config(namespacePools={"ml": ["cpu", "local"]})
     status = refused(make_run(resources={"nodePool": "a100"}), cfg)
-    assert status["phase"] == "Failed"
-    (failed,) = [c for c in status["conditions"] if c["type"] == "Failed"]
-    assert failed["reason"] == "InvalidSpec"
-    assert failed["message"] == ("spec.resources.nodePool: unknown node pool 'a100'; pools "
-                                 "namespace ml may use: cpu, local")
+    assert status.phase == "Failed"
+    (failed,) = [c for c in status.conditions if c.type == "Failed"]
+    assert failed.reason == "InvalidSpec"
+    assert failed.message == ("spec.resources.nodePool: unknown node pool 'a100'; pools "
+                              "namespace ml may use: cpu, local")
 
 
 # --- the pool boundary ------------------------------------------------------------------------
@@ -130,10 +130,10 @@ def test_a_run_may_narrow_its_pool_never_leave_it():
 
 def test_scheduling_keeps_the_pool_whatever_the_run_asks():
     cfg = config()
-    spec = render.run_spec(make_run(resources={
+    spec = make_run(resources={
         "nodePool": "cpu", "nodeSelector": {"flywheel.dev/pool": "h200", "zone": "a"},
         "tolerations": [{"operator": "Exists"}, {"key": "nvidia.com/gpu", "operator": "Exists"},
-                        {"key": "dedicated", "operator": "Exists"}]}))
+                        {"key": "dedicated", "operator": "Exists"}]}).spec
     selector, tolerations = policy.scheduling(cfg.pools["cpu"], spec, cfg.pools)
     assert selector == {"flywheel.dev/pool": "cpu", "zone": "a"}
     assert tolerations == [{"key": "dedicated", "operator": "Exists"}]
@@ -192,14 +192,14 @@ def test_a_refused_run_fails_at_once_with_policy_denied_and_creates_nothing():
     cfg = config(allowedImages=["registry.acme.dev/"], maxNodes=2)
     run = make_run(image="docker.io/x/y:1", resources={"nodes": 4, "gpusPerNode": 8})
     plan = decide(run, [], [], NOW, cfg)
-    assert plan.status["phase"] == "Failed" and plan.status["completionTime"]
+    assert plan.status.phase == "Failed" and plan.status.completionTime
     assert not plan.create_attempt and not plan.create_preflight
-    (failed,) = [c for c in plan.status["conditions"] if c["type"] == "Failed"]
-    assert failed["reason"] == "PolicyDenied"
-    assert failed["message"].startswith("refused by the operator's policy: policy.allowedImages: "
-                                        "spec.image 'docker.io/x/y:1'")
-    assert "; policy.maxNodes: spec.resources.nodes is 4, more than 2" in failed["message"]
-    assert plan.events == [("Warning", "PolicyDenied", failed["message"])]
+    (failed,) = [c for c in plan.status.conditions if c.type == "Failed"]
+    assert failed.reason == "PolicyDenied"
+    assert failed.message.startswith("refused by the operator's policy: policy.allowedImages: "
+                                     "spec.image 'docker.io/x/y:1'")
+    assert "; policy.maxNodes: spec.resources.nodes is 4, more than 2" in failed.message
+    assert plan.events == [("Warning", "PolicyDenied", failed.message)]
     # A run within the policy starts (preflight first).
     plan = decide(make_run(image="registry.acme.dev/t:1"), [], [], NOW, cfg)
-    assert plan.create_preflight and plan.status["phase"] == "Pending"
+    assert plan.create_preflight and plan.status.phase == "Pending"

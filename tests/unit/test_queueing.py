@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from flywheel_operator.api import Run, status_document
 from flywheel_operator.config import OperatorConfig
 from flywheel_operator.lifecycle import decide
 from flywheel_operator.objects import job_summary, workload_summary
 from flywheel_operator.render import attempt_objects
 
+from .conftest_data import with_status
 from .test_lifecycle import NOW, T0, cond, pod, run
 
 KUEUE = OperatorConfig.model_validate({"kueue": {"enabled": True}})
@@ -14,12 +16,11 @@ T_ADMIT, T_EVICT = "2026-11-26T10:00:00Z", "2026-11-26T11:00:00Z"
 
 
 def queued_run(status: dict | None = None, queue: str | None = "h200",
-               priority: str | None = None, **kw) -> dict:
-    r = run(status, **kw)
-    r["spec"].update(queueName=queue, priorityClassName=priority)
-    r["spec"].update(baseModel="hf://Qwen/Qwen3-0.6B", modelName="m",
-                     dataset={"train": "s3://d/train.jsonl"}, output={"uri": "s3://m/r/"})
-    return {**r, "spec": {k: v for k, v in r["spec"].items() if v is not None}}
+               priority: str | None = None, **kw) -> Run:
+    kueue = {"queueName": queue, "priorityClassName": priority}
+    return run(status, **kw, **{k: v for k, v in kueue.items() if v is not None},
+               baseModel="hf://Qwen/Qwen3-0.6B", modelName="m",
+               dataset={"train": "s3://d/train.jsonl"}, output={"uri": "s3://m/r/"})
 
 
 def qjob(attempt: int, suspend: bool = True, complete: bool = False) -> dict:
@@ -56,9 +57,9 @@ def workload(attempt: int, admitted: bool = False, evicted: str | None = None,
 def test_a_queued_run_creates_its_job_suspended_with_the_queue_and_priority_labels():
     r = queued_run(priority="high")
     plan = decide(r, [], [], NOW, KUEUE)
-    assert plan.create_attempt == 1 and plan.status["phase"] == "Queued"
-    assert plan.status["queue"] == {"name": "h200"}
-    job = attempt_objects({**r, "status": plan.status}, 1, KUEUE)[-1]
+    assert plan.create_attempt == 1 and plan.status.phase == "Queued"
+    assert status_document(plan.status)["queue"] == {"name": "h200"}
+    job = attempt_objects(with_status(r, plan.status), 1, KUEUE)[-1]
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h200"
     assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
@@ -71,8 +72,8 @@ def test_a_queued_run_creates_its_job_suspended_with_the_queue_and_priority_labe
 def test_without_a_queue_the_job_is_as_before_even_with_kueue_on():
     r = queued_run(queue=None)
     plan = decide(r, [], [], NOW, KUEUE)
-    assert plan.status["phase"] == "Pending" and "queue" not in plan.status
-    job = attempt_objects({**r, "status": plan.status}, 1, KUEUE)[-1]
+    assert plan.status.phase == "Pending" and "queue" not in status_document(plan.status)
+    job = attempt_objects(with_status(r, plan.status), 1, KUEUE)[-1]
     assert "suspend" not in job["spec"]
     assert not any(k.startswith("kueue.x-k8s.io") for k in job["metadata"]["labels"])
 
@@ -89,12 +90,13 @@ def test_namespace_default_queue_applies_to_runs_that_name_none():
 def test_pending_workload_says_queued_with_kueues_reason_and_position():
     status = {"phase": "Queued", "attempt": 1, "queue": {"name": "h200"}}
     plan = decide(queued_run(status), [qjob(1)], [], NOW, KUEUE, [workload(1)], position=2)
-    assert plan.status["phase"] == "Queued"
-    assert plan.status["queue"] == {"name": "h200", "workload": "job-r-a1-abcde", "position": 2}
+    assert plan.status.phase == "Queued"
+    assert status_document(plan.status)["queue"] == {"name": "h200", "workload": "job-r-a1-abcde",
+                                                     "position": 2}
     queued = cond(plan.status, "Queued")
-    assert queued["status"] == "True" and queued["reason"] == "Pending"
-    assert queued["message"].startswith("position 2 in h200: couldn't assign flavors")
-    assert cond(plan.status, "Admitted")["status"] == "False"
+    assert queued.status == "True" and queued.reason == "Pending"
+    assert queued.message.startswith("position 2 in h200: couldn't assign flavors")
+    assert cond(plan.status, "Admitted").status == "False"
     assert plan.suspend_job is None and plan.activate is None  # the Job is Kueue's
 
 
@@ -102,13 +104,13 @@ def test_admitted_workload_reports_the_flavor_then_follows_the_pods():
     status = {"phase": "Queued", "attempt": 1, "queue": {"name": "h200"}}
     plan = decide(queued_run(status), [qjob(1, suspend=False)], [pod(1, 0), pod(1, 1)], NOW,
                   KUEUE, [workload(1, admitted=True)])
-    assert plan.status["phase"] == "Running"
-    assert plan.status["queue"]["flavors"] == ["h200"]
-    assert plan.status["queue"]["clusterQueue"] == "h200"
-    assert plan.status["queue"]["admittedAt"] == T_ADMIT
+    assert plan.status.phase == "Running"
+    assert plan.status.queue.flavors == ["h200"]
+    assert plan.status.queue.clusterQueue == "h200"
+    assert plan.status.queue.admittedAt == T_ADMIT
     admitted = cond(plan.status, "Admitted")
-    assert admitted["status"] == "True" and "flavor h200" in admitted["message"]
-    assert cond(plan.status, "Queued")["status"] == "False"
+    assert admitted.status == "True" and "flavor h200" in admitted.message
+    assert cond(plan.status, "Queued").status == "False"
     assert ("Normal", "Admitted", "attempt 1: admitted by ClusterQueue h200 with flavor h200") \
         in plan.events
     assert plan.suspend_job is None
@@ -119,29 +121,29 @@ def test_preemption_ends_the_attempt_without_spending_the_restart_budget():
     r = queued_run(status, restarts=0)
     plan = decide(r, [qjob(1, suspend=True)], [], NOW, KUEUE,
                   [workload(1, evicted="Preempted")])
-    assert plan.status["phase"] == "Queued" and plan.status["attempt"] == 2
+    assert plan.status.phase == "Queued" and plan.status.attempt == 2
     assert plan.create_attempt == 2 and plan.delete_attempts == [1]
-    (record,) = plan.status["attempts"]
-    assert record["phase"] == "Preempted" and record["reason"] == "Preempted"
-    assert record["gpuHours"] == 16.0  # 2 nodes x 8 GPUs held for the hour to the eviction
-    assert record["startTime"] == T_ADMIT and record["completionTime"] == T_EVICT
-    assert plan.status["gpuHours"] == 16.0
-    assert "resuming from the last complete checkpoint" in plan.status["message"]
+    (record,) = plan.status.attempts
+    assert record.phase == "Preempted" and record.reason == "Preempted"
+    assert record.gpuHours == 16.0  # 2 nodes x 8 GPUs held for the hour to the eviction
+    assert record.startTime == T_ADMIT and record.completionTime == T_EVICT
+    assert plan.status.gpuHours == 16.0
+    assert "resuming from the last complete checkpoint" in plan.status.message
     assert plan.events[0][:2] == ("Warning", "Preempted")
     # maxRestarts is 0, yet a failure of attempt 2 would still be its first failure.
-    failed = decide({**r, "status": plan.status}, [qjob(2, suspend=False)],
+    failed = decide(with_status(r, plan.status), [qjob(2, suspend=False)],
                     [pod(2, 0, "Failed", 1, "boom"), pod(2, 1)], NOW, KUEUE)
-    assert failed.status["phase"] == "Failed"
-    assert [a["phase"] for a in failed.status["attempts"]] == ["Preempted", "Failed"]
+    assert failed.status.phase == "Failed"
+    assert [a.phase for a in failed.status.attempts] == ["Preempted", "Failed"]
 
 
 def test_preempted_pods_count_their_own_running_time():
     status = {"phase": "Running", "attempt": 1, "queue": {"name": "h200", "admittedAt": T_ADMIT}}
     plan = decide(queued_run(status), [qjob(1)], [pod(1, 0), pod(1, 1)], NOW, KUEUE,
                   [workload(1, evicted="PodsReadyTimeout")])
-    (record,) = plan.status["attempts"]
-    assert record["reason"] == "PodsReadyTimeout" and record["startTime"] == T0
-    assert record["gpuHours"] == 16.0  # 2 pods x 8 GPUs from T0 to the eviction (1 h)
+    (record,) = plan.status.attempts
+    assert record.reason == "PodsReadyTimeout" and record.startTime == T0
+    assert record.gpuHours == 16.0  # 2 pods x 8 GPUs from T0 to the eviction (1 h)
 
 
 def test_suspend_goes_through_the_workload_never_the_job():
@@ -149,7 +151,7 @@ def test_suspend_goes_through_the_workload_never_the_job():
     plan = decide(queued_run(status, suspend=True), [qjob(1, suspend=False)], [], NOW, KUEUE,
                   [workload(1, admitted=True)])
     assert plan.activate == ("job-r-a1-abcde", False) and plan.suspend_job is None
-    assert plan.status["phase"] == "Suspended"
+    assert plan.status.phase == "Suspended"
     # Kueue deactivated it: no preemption, no new attempt; resuming reactivates it.
     suspended = decide(queued_run(plan.status, suspend=True), [qjob(1)], [], NOW, KUEUE,
                        [workload(1, evicted="Deactivated", active=False)])
@@ -157,19 +159,19 @@ def test_suspend_goes_through_the_workload_never_the_job():
     resumed = decide(queued_run(suspended.status), [qjob(1)], [], NOW, KUEUE,
                      [workload(1, active=False)])
     assert resumed.activate == ("job-r-a1-abcde", True)
-    assert resumed.status["phase"] == "Queued"
+    assert resumed.status.phase == "Queued"
 
 
 def test_a_suspended_queued_run_gets_no_job_until_resumed():
     plan = decide(queued_run(suspend=True), [], [], NOW, KUEUE)
-    assert plan.create_attempt is None and plan.status["phase"] == "Suspended"
+    assert plan.create_attempt is None and plan.status.phase == "Suspended"
     assert decide(queued_run(plan.status), [], [], NOW, KUEUE).create_attempt == 1
 
 
 def test_queue_settings_the_config_cannot_honour_fail_the_run_with_the_field():
     plan = decide(queued_run(), [], [], NOW, OperatorConfig())
-    assert plan.status["phase"] == "Failed" and plan.create_attempt is None
-    assert "spec.queueName" in plan.status["message"] and "kueue.enabled" in plan.status["message"]
+    assert plan.status.phase == "Failed" and plan.create_attempt is None
+    assert "spec.queueName" in plan.status.message and "kueue.enabled" in plan.status.message
     plan = decide(queued_run(queue=None, priority="high"), [], [], NOW, KUEUE)
-    assert plan.status["phase"] == "Failed"
-    assert plan.status["message"].startswith("spec.priorityClassName needs a Kueue queue")
+    assert plan.status.phase == "Failed"
+    assert plan.status.message.startswith("spec.priorityClassName needs a Kueue queue")

@@ -69,7 +69,7 @@ def test_owner_references_and_labels_everywhere():
             "apiVersion": "flywheel.dev/v1alpha1",
             "kind": "FineTuneRun",
             "name": "qwen-w48",
-            "uid": run["metadata"]["uid"],
+            "uid": run.uid,
             "controller": True,
             "blockOwnerDeletion": True,
         }
@@ -231,7 +231,7 @@ def test_experiment_key_is_stable_across_attempts():
     }
     (key,) = keys
     assert re.fullmatch(r"[0-9a-f]{32}", key)
-    assert key == vocab.experiment_key(run["metadata"]["uid"])
+    assert key == vocab.experiment_key(run.uid)
     assert key != vocab.experiment_key("another-uid")
     assert vocab.comet_experiment_url("acme", "flow-agent", key) == (
         f"https://www.comet.com/acme/flow-agent/{key}"
@@ -265,16 +265,16 @@ def test_config_map_holds_trainer_config():
     cfg = TrainerConfig.model_validate(json.loads(cm["data"]["config.json"]))
     assert cfg.baseModel == "hf://Qwen/Qwen3-32B"
     assert cfg.runName == "qwen-w48"
-    uid8 = run["metadata"]["uid"][:8]
+    uid8 = run.uid[:8]
     # the run's own directories under spec.output.uri: no other run shares them
     assert cfg.output.uri == f"s3://models/flow-agent/qwen-w48-{uid8}/"
     assert cfg.checkpoint.uri == f"s3://models/flow-agent/qwen-w48-{uid8}/checkpoints/"
-    assert cfg.runUid == run["metadata"]["uid"]
+    assert cfg.runUid == run.uid
     assert cfg.dataset.train == "s3://d/t.jsonl"
     if "requiredCategories" in type(cfg.dataset).model_fields:
         assert cfg.dataset.requiredCategories == ["email"]
     if "experimentKey" in TrainerConfig.model_fields:
-        assert cfg.experimentKey == vocab.experiment_key(run["metadata"]["uid"])
+        assert cfg.experimentKey == vocab.experiment_key(run.uid)
     assert cfg.tracking.comet.apiKeySecretRef.name == "comet"
 
 
@@ -310,7 +310,7 @@ def test_preflight_job():
         "--config",
         "/etc/flywheel/config.json",
         "--world-size",
-        str(run["spec"]["resources"]["nodes"] * run["spec"]["resources"]["gpusPerNode"]),
+        str(run.spec.resources.nodes * run.spec.resources.gpusPerNode),
         # The run's pool (h200), not the preflight pool: its GPUs bound the memory plan.
         "--device-memory-gb",
         "141",
@@ -328,7 +328,7 @@ def test_preflight_job():
         "flywheel.dev/executor": "local"
     }
     # A pool without a GPU memory figure: the plan is made but not checked.
-    run["spec"]["resources"]["nodePool"] = "local"
+    run.spec.resources.nodePool = "local"
     assert "--device-memory-gb" not in _container(render.preflight_objects(run, CONFIG)[1])["args"]
 
 

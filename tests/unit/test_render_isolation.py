@@ -76,8 +76,7 @@ def test_shm_and_cache_are_size_limited_and_the_cache_holds_every_download():
 
 
 def test_the_cache_is_sized_from_the_model_preflight_measured():
-    run = make_run()
-    run["status"] = {"preflight": {"phase": "Succeeded", "parameters": 32_800_000_000}}
+    run = make_run(status={"preflight": {"phase": "Succeeded", "parameters": 32_800_000_000}})
     volumes = {v["name"]: v for v in _pod(_attempt(run)["Job"])["volumes"]}
     # 32.8e9 parameters x 4 bytes x 1.25 = 152.7 GiB, rounded up, + 2Gi
     assert volumes["cache"]["emptyDir"] == {"sizeLimit": "155Gi"}

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from flywheel_trainer.config import SpecModel
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import vocab
+
 # --------------------------------------------------------------------------------------------
 # CEL building blocks. Regexes are RE2 (what CEL's matches() uses) and also valid Python `re`.
 
@@ -118,6 +120,22 @@ class Condition(BaseModel):
 
 
 CONDITIONS_SCHEMA = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
+def set_condition(status: Any, type_: str, value: bool, reason: str, message: str, now: str,
+                  generation: int | None) -> None:
+    """vocab.set_condition on a status model's typed `conditions` (assigned, so the status
+    document carries them)."""
+    rows = {"conditions": [c.model_dump(exclude_none=True) for c in status.conditions]}
+    vocab.set_condition(rows, type_, value, reason, message, now, generation)
+    status.conditions = [Condition(**c) for c in rows["conditions"]]
+
+
+def has_condition(conditions: list[Condition], type_: str, status: str = "True",
+                  reason: str | None = None) -> bool:
+    """Whether a condition of `type_` has `status` (and `reason`, when given)."""
+    return any(c.type == type_ and c.status == status and reason in (None, c.reason)
+               for c in conditions)
 
 
 def conditions_field() -> Any:

@@ -7,6 +7,8 @@ and secrets) are added here in `SPEC_PATCHES`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flywheel_trainer.config import (
@@ -299,6 +301,48 @@ class FineTuneRun(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: FineTuneRunSpec
     status: FineTuneRunStatus | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A FineTuneRun as the operator's decisions see it: parsed once, where it enters
+    (`Run.parse`, on the body the reconciler reads from kopf's index), into the API models."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: FineTuneRunSpec
+    status: FineTuneRunStatus = field(default_factory=FineTuneRunStatus)
+    generation: int = 1
+    resource_version: str = ""
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Run:
+        """A run body (as kopf or the API server gives it); the spec and status validated
+        (a misspelt status key fails here, loudly)."""
+        meta = body["metadata"]
+        return cls(meta["name"], meta["namespace"], meta["uid"],
+                   FineTuneRunSpec.model_validate(body.get("spec") or {}),
+                   FineTuneRunStatus.model_validate(body.get("status") or {}),
+                   meta.get("generation", 1), meta.get("resourceVersion", ""))
+
+    @property
+    def ref(self) -> dict[str, Any]:
+        """The run as kopf.event and ownerReferences name it."""
+        return {"apiVersion": API_VERSION, "kind": "FineTuneRun",
+                "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
+
+
+def status_document(status: BaseModel) -> dict[str, Any]:
+    """A status model as written: the fields set, a list or map set empty included, no
+    Nones (a field set to None is removed: `status_patch`)."""
+    return status.model_dump(exclude_unset=True, exclude_none=True)
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that writes the whole `new` status over `old` (status documents):
+    every field of `new`, and None (removal) for each top-level field it no longer has."""
+    return {**new, **{k: None for k in old if k not in new}}
 
 
 #: FineTuneRun spec fields that cannot change after creation (CEL `self == oldSelf`).
