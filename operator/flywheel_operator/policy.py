@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
-from flywheel_trainer.config import Tracking
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from .api import Resources, Run, Storage, Toleration, merge_storage
+from .api import FineTuneRunSpec, Run, Toleration, merge_storage
 
 if TYPE_CHECKING:
     from .config import OperatorConfig, Pool
@@ -65,18 +64,6 @@ class Policy(BaseModel):
     maxNodes: int | None = Field(default=None, ge=1, description="Most nodes (pods) per run.")
     maxGpusPerRun: int | None = Field(
         default=None, ge=1, description="Most GPUs per run (nodes x gpusPerNode, GPU pools).")
-
-
-class Asked(BaseModel):
-    """What a run asks for that the policy rules on: the parts of FineTuneRunSpec it reads
-    (a FineTuneRunSpec serves as well)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    resources: Resources = Field(default_factory=Resources)
-    image: str | None = None
-    storage: Storage | None = None
-    tracking: Tracking = Field(default_factory=Tracking)
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -129,7 +116,7 @@ def toleration_denial(toleration: Toleration, fences: set[str]) -> str | None:
     return None
 
 
-def scheduling(pool: Pool, spec: Asked | None, pools: dict[str, Pool]
+def scheduling(pool: Pool, spec: FineTuneRunSpec | None, pools: dict[str, Pool]
                ) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """nodeSelector and tolerations of a pod on `pool`: the run's extras may only narrow the
     pool (its labels win; tolerations of pool taints, or of every taint, are dropped)."""
@@ -145,7 +132,7 @@ def scheduling(pool: Pool, spec: Asked | None, pools: dict[str, Pool]
     return selector, tolerations
 
 
-def pool_denials(spec: Asked, name: str, config: OperatorConfig) -> list[str]:
+def pool_denials(spec: FineTuneRunSpec, name: str, config: OperatorConfig) -> list[str]:
     pool = config.pools[name]
     out = []
     for key, value in spec.resources.nodeSelector.items():
@@ -165,7 +152,7 @@ def pool_denials(spec: Asked, name: str, config: OperatorConfig) -> list[str]:
 # --- credentials and size ------------------------------------------------------------------------
 
 
-def credential_denials(spec: Asked, config: OperatorConfig) -> list[str]:
+def credential_denials(spec: FineTuneRunSpec, config: OperatorConfig) -> list[str]:
     policy, own, defaults = config.policy, spec.storage, config.storage
     out: list[str] = []
     if not policy.allowRunSecrets:
@@ -201,7 +188,7 @@ def credential_denials(spec: Asked, config: OperatorConfig) -> list[str]:
     return out
 
 
-def size_denials(spec: Asked, pool: Pool, policy: Policy) -> list[str]:
+def size_denials(spec: FineTuneRunSpec, pool: Pool, policy: Policy) -> list[str]:
     nodes, gpus = spec.resources.nodes, spec.resources.gpusPerNode
     out = []
     if policy.maxNodes is not None and nodes > policy.maxNodes:
@@ -216,7 +203,7 @@ def size_denials(spec: Asked, pool: Pool, policy: Policy) -> list[str]:
 # --- all of it ----------------------------------------------------------------------------------
 
 
-def unknown_pool(spec: Asked, namespace: str, config: OperatorConfig) -> str | None:
+def unknown_pool(spec: FineTuneRunSpec, namespace: str, config: OperatorConfig) -> str | None:
     """The message for a run whose pool does not exist (None: it does)."""
     name = spec.resources.nodePool or config.defaultPool
     if name in config.pools:
@@ -225,7 +212,7 @@ def unknown_pool(spec: Asked, namespace: str, config: OperatorConfig) -> str | N
             f"may use: {', '.join(allowed_pools(config, namespace)) or 'none'}")
 
 
-def denials(spec: Asked, namespace: str, config: OperatorConfig) -> list[str]:
+def denials(spec: FineTuneRunSpec, namespace: str, config: OperatorConfig) -> list[str]:
     """Every rule of the config's policy (and the pool boundary) the run breaks, each naming
     the rule and the field; empty when it may run. The pool must exist (`unknown_pool`)."""
     name = spec.resources.nodePool or config.defaultPool
@@ -263,10 +250,10 @@ def refusal(run: Run, config: OperatorConfig) -> Refusal | None:
     if spec.priorityClassName and not config.kueue.queue(namespace, spec.queueName):
         return Refusal("InvalidSpec", "spec.priorityClassName needs a Kueue queue: set "
                        "spec.queueName (or a default queue in the operator config)")
-    unknown = unknown_pool(spec, namespace, config)  # type: ignore[arg-type] (Asked's fields)
+    unknown = unknown_pool(spec, namespace, config)
     if unknown:
         return Refusal("InvalidSpec", unknown)
-    denied = denials(spec, namespace, config)  # type: ignore[arg-type]
+    denied = denials(spec, namespace, config)
     if denied:
         return Refusal("PolicyDenied", f"refused by the operator's policy: {'; '.join(denied)}"
                        [:1024])

@@ -24,7 +24,7 @@ def config(**policy_fields) -> OperatorConfig:
 
 
 def denials(run: Run, cfg: OperatorConfig) -> list[str]:
-    return policy.denials(run.spec, run.namespace, cfg)  # the spec serves as policy.Asked
+    return policy.denials(run.spec, run.namespace, cfg)
 
 
 def refused(run: Run, cfg: OperatorConfig) -> FineTuneRunStatus:
