@@ -1,0 +1,60 @@
+"""The status at the edge: the reconciler parses the run from its index once, writes the plan's
+status as a JSON merge patch only where it changed, and removes a field the plan dropped."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import kopf
+import pytest
+from flywheel_operator import kube, reconciler
+from flywheel_operator.config import OperatorConfig
+
+from .conftest_data import make_body
+from .test_lifecycle import job, pod
+
+KEY = ("ns", "r")
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple]:
+    done: list[tuple] = []
+    monkeypatch.setattr(kube, "patch_status", lambda kind, ns, name, st: done.append(
+        ("status", copy.deepcopy(st))))
+    monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: done.append(
+        ("create", obj["kind"])))
+    monkeypatch.setattr(kube, "patch", lambda *a, **k: done.append(("patch", a[1])))
+    monkeypatch.setattr(kube, "get", lambda *a: None)
+    monkeypatch.setattr(kopf, "event", lambda obj, **k: done.append(("event", k["reason"])))
+    return done
+
+
+def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
+                        resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={})
+    rec.reconcile_run(KEY)
+    (kind, status), *_ = calls
+    assert kind == "status" and status["phase"] == "Pending" and None not in status.values()
+    assert "attempts" not in status and status["conditions"][0]["type"] == "Suspended"
+    calls.clear()
+    rec.reconcile_run(KEY)  # the watch has not delivered the write yet: nothing to write again
+    assert [c for c in calls if c[0] == "status"] == []
+
+    uid = body["metadata"]["uid"]
+    rec.index["run_jobs"] = {KEY: [dataclasses.replace(job(1), owner=uid, uid="j1")]}
+    rec.index["run_pods"] = {KEY: [dataclasses.replace(pod(1, i), job="j1") for i in (0, 1)]}
+    rec.reconcile_run(KEY)
+    assert calls[-2][1]["gang"] == {"attempt": 1, "pods": ["r-a1-0", "r-a1-1"]}
+    calls.clear()
+    delivered = copy.deepcopy(body)  # the watch delivers the write; then spec.suspend
+    delivered["metadata"]["resourceVersion"] = "2"
+    delivered["status"] = rec.written[KEY][1]
+    delivered["spec"]["suspend"] = True
+    rec.index["runs"] = {KEY: [delivered]}
+    rec.reconcile_run(KEY)
+    (_, status), *rest = calls
+    assert status["phase"] == "Suspended" and status["gang"] is None  # null removes it
+    assert rest == [("patch", "Job"), ("event", "Suspended")]
