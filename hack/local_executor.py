@@ -68,6 +68,7 @@ from local_executor_status import (  # noqa: E402
     container_status,
     ended,
     never_ran,
+    running,
     transient,
     watch_lines,
 )
@@ -177,14 +178,14 @@ class Executor:
                         self.status.set(pod, {"phase": "Failed"})
                         return
             since = now()
-            running = {"phase": "Running", **addr, "initContainerStatuses": done}
+            base = {"phase": "Running", **addr, "initContainerStatuses": done}
             proc = self.spawn(pod, main)
             if proc is None:
                 return
-            self.status.set(pod, {**running, **self.running(main, since, main.probe is None)})
+            self.status.set(pod, {**base, **running(main.name, main.image, since, not main.probe)})
             if main.probe:
                 threading.Thread(target=self.probe, daemon=True,
-                                 args=(pod, main, proc, pod_ip, running, since)).start()
+                                 args=(pod, main, proc, pod_ip, base)).start()
             code, message, _ = self.run_container(pod, main, proc)
             if not self.owns(uid, proc):
                 return  # the pod is gone: nothing to report
@@ -197,15 +198,8 @@ class Executor:
             self.net.remove_hosts(uid)
             self.net.release(uid)
 
-    @staticmethod
-    def running(main: Process, since: str, ready: bool) -> dict:
-        return {"conditions": conditions(since, Initialized=True, Ready=ready,
-                                         ContainersReady=ready),
-                "containerStatuses": [container_status(main.name, main.image, running=since,
-                                                       ready=ready)]}
-
     def probe(self, pod: dict, main: Process, proc: subprocess.Popen, pod_ip: str,
-              running: dict, since: str) -> None:
+              base: dict) -> None:
         """The readiness probe: GET the container's path until it answers 2xx or 3xx."""
         port, path = main.probe
         while self.owns(pod["metadata"]["uid"], proc) and proc.poll() is None:
@@ -213,7 +207,7 @@ class Executor:
                 with urllib.request.urlopen(f"http://{pod_ip}:{port}{path}", timeout=2):
                     pass  # urlopen raises on 4xx/5xx (HTTPError is an OSError)
                 log(f"ready {pod['metadata']['namespace']}/{pod['metadata']['name']}")
-                self.status.set(pod, {**running, **self.running(main, now(), True)})
+                self.status.set(pod, {**base, **running(main.name, main.image, now(), True)})
                 return
             time.sleep(1)
 

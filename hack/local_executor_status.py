@@ -56,6 +56,12 @@ def container_status(name: str, image: str, *, running: str | None = None,
     return status
 
 
+def running(name: str, image: str, since: str, ready: bool) -> dict:
+    """The status of a pod whose (one) container runs since `since`, Ready or not yet."""
+    return {"conditions": conditions(since, Initialized=True, Ready=ready, ContainersReady=ready),
+            "containerStatuses": [container_status(name, image, running=since, ready=ready)]}
+
+
 def ended(code: int, started: str, message: str = "") -> dict:
     """A container's terminated state, as a runtime reports it."""
     terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",

@@ -15,6 +15,7 @@ The tests start their own server (`launch`) in a temporary directory, without th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -181,6 +182,33 @@ def upload_dir(local: str | Path, uri: str, s3: S3 | None = None) -> list[str]:
             client.put_object(Bucket=bucket, Key=key, Body=f)
         keys.append(key)
     return keys
+
+
+def upload(local: Path, target: str) -> str:
+    """Upload a file or folder to `target` (s3://bucket/key, or a prefix for a folder)."""
+    if local.is_dir():
+        upload_dir(local, target)
+    else:
+        bucket, _, key = target.removeprefix("s3://").partition("/")
+        with open(local, "rb") as f:
+            load().client().put_object(Bucket=bucket, Key=key, Body=f)
+    return target
+
+
+@contextlib.contextmanager
+def access(location: str):
+    """Read an s3:// location with this server's endpoint and keys (this process only)."""
+    extra = load().env() if location.startswith("s3://") else {}
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def secret_manifest(namespace: str, s3: S3 | None = None, name: str = SECRET_NAME) -> dict:

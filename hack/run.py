@@ -28,7 +28,6 @@ week's snapshot of week 1's data), starts this week's run at once through the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -42,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python hack/run.py` as well as `from hack import run`
     sys.path.insert(0, str(ROOT))
-from hack import local_s3  # noqa: E402
+from hack import local_s3, serving  # noqa: E402
+from hack.console import follow, metrics_table, say  # noqa: E402
 
 KUBECONFIG = ROOT / ".cache" / "cluster" / "kubeconfig"
 KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
@@ -91,37 +91,6 @@ def store(*parts: str) -> Path:
 def uri(location: Path | str) -> str:
     """A URI as is, a local path as file://."""
     return location if isinstance(location, str) else f"file://{location}"
-
-
-def publish(local: Path, target: str) -> str:
-    """Upload a file or folder to `target` on the local S3 server; returns `target`."""
-    if local.is_dir():
-        local_s3.upload_dir(local, target)
-    else:
-        bucket, _, key = target.removeprefix("s3://").partition("/")
-        with open(local, "rb") as f:
-            local_s3.load().client().put_object(Bucket=bucket, Key=key, Body=f)
-    return target
-
-
-@contextlib.contextmanager
-def store_access(location: str):
-    """Read an s3:// location with the local server's endpoint and keys (this process only)."""
-    extra = local_s3.load().env() if location.startswith("s3://") else {}
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def say(msg: str) -> None:
-    print(f"\033[1m==> {msg}\033[0m", flush=True)
 
 
 def kubectl(*args: str, input: str | None = None, check: bool = True) -> str:
@@ -245,23 +214,7 @@ def model_manifest(namespace: str = NAMESPACE) -> dict:
                 + [{"metric": m, "min": GATES["category"]} for m in per_category],
                 "noRegression": {"metrics": per_category,
                                  "tolerance": GATES["noRegressionTolerance"]}},
-            "servingTargets": [{"deployment": f"{MODEL}-server", "container": "server"}],
-        },
-    }
-
-
-def serving_deployment(namespace: str = NAMESPACE) -> dict:
-    return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": f"{MODEL}-server", "namespace": namespace},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": f"{MODEL}-server"}},
-            "template": {
-                "metadata": {"labels": {"app": f"{MODEL}-server"}},
-                "spec": {"nodeSelector": {"flywheel.dev/pool": "cpu"},
-                         "containers": [{"name": "server", "image": "vllm/vllm-openai:v0.11"}]},
-            },
+            "servingTargets": [{"deployment": serving.NAME, "container": "server"}],
         },
     }
 
@@ -323,73 +276,6 @@ def next_week(namespace: str = NAMESPACE) -> str:
     return str(len(versions) + 1)
 
 
-def follow(name: str, namespace: str = NAMESPACE, timeout: float = 1800) -> dict:
-    say(f"following FineTuneRun {namespace}/{name} (Ctrl-C stops watching, not the run)")
-    last, deadline, tty = None, time.monotonic() + timeout, sys.stdout.isatty()
-    logged = (-1, 0.0)  # without a terminal: the bar's last printed tenth and time
-    while time.monotonic() < deadline:
-        status = get("ftr", name, "-n", namespace).get("status") or {}
-        progress = status.get("progress") or {}
-        pre = (status.get("preflight") or {}).get("phase")
-        if status.get("phase") == "Running" and progress.get("totalSteps"):
-            # the live bar: stage, step/total, loss, tokens/s, ETA (status.progress)
-            done = progress.get("step", 0) / progress["totalSteps"]
-            line = (f"[{'#' * int(24 * done):.<24}] {progress.get('percent', '')} "
-                    f"attempt {status.get('attempt')} {progress.get('stage', '')} step "
-                    f"{progress.get('step')}/{progress['totalSteps']}"
-                    + (f" loss {progress['loss']:.3f}" if progress.get("loss") else "")
-                    + (f" {progress['tokensPerSecond']:.0f} tok/s"
-                       if progress.get("tokensPerSecond") else "")
-                    + (f" ETA {progress['eta'][11:19]}" if progress.get("eta") else ""))
-        else:
-            line = (f"phase={status.get('phase', '-'):<10} attempt={status.get('attempt', '-')}"
-                    + (f" preflight={pre}" if pre else "")
-                    + (f" step={progress.get('step')}/{progress.get('totalSteps')}"
-                       if progress.get("step") is not None and progress.get("totalSteps")
-                       else "")
-                    + (f"  {status['message']}" if status.get("message") else ""))
-        if line != last and line.startswith("[") and not tty:
-            # piped to a file: a bar line every tenth of the way or every 30 s, not every second
-            tenth = int(10 * progress.get("step", 0) / progress["totalSteps"])
-            if tenth == logged[0] and time.monotonic() - logged[1] < 30:
-                line = last
-            else:
-                logged = (tenth, time.monotonic())
-        if line != last:
-            bar = line.startswith("[") and tty  # redraw the bar in place on a terminal
-            if tty and not bar and (last or "").startswith("["):
-                print()
-            print(f"\r  {datetime.now(UTC):%H:%M:%S}  {line:<100}" if bar
-                  else f"  {datetime.now(UTC):%H:%M:%S}  {line}", end="" if bar else "\n",
-                  flush=True)
-            last = line
-        if status.get("phase") in ("Succeeded", "Failed"):
-            return status
-        time.sleep(1)
-    raise SystemExit(f"run {name} did not finish within {timeout:.0f}s")
-
-
-def metrics_table(metrics: dict, deltas: dict | None) -> str:
-    """Tool-call accuracy and eval loss per category, with ▲/▼ deltas against production."""
-    def cell(key: str) -> str:
-        value = metrics.get(key)
-        text = "-" if value is None else f"{value:.3f}"
-        delta = (deltas or {}).get(key)
-        if delta is not None:
-            better = delta < 0 if "loss" in key else delta > 0
-            mark = "=" if abs(delta) < 5e-4 else ("▲" if better else "▼")
-            text += f" {mark}{delta:+.3f}"
-        return text
-
-    rows = [("category", "tool-call accuracy", "eval loss")]
-    for cat in ("all", *CATEGORIES):
-        suffix = "" if cat == "all" else f"/{cat}"
-        rows.append((cat, cell("tool_call_accuracy" + suffix), cell("eval_loss" + suffix)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
-                     for r in rows)
-
-
 def production(namespace: str) -> dict | None:
     model = get("model", MODEL, "-n", namespace)
     return ((model.get("status") or {}).get("aliases") or {}).get("production")
@@ -425,7 +311,7 @@ def report(name: str, status: dict, namespace: str = NAMESPACE) -> dict:
     say(f"registered {mv['metadata']['name']}: what it learned (held-out eval, greedy)"
         + (f", vs {comparison['alias']} version {comparison['version']}" if comparison else ""))
     metrics = mv["spec"].get("metrics", {})
-    print(metrics_table(metrics, comparison and comparison["deltas"]))
+    print(metrics_table(metrics, comparison and comparison["deltas"], CATEGORIES))
     decision = next((c for c in (model.get("status") or {}).get("conditions", [])
                      if c["type"] == "Promoted"), None)
     aliases = (model.get("status") or {}).get("aliases", {})
@@ -438,7 +324,7 @@ def report(name: str, status: dict, namespace: str = NAMESPACE) -> dict:
     card = mv["spec"]["artifact"].get("card") or storage.join(output, CARD_FILE)
     local = WORK / "artifacts" / name  # copies to open here: the card, its plot, Comet's archive
     local.mkdir(parents=True, exist_ok=True)
-    with store_access(output):  # re-read from the store: the digest covers what is there
+    with local_s3.access(output):  # re-read from the store: the digest covers what is there
         actual = digest_dir(output)
         archives = [storage.join(output, "comet-offline", e["name"]) for e in
                     storage.listdir(storage.join(output, "comet-offline"))
@@ -455,20 +341,33 @@ def report(name: str, status: dict, namespace: str = NAMESPACE) -> dict:
         zip_name = rel / path.rsplit("/", 1)[-1]
         print(f"  Comet offline archive: {zip_name}\n    to upload it to Comet: "
               f"COMET_API_KEY=<your key> .venv/bin/comet upload {zip_name}")
-    prod_digest = (aliases.get("production") or {}).get("digest")
-    deadline = time.monotonic() + 30
-    while True:  # the operator rolls the serving Deployment to production's digest
-        deployment = get("deployment", f"{MODEL}-server", "-n", namespace)
-        served = deployment["spec"]["template"]["metadata"].get("annotations", {}).get(
-            "flywheel.dev/model-digest")
-        if served == prod_digest or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    say(f"serving: Deployment {MODEL}-server serves digest {str(served)[:23]}..."
-        f" (generation {deployment['metadata']['generation']})")
     return {"ok": actual == expected, "modelVersion": mv, "promoted": promoted,
-            "card": card, "production": aliases.get("production"),
-            "served": served}
+            "card": card, "production": aliases.get("production")}
+
+
+def ask_served(namespace: str, eval_file: Path) -> dict | None:
+    """Once the serving Deployment has rolled out production's digest, send it one held-out
+    request with its tools (OpenAI client) and print the tool call it answers with."""
+    prod = production(namespace)
+    if not prod:
+        return None
+    say(f"serving: waiting for {serving.NAME} to fetch, verify and serve version "
+        f"{prod['version']} (digest {prod['digest'][:23]}...)")
+    pod = serving.rolled_out(get, namespace, prod["digest"])
+    if pod is None:
+        say(f"serving: {serving.NAME} did not roll out to version {prod['version']}: see "
+            f"kubectl describe deployment {serving.NAME} -n {namespace}")
+        return {"digest": None, "version": prod["version"]}
+    request = serving.held_out_request(eval_file)
+    call = serving.ask(pod, request)
+    user = next(m["content"] for m in request["messages"] if m["role"] == "user")
+    say(f"serving: pod {pod['metadata']['name']} ({pod['status']['podIP']}:{serving.PORT}) "
+        f"answers with version {prod['version']}; a held-out request through the OpenAI client:")
+    print(f"  request:  {user!r} ({request['category']}, {len(request['tools'])} tools)")
+    print(f"  served:   {serving.show(call)}")
+    print(f"  expected: {serving.show(request['expected'])}")
+    return {"digest": serving.served_digest(pod), "version": prod["version"],
+            "pod": pod["metadata"]["name"], "call": call, "request": request}
 
 
 def run_week(week: str, namespace: str = NAMESPACE, work: Path = WORK) -> dict:
@@ -479,9 +378,9 @@ def run_week(week: str, namespace: str = NAMESPACE, work: Path = WORK) -> dict:
     name = f"{MODEL}-week-{week}-{datetime.now(UTC):%H%M%S}"
     base = f"s3://{BUCKET}/{namespace}"
     say(f"publishing the base model and week {week}'s data to {base}/ (the local S3 server)")
-    model_uri = publish(model_dir, f"{base}/base-model/")
-    train_uri = publish(train, f"{base}/data/week-{week}/train.jsonl")
-    eval_uri = publish(eval_, f"{base}/data/eval.jsonl")
+    model_uri = local_s3.upload(model_dir, f"{base}/base-model/")
+    train_uri = local_s3.upload(train, f"{base}/data/week-{week}/train.jsonl")
+    eval_uri = local_s3.upload(eval_, f"{base}/data/eval.jsonl")
     output = f"{base}/artifacts/"  # each run writes its own <run>-<uid8>/ under it
     local_s3.apply_secret(namespace)  # the keys, as a Secret the run names
     prod = production(namespace)
@@ -492,7 +391,8 @@ def run_week(week: str, namespace: str = NAMESPACE, work: Path = WORK) -> dict:
     say(f"week {week}: applied FineTuneRun {name} (2 nodes x 1 device on the local pool), "
         f"training on {train_uri}, from "
         + (f"{PRODUCTION_REF} (now version {prod['version']})" if prod else model_uri))
-    return {"week": week, "name": name, **report(name, follow(name, namespace), namespace)}
+    result = report(name, follow(get, name, namespace), namespace)
+    return {"week": week, "name": name, **result, "served": ask_served(namespace, eval_)}
 
 
 def setup(namespace: str = NAMESPACE) -> None:
@@ -502,7 +402,7 @@ def setup(namespace: str = NAMESPACE) -> None:
     if not get("namespaces", "--field-selector", f"metadata.name={namespace}")["items"]:
         kubectl("create", "namespace", namespace)
         kubectl("wait", "--for=create", "serviceaccount/default", "-n", namespace)
-    apply(serving_deployment(namespace))
+    apply(serving.deployment(namespace))
     apply(model_manifest(namespace))
 
 
@@ -533,7 +433,8 @@ def main() -> int:
         name = trigger_schedule(schedule["metadata"]["name"])
         run = get("ftr", name, "-n", NAMESPACE)
         say(f"triggered {name}: trains on {run['spec']['dataset']['train']}")
-        result = report(name, follow(name))
+        result = report(name, follow(get, name, NAMESPACE))
+        ask_served(NAMESPACE, eval_)
         print(kubectl("get", "fts", "-n", NAMESPACE))
         return 0 if result["ok"] else 1
     finally:

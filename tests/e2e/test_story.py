@@ -18,7 +18,9 @@ import re
 
 import pytest
 
+from hack import local_s3
 from hack import run as demo
+from hack.console import metrics_table
 from tests.conftest import Cluster
 
 pytestmark = pytest.mark.cluster
@@ -61,8 +63,17 @@ def test_week_one_goes_to_production(cluster, story):
     assert week["production_before"] is None
     assert week["promoted"]
     assert week["production"]["modelVersion"] == week["modelVersion"]["metadata"]["name"]
-    # The serving Deployment rolled to it (read right after week 1, before week 2 ran).
-    assert week["served"] == week["modelVersion"]["spec"]["artifact"]["digest"]
+    # The serving pod fetched and verified it, and answers a held-out request with a call of
+    # one of the request's tools (asked right after week 1, before week 2 ran).
+    assert week["served"]["digest"] == week["modelVersion"]["spec"]["artifact"]["digest"]
+    assert_valid_call(week["served"])
+
+
+def assert_valid_call(served: dict) -> None:
+    """The served answer is a call of one of the request's tools, with arguments."""
+    call, request = served["call"], served["request"]
+    assert call.get("name") in {t["function"]["name"] for t in request["tools"]}, served
+    assert isinstance(call["arguments"], dict) and call["arguments"], served
 
 
 def test_model_card_is_in_the_artifact_and_matches_the_model_version(story):
@@ -77,7 +88,7 @@ def test_model_card_is_in_the_artifact_and_matches_the_model_version(story):
         assert mv["spec"]["artifact"]["card"] == mv["spec"]["artifact"]["uri"] + "README.md"
         artifact = mv["spec"]["artifact"]["uri"]
         assert artifact.startswith("s3://"), artifact  # make run trains to the local S3 server
-        with demo.store_access(artifact), storage.open_uri(mv["spec"]["artifact"]["card"]) as f:
+        with local_s3.access(artifact), storage.open_uri(mv["spec"]["artifact"]["card"]) as f:
             text = f.read().decode()
         meta = front_matter(text)
         assert meta["library_name"] == "transformers"
@@ -89,13 +100,13 @@ def test_model_card_is_in_the_artifact_and_matches_the_model_version(story):
             assert digest in text
         assert mv["spec"]["sourceRun"]["name"] in text
         assert mv["spec"]["tracking"]["experimentKey"] in text
-        with demo.store_access(artifact), storage.open_uri(
+        with local_s3.access(artifact), storage.open_uri(
                 storage.join(artifact, PLOT_FILE)) as f:
             assert f.read(4) == b"\x89PNG"
         if week == "2":  # compared with the production version of when it trained
             assert f"production (`{story['1']['modelVersion']['metadata']['name']}`)" in text
         # The card is part of the registered artifact: its digest covers it.
-        with demo.store_access(artifact):
+        with local_s3.access(artifact):
             assert digest_dir(artifact) == mv["spec"]["artifact"]["digest"]
 
 
@@ -117,7 +128,7 @@ def test_week_two_is_compared_with_week_one_and_promoted_only_if_its_gates_hold(
         key = f"tool_call_accuracy/{category}"
         assert comparison["deltas"][key] == pytest.approx(
             v2["spec"]["metrics"][key] - v1["spec"]["metrics"][key], abs=1e-6)
-    table = demo.metrics_table(v2["spec"]["metrics"], comparison["deltas"])
+    table = metrics_table(v2["spec"]["metrics"], comparison["deltas"], demo.CATEGORIES)
     assert re.search(r"email\s+\d\.\d{3} [▲▼=][+-]\d\.\d{3}", table), table
     model = cluster.get("model", demo.MODEL, "-n", story["ns"])
     failures = failed_gates(model["spec"]["promotion"], v2["spec"]["metrics"],
@@ -126,6 +137,9 @@ def test_week_two_is_compared_with_week_one_and_promoted_only_if_its_gates_hold(
     production = story["2"]["production"]
     expected = v2 if story["2"]["promoted"] else v1
     assert production["version"] == expected["spec"]["version"]
+    # What is served is production, whichever version that is.
+    assert story["2"]["served"]["digest"] == production["digest"]
+    assert_valid_call(story["2"]["served"])
 
 
 def test_bad_week_stops_at_preflight_and_production_stays(cluster, story):
@@ -141,3 +155,18 @@ def test_bad_week_stops_at_preflight_and_production_stays(cluster, story):
                        f"flywheel.dev/run={bad['name']},flywheel.dev/component=trainer")
     assert pods["items"] == [], "no training pod was started"
     assert json.dumps(bad["production"]) == json.dumps(demo.production(story["ns"]))
+    # The served answer is as it was.
+    assert bad["served"]["digest"] == story["2"]["served"]["digest"]
+    assert bad["served"]["call"] == story["2"]["served"]["call"]
+
+
+def test_a_pin_rolls_serving_back_to_week_one(cluster, story):
+    """Rollback: pinning production to version 1 moves the serving Deployment back, and the
+    served answer is week 1's again (greedy decoding: the same call)."""
+    ns, week1 = story["ns"], story["1"]
+    cluster.kubectl("patch", "model", demo.MODEL, "-n", ns, "--type=merge", "-p",
+                    json.dumps({"spec": {"pinnedAliases": {"production": 1}}}))
+    served = demo.ask_served(ns, story["work"] / "data" / "eval.jsonl")
+    assert served["version"] == 1
+    assert served["digest"] == week1["served"]["digest"]
+    assert served["call"] == week1["served"]["call"]
