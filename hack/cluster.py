@@ -21,24 +21,8 @@ Node pools (kwok fake nodes), sized by environment variables:
                             labelled flywheel.dev/executor=local: their pods really run on
                             this machine (hack/local_executor.py), everything else is kwok's
 
-Kueue (sigs.k8s.io/kueue, hack/tools/kueue) runs out of cluster like the rest: a kubeconfig,
-leader election off, its CRDs from its module source, the admin objects of hack/kueue/
-(a ResourceFlavor, ClusterQueue and quota per GPU pool; LocalQueues `h200` and `local` in
-`default` and `flywheel-demo`: `kubectl apply -n NS -f hack/kueue/local-queues.yaml` adds
-them to another namespace), waitForPodsReady on, only the batch/job integration.
-No admission webhooks are registered. Kueue's Job webhook only defaults: it sets
-`suspend: true` on a Job that has a queue-name label (and, in a namespace with a LocalQueue
-named `default`, adds the label). The operator creates its Jobs suspended and labelled, and
-Kueue's Job reconciler does the rest without a webhook (it creates the Workload, unsuspends
-on admission with the flavor's nodeSelector and tolerations, suspends again on eviction, and
-suspends a labelled Job that starts unsuspended). Without webhooks a Kueue outage cannot
-refuse every Job in the cluster, and Jobs without the label are never touched.
-Its certificate manager still runs (turning it off makes Kueue read its metrics certificate
-from /etc/kueue/metrics/certs): it gets a Secret holding our CA and serving certificate,
-valid for the names it checks, and keeps them. It injects that CA into the CRDs' conversion
-webhook (v1beta1 <-> v1beta2, served by URL on 127.0.0.1:17443), the one webhook in use.
-The visibility API (queue positions) is off: out of cluster it has no Service to be reached
-through; the operator reports positions where a cluster serves it.
+Kueue (sigs.k8s.io/kueue, hack/tools/kueue) runs out of cluster like the rest, with the admin
+objects of hack/kueue/ (how and why: hack/kueue/objects.py).
 """
 
 from __future__ import annotations
@@ -55,10 +39,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pki import PKI, kueue_pki, make_pki, write_kubeconfig  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".cache" / "bin"
 STATE = ROOT / ".cache" / "cluster"
-PKI = STATE / "pki"
 LOGS = STATE / "logs"
 RUN = STATE / "run"
 KUBECONFIG = STATE / "kubeconfig"
@@ -76,75 +62,6 @@ COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 
 def log(msg: str) -> None:
     print(f"cluster: {msg}", file=sys.stderr, flush=True)
-
-
-# --- PKI ---------------------------------------------------------------------------------
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def issue_cert(name: str, subject: str, sans: list[str] | None = None, ca: str = "ca") -> None:
-    """An EC key and a certificate for `subject`, signed by the cluster CA (or `ca`)."""
-    key, csr, crt = (PKI / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
-    openssl("ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(key))
-    openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
-    ext = PKI / f"{name}.ext"
-    usage = "serverAuth" if sans else "clientAuth"
-    ext.write_text(
-        f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
-        + (f"subjectAltName={','.join(sans)}\n" if sans else "")
-    )
-    openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(PKI / f"{ca}.crt"), "-CAkey",
-        str(PKI / f"{ca}.key"), "-CAcreateserial", "-days", "3650", "-extfile", str(ext),
-        "-out", str(crt),
-    )
-    csr.unlink()
-    ext.unlink()
-
-
-def make_pki() -> None:
-    if (PKI / "done").exists():
-        return
-    PKI.mkdir(parents=True, exist_ok=True)
-    openssl("ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", str(PKI / "ca.key"))
-    openssl(
-        "req", "-x509", "-new", "-key", str(PKI / "ca.key"), "-subj", "/CN=flywheel-local-ca",
-        "-days", "3650", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", str(PKI / "ca.crt"),
-    )
-    issue_cert(
-        "apiserver", "/CN=kube-apiserver",
-        ["IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes",
-         "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
-         "DNS:kubernetes.default.svc.cluster.local"],
-    )
-    issue_cert("admin", "/O=system:masters/CN=flywheel-admin")
-    issue_cert("controller-manager", "/CN=system:kube-controller-manager")
-    issue_cert("scheduler", "/CN=system:kube-scheduler")
-    # kwok plays every kubelet: it updates node and pod status for all fake nodes.
-    issue_cert("kwok", "/O=system:masters/CN=kwok")
-    openssl("genrsa", "-out", str(PKI / "sa.key"), "2048")
-    openssl("rsa", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
-    (PKI / "done").touch()
-
-
-def write_kubeconfig(path: Path, user: str) -> None:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "flywheel-local", "cluster": {
-            "server": SERVER, "certificate-authority": str(PKI / "ca.crt")}}],
-        "users": [{"name": user, "user": {
-            "client-certificate": str(PKI / f"{user}.crt"),
-            "client-key": str(PKI / f"{user}.key")}}],
-        "contexts": [{"name": "flywheel-local", "context": {
-            "cluster": "flywheel-local", "user": user}}],
-        "current-context": "flywheel-local",
-    }
-    path.write_text(json.dumps(config, indent=2))
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -260,7 +177,7 @@ def start_apiserver() -> None:
 
 def start_controller_manager() -> None:
     kc = STATE / "controller-manager.kubeconfig"
-    write_kubeconfig(kc, "controller-manager")
+    write_kubeconfig(kc, "controller-manager", SERVER)
     start("kube-controller-manager", [
         f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
         f"--authorization-kubeconfig={kc}",
@@ -278,7 +195,7 @@ def start_controller_manager() -> None:
 
 def start_scheduler() -> None:
     kc = STATE / "scheduler.kubeconfig"
-    write_kubeconfig(kc, "scheduler")
+    write_kubeconfig(kc, "scheduler", SERVER)
     start("kube-scheduler", [
         f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
         f"--authorization-kubeconfig={kc}",
@@ -288,7 +205,7 @@ def start_scheduler() -> None:
 
 def start_kwok() -> None:
     kc = STATE / "kwok.kubeconfig"
-    write_kubeconfig(kc, "kwok")
+    write_kubeconfig(kc, "kwok", SERVER)
     common = [f"--kubeconfig={kc}", "--node-lease-duration-seconds=40",
               f"--config={HACK / 'kwok' / 'node-stages.yaml'}"]
     # Fake pools: kwok plays the kubelet for nodes and pods.
@@ -397,26 +314,6 @@ KUEUE_HEALTH = "127.0.0.1:17281"
 KUEUE_QUEUE_NAMESPACES = ["default", "flywheel-demo"]
 
 
-def kueue_pki(service: str) -> None:
-    """Kueue's CA and serving certificate, as its certificate manager accepts them (the CA
-    valid for the name kueue-ca, the server for `service` and for 127.0.0.1, where the
-    apiserver calls it), and its client certificate."""
-    if (PKI / "kueue.crt").exists():
-        return
-    ca = PKI / "kueue-ca"
-    openssl("genrsa", "-traditional", "-out", f"{ca}.key", "2048")  # it parses PKCS#1 RSA
-    openssl(
-        "req", "-x509", "-new", "-key", f"{ca}.key", "-subj", "/O=kueue/CN=kueue-ca",
-        "-days", "3650", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-addext", "subjectAltName=DNS:kueue-ca", "-out", f"{ca}.crt",
-    )
-    issue_cert("kueue-webhook", f"/CN={service}", [f"DNS:{service}", "IP:127.0.0.1"],
-               ca="kueue-ca")
-    # Like kwok: the whole cluster is its business (Jobs, Pods, Workloads, Events, Secrets).
-    issue_cert("kueue", "/O=system:masters/CN=kueue")
-
-
 def apply(objects: list[dict]) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=flywheel-cluster",
             "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
@@ -451,7 +348,7 @@ def start_kueue() -> None:
     config = ko.config(certs, KUEUE_WEBHOOK_PORT, KUEUE_HEALTH)
     (KUEUE / "config.json").write_text(json.dumps(config, indent=2))
     kc = STATE / "kueue.kubeconfig"
-    write_kubeconfig(kc, "kueue")
+    write_kubeconfig(kc, "kueue", SERVER)
     start("kueue", [f"--config={KUEUE / 'config.json'}", f"--kubeconfig={kc}"])
     wait_for("kueue /readyz", kueue_ready, timeout=180, component="kueue")
     apply([*ko.admin(pool_nodes()), *[{"apiVersion": "v1", "kind": "Namespace",
@@ -484,7 +381,7 @@ def up(kueue: bool = True) -> None:
         return
     STATE.mkdir(parents=True, exist_ok=True)
     make_pki()
-    write_kubeconfig(KUBECONFIG, "admin")
+    write_kubeconfig(KUBECONFIG, "admin", SERVER)
     start_etcd()
     start_apiserver()
     wait_for("kube-apiserver /readyz", apiserver_ready, component="kube-apiserver")
@@ -511,12 +408,7 @@ def restart(name: str, down_seconds: float = 0.0, sig: int = signal.SIGTERM) -> 
     argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
     env = dict(e.decode().split("=", 1) for e in
                Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
-    os.killpg(pid, sig)
-    deadline = time.monotonic() + 30
-    while pid_of(name):
-        if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
-        time.sleep(0.1)
+    stop(name, sig)
     log(f"{name} stopped ({signal.Signals(sig).name}); starting it in {down_seconds:g}s")
     time.sleep(down_seconds)
     start(name, argv[1:], argv0=argv[0], env=env)
@@ -525,17 +417,20 @@ def restart(name: str, down_seconds: float = 0.0, sig: int = signal.SIGTERM) -> 
     log(f"{name} started again")
 
 
+def stop(name: str, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    """Signal a component's process group; SIGKILL it if it has not gone within `grace`."""
+    if pid := pid_of(name):
+        os.killpg(pid, sig)
+        deadline = time.monotonic() + grace
+        while pid_of(name):
+            if time.monotonic() > deadline:
+                os.killpg(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+
 def down() -> None:
     for name in reversed(COMPONENTS):
-        pid = pid_of(name)
-        if pid:
-            os.killpg(pid, signal.SIGTERM)
-            for _ in range(100):
-                if not pid_of(name):
-                    break
-                time.sleep(0.1)
-            else:
-                os.killpg(pid, signal.SIGKILL)
+        stop(name)
     shutil.rmtree(STATE, ignore_errors=True)
     log("down")
 

@@ -2,6 +2,25 @@
 
 Kept apart from hack/cluster.py so they are unit-tested without a cluster
 (tests/unit/test_kueue_objects.py).
+
+Kueue (sigs.k8s.io/kueue, hack/tools/kueue) runs out of cluster like the rest: a kubeconfig,
+leader election off, its CRDs from its module source, the admin objects of hack/kueue/
+(a ResourceFlavor, ClusterQueue and quota per GPU pool; LocalQueues `h200` and `local` in
+`default` and `flywheel-demo`: `kubectl apply -n NS -f hack/kueue/local-queues.yaml` adds
+them to another namespace), waitForPodsReady on, only the batch/job integration.
+No admission webhooks are registered. Kueue's Job webhook only defaults: it sets
+`suspend: true` on a Job that has a queue-name label (and, in a namespace with a LocalQueue
+named `default`, adds the label). The operator creates its Jobs suspended and labelled, and
+Kueue's Job reconciler does the rest without a webhook (it creates the Workload, unsuspends
+on admission with the flavor's nodeSelector and tolerations, suspends again on eviction, and
+suspends a labelled Job that starts unsuspended). Without webhooks a Kueue outage cannot
+refuse every Job in the cluster, and Jobs without the label are never touched.
+Its certificate manager still runs (turning it off makes Kueue read its metrics certificate
+from /etc/kueue/metrics/certs): it gets a Secret holding our CA and serving certificate,
+valid for the names it checks, and keeps them. It injects that CA into the CRDs' conversion
+webhook (v1beta1 <-> v1beta2, served by URL on 127.0.0.1:17443), the one webhook in use.
+The visibility API (queue positions) is off: out of cluster it has no Service to be reached
+through; the operator reports positions where a cluster serves it.
 """
 
 from __future__ import annotations
