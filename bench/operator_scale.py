@@ -8,8 +8,8 @@ peak RSS and its API requests per run. In the same run it creates N plain Jobs a
 the native Job controller's Job -> Pod created latency on the same control plane as the
 yardstick. Prints one JSON line last and appends the figures to bench/RESULTS.md.
 
-    FLYWHEEL_FAKE_POD_CIDR=127.20.0.0/16 /work/wt/with-cluster.sh \
-        .venv/bin/python bench/operator_scale.py --training --runs 200
+    make cluster-down && FLYWHEEL_FAKE_POD_CIDR=127.20.0.0/16 make cluster-up
+    .venv/bin/python bench/operator_scale.py --training --runs 200
 
 `--training`: N runs training at once on the fake pool, rank 0 of each answered by a stand-in
 progress endpoint; the operator's CPU and API writes per run per minute in steady state (see

@@ -2,8 +2,8 @@
 pool, rank 0 of each answered by a stand-in progress endpoint; measures the operator's CPU,
 memory and API writes per run per minute in steady state, and how fresh status.progress is.
 
-    FLYWHEEL_FAKE_POD_CIDR=127.20.0.0/16 /work/wt/with-cluster.sh \
-        .venv/bin/python bench/operator_scale.py --training --runs 200
+    make cluster-down && FLYWHEEL_FAKE_POD_CIDR=127.20.0.0/16 make cluster-up
+    .venv/bin/python bench/operator_scale.py --training --runs 200
 
 Fake pods get their IPs from kwok's --cidr (hack/cluster.py passes FLYWHEEL_FAKE_POD_CIDR);
 a loopback range (all of 127.0.0.0/8 is routed to `lo` on Linux, no set-up needed) lets one
