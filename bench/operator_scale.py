@@ -228,6 +228,8 @@ def main() -> None:
                         help="runs training at once with progress endpoints (see above)")
     parser.add_argument("--window", type=float, default=120.0,
                         help="--training: seconds of steady training measured")
+    parser.add_argument("--heap", action="store_true",
+                        help="--training: the operator under tracemalloc (bench/heap.py)")
     parser.add_argument("--kueue", action="store_true",
                         help="admission -> Running through Kueue beside the direct path")
     args = parser.parse_args()
@@ -238,7 +240,7 @@ def main() -> None:
 
         return kueue(n, not args.no_record)
     if args.training:
-        return training(n, args.window, not args.no_record)
+        return training(n, args.window, not args.no_record, args.heap)
 
     extra_nodes = quiet_cluster(n)
     stamp = datetime.now(UTC).strftime("%H%M%S")
@@ -324,10 +326,10 @@ def main() -> None:
 # --- --training (bench/operator_scale_training.py) --------------------------------------------
 
 
-def training(n: int, window: float, record: bool) -> None:
+def training(n: int, window: float, record: bool, heap: bool = False) -> None:
     from operator_scale_training import training as run
 
-    run(n, window, record)
+    run(n, window, record, heap)
 
 
 if __name__ == "__main__":

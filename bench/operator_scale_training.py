@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -161,7 +162,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
 
-def training(n: int, window: float, record: bool) -> None:
+def training(n: int, window: float, record: bool, heap: bool = False) -> None:
     """N runs training at once, rank 0 answered by stand-ins; measure the steady state."""
     from flywheel_operator.config import ENV_VAR, OperatorConfig
     from flywheel_operator.vocab import parse_time
@@ -203,11 +204,15 @@ def training(n: int, window: float, record: bool) -> None:
         kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
         log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
         operator_env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+        # --heap: under tracemalloc (bench/heap.py), a report at the window's end
+        command = [str(ROOT / "bench" / "heap.py")] if heap else ["-m", "flywheel_operator"]
+        heap_out = ROOT / ".cache" / f"heap-{n}.txt"
+        heap_out.unlink(missing_ok=True)
         operator = subprocess.Popen(
-            [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
+            [sys.executable, *command, "--standalone", "--all-namespaces",
              "--metrics-port", str(METRICS_PORT), "--liveness", ""],
-            env={**operator_env, "KUBECONFIG": str(KUBECONFIG)}, stdout=log,
-            stderr=subprocess.STDOUT)
+            env={**operator_env, "KUBECONFIG": str(KUBECONFIG),
+                 "FLYWHEEL_HEAP_OUT": str(heap_out)}, stdout=log, stderr=subprocess.STDOUT)
         proc = psutil.Process(operator.pid)
         peak = PeakRss(proc, every=0.5)
         wait_for_metrics()
@@ -250,6 +255,13 @@ def training(n: int, window: float, record: bool) -> None:
         after = progressing(items)
         rss_end = proc.memory_info().rss
         events = events_since(ns, wall0)
+        if heap:
+            operator.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 120
+            while not heap_out.exists() and time.monotonic() < deadline:
+                time.sleep(1)
+            time.sleep(2)
+            _say(t_start, f"heap report: {heap_out}")
         _say(t_start, "measured; tearing down")
     finally:
         teardown(operator, [ns], extra_nodes, standins.stop, *([peak.stop.set] if peak else []))

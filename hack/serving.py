@@ -125,13 +125,17 @@ def held_out_request(eval_file: Path, index: int = 0) -> dict:
 
 def ask(pod: dict, request: dict) -> dict:
     """Send `request` to the pod's OpenAI-compatible API; the tool call it answers with
-    ({name, arguments}, or {content} when it answers in text)."""
+    ({name, arguments}; {content} when it answers in text; {error} when the server fails,
+    e.g. on a malformed tool call it cannot parse: a weak model's answer)."""
     import openai
 
     client = openai.OpenAI(base_url=f"http://{pod['status']['podIP']}:{PORT}/v1",
-                           api_key="unused", timeout=120, max_retries=2)
-    reply = client.chat.completions.create(model=MODEL, messages=request["messages"],
-                                           tools=request["tools"], max_tokens=64)
+                           api_key="unused", timeout=120, max_retries=1)
+    try:
+        reply = client.chat.completions.create(model=MODEL, messages=request["messages"],
+                                               tools=request["tools"], max_tokens=160)
+    except openai.APIStatusError as err:
+        return {"error": f"HTTP {err.status_code} from the server"}
     message = reply.choices[0].message
     if not message.tool_calls:
         return {"content": message.content}
@@ -144,6 +148,8 @@ def ask(pod: dict, request: dict) -> dict:
 
 
 def show(call: dict) -> str:
+    if "error" in call:
+        return f"(no answer: {call['error']}; the model's output is not a call it can parse)"
     if "name" not in call:
         return f"(no tool call) {call.get('content')!r}"
     return f"{call['name']}({json.dumps(call['arguments'])})"

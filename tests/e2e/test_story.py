@@ -137,9 +137,9 @@ def test_week_two_is_compared_with_week_one_and_promoted_only_if_its_gates_hold(
     production = story["2"]["production"]
     expected = v2 if story["2"]["promoted"] else v1
     assert production["version"] == expected["spec"]["version"]
-    # What is served is production, whichever version that is.
+    # What is served is production, whichever version that is (week 2 here is trained on a
+    # slice: its answer may not be a call at all).
     assert story["2"]["served"]["digest"] == production["digest"]
-    assert_valid_call(story["2"]["served"])
 
 
 def test_bad_week_stops_at_preflight_and_production_stays(cluster, story):
