@@ -158,6 +158,30 @@ def events_since(ns: str, since: float) -> dict[str, int]:
     return out
 
 
+def memory_map(pid: int) -> dict[str, float]:
+    """The process's resident memory by kind of mapping (MB, from /proc/PID/smaps): `files`
+    (the interpreter's and libraries' code and data), `brk` (glibc's main malloc arena),
+    `arenas_1mib` (maps up to 1 MiB: Python's object arenas), `maps_8mib` (up to 8 MiB: thread
+    stacks, glibc's mmap'd large blocks), `malloc_arenas` (larger: glibc's per-thread arenas,
+    64 MiB reserved each) and `threads`."""
+    out = dict.fromkeys(("files", "brk", "arenas_1mib", "maps_8mib", "malloc_arenas"), 0.0)
+    kind = "files"
+    with open(f"/proc/{pid}/smaps") as smaps:
+        lines = smaps.read().splitlines()
+    for line in lines:
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            name = fields[5] if len(fields) > 5 else ""
+            kind = ("files" if name.startswith("/") else "brk" if name == "[heap]"
+                    else None if name else "arenas_1mib" if end - start <= 2**20
+                    else "maps_8mib" if end - start <= 8.1 * 2**20 else "malloc_arenas")
+        elif fields[0] == "Rss:" and kind:
+            out[kind] += int(fields[1]) / 1024
+    return {**{k: round(v, 1) for k, v in out.items()},
+            "threads": len(os.listdir(f"/proc/{pid}/task"))}
+
+
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
@@ -254,6 +278,7 @@ def training(n: int, window: float, record: bool, heap: bool = False) -> None:
         now = time.time()
         after = progressing(items)
         rss_end = proc.memory_info().rss
+        mapped = memory_map(proc.pid)
         events = events_since(ns, wall0)
         if heap:
             operator.send_signal(signal.SIGUSR2)
@@ -297,6 +322,8 @@ def training(n: int, window: float, record: bool, heap: bool = False) -> None:
         "operator_rss_mb": {"window_start": round(rss0 / 2**20, 1),
                             "window_end": round(rss_end / 2**20, 1)},
         "operator_peak_rss_mb": round(peak.peak / 2**20, 1),
+        "operator_rss_by_mapping_mb": mapped,
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
         "ramp": {"create_s": round(t_created - t_start, 1),
                  "all_pods_running_s": round(t_running - t_created, 1),
                  "all_progress_s": round(t_settled - t_running, 1),
