@@ -11,7 +11,9 @@ on tool-call accuracy, overall and per category, no per-category regression, a s
 Deployment) and applies a 2-node FineTuneRun on the `local` pool, where the local executor
 really runs torchrun on this machine's CPU. It follows the run and prints what the model
 learned (per-category tool-call accuracy, with deltas against production), the promotion
-decision, the serving rollout and where the model card is.
+decision and where the model card is; then it asks the serving Deployment (hack/serving.py),
+once it has fetched, verified and serves production's digest, one held-out request through
+the OpenAI client, and prints the tool call it answers with beside the expected one.
 
 Week 1 trains from scratch and is promoted. Week 2 and later train on more data, including a
 phrasing users started to use; the new version is promoted only if its gates hold. The bad
