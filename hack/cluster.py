@@ -28,6 +28,7 @@ objects of hack/kueue/ (how and why: hack/kueue/objects.py).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -431,6 +432,12 @@ def stop(name: str, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
 def down() -> None:
     for name in reversed(COMPONENTS):
         stop(name)
+    # What the local executor started (pods' processes, in sessions of their own) goes too.
+    work = str(ROOT / ".cache" / "executor")
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(proc / "cwd").startswith(work):
+                os.killpg(int(proc.name), signal.SIGKILL)
     shutil.rmtree(STATE, ignore_errors=True)
     log("down")
 
