@@ -51,6 +51,10 @@ def queue_namespace(cluster: Cluster, name: str, cluster_queue: str, hook: str |
     cluster.apply({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
                    "metadata": {"name": QUEUE, "namespace": name},
                    "spec": {"clusterQueue": cluster_queue}})
+    # Runs go in once Kueue has seen the queue and its ClusterQueue (after the apiserver
+    # outage test, its informers may still be catching up).
+    cluster.kubectl("wait", "--for=condition=Active", f"localqueue/{QUEUE}", "-n", name,
+                    "--timeout=180s", timeout=200)
     env = ROOT / ".cache" / "executor" / "env" / f"{name}.json"
     if hook:
         env.parent.mkdir(parents=True, exist_ok=True)
