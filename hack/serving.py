@@ -25,14 +25,14 @@ import json
 import time
 from pathlib import Path
 
+from flywheel_operator.config import DEFAULT_IMAGE as IMAGE  # the runs' trainer image
+from flywheel_operator.vocab import DIGEST_ANNOTATION, URI_ANNOTATION
+
 from hack import local_s3
 
 MODEL = "tiny-agent"
 NAME = f"{MODEL}-server"
 PORT = 8000
-IMAGE = "ghcr.io/flywheel-dev/flywheel-trainer:0.1.0"  # the runs' trainer image
-URI_ANNOTATION = "flywheel.dev/model-uri"
-DIGEST_ANNOTATION = "flywheel.dev/model-digest"
 
 
 def deployment(namespace: str) -> dict:
