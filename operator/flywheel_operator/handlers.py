@@ -82,8 +82,9 @@ def slim(body: kopf.Body) -> dict:
 
 
 def _wake_run(key: tuple[str, str], memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
-              run_pods: kopf.Index, run_workloads: kopf.Index | None = None, **_) -> None:
-    memo.reconciler.bind(runs=runs, run_jobs=run_jobs, run_pods=run_pods,
+              run_pods: kopf.Index, models: kopf.Index,
+              run_workloads: kopf.Index | None = None, **_) -> None:
+    memo.reconciler.bind(runs=runs, run_jobs=run_jobs, run_pods=run_pods, models=models,
                          run_workloads=run_workloads)
     memo.reconciler.runs.attempt(key)
 
@@ -154,6 +155,15 @@ def watch_kueue() -> None:
 
 
 # --- the registry -------------------------------------------------------------------------
+
+
+@kopf.index(GROUP, VERSION, PLURALS["Model"])
+def models(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    """Each Model's status, which a new attempt reads for its card's baseline (no GET per
+    attempt); registration and serving read the Model afresh, under its lock."""
+    return {(namespace, name): {"metadata": {"name": name, "namespace": namespace},
+                                "spec": copy.deepcopy(dict(body.spec)),
+                                "status": copy.deepcopy(dict(body.status))}}
 
 
 @kopf.on.event(GROUP, VERSION, PLURALS["Model"])

@@ -220,7 +220,8 @@ class Reconciler:
             metrics.ATTEMPTS.labels(namespace).inc()
             if plan.create_attempt > 1:
                 metrics.RESTARTS.labels(namespace).inc()
-            model = kube.get(API, "Model", namespace, run.spec.modelName)
+            model = next(iter(self.index["models"].get((namespace, run.spec.modelName), [])),
+                         None)
             baseline = registry.promoted_summary(
                 model, lambda mv: kube.get(API, "ModelVersion", namespace, mv))
             *parts, job = render.attempt_objects(run_for_render, plan.create_attempt,

@@ -113,7 +113,10 @@ def preflight_labels(run_name: str) -> dict[str, str]:
 
 
 def master_addr(run: Run, attempt: int) -> str:
-    """Rank 0's stable DNS name: `<job>-0.<service>.<namespace>.svc`."""
+    """Where torchrun's rendezvous is: rank 0's stable DNS name,
+    `<job>-0.<service>.<namespace>.svc`; a one-node attempt's own loopback (no Service)."""
+    if run.spec.resources.nodes == 1:
+        return "127.0.0.1"
     name = attempt_name(run.name, attempt)
     return f"{name}-0.{name}.{run.namespace}.svc"
 
@@ -282,8 +285,11 @@ def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: Fine
 
 def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
                     baseline: dict | None = None) -> list[dict]:
-    """ConfigMap, headless Service, NetworkPolicy (unless the config turns it off) and Indexed
-    Job of `attempt` (1-based), in creation order.
+    """ConfigMap, headless Service (for more than one node: its pods' DNS names), NetworkPolicy
+    (unless the config turns it off) and Indexed Job of `attempt` (1-based), in creation
+    order. A one-node attempt rendezvous on its own loopback: at a fleet's scale a Service
+    (and its EndpointSlice) per run would be an object and an API request per run for
+    nothing.
     `baseline`: the promoted version's {name, metrics}, passed on to the model card."""
     if attempt < 1:
         raise ValueError("attempt is 1-based")
@@ -339,7 +345,7 @@ def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
                  "terminationMessagePolicy": "FallbackToLogsOnError",
                  "securityContext": _container_security()}
     parameters = run.status.preflight and run.status.preflight.parameters
-    pod_spec = {"subdomain": name,
+    pod_spec = {**({"subdomain": name} if nodes > 1 else {}),
                 **_pod_spec(container, cm_name, pool, spec, storage_wiring(spec, config), config,
                             isolation.cache_size(pool, parameters))}
     job = _job(run, name, labels, pod_spec, nodes, indexed=True)
@@ -357,7 +363,7 @@ def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
             job["metadata"]["labels"][PRIORITY_CLASS_LABEL] = spec.priorityClassName
         job["spec"]["suspend"] = True
     netpol = isolation.network_policy(_meta(run, name, labels), selector, config)
-    return [config_map, service, *([netpol] if netpol else []), job]
+    return [config_map, *([service] if nodes > 1 else []), *([netpol] if netpol else []), job]
 
 
 def preflight_objects(run: Run, config: OperatorConfig) -> list[dict]:

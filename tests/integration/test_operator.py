@@ -247,8 +247,11 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, operator, namespac
         attempts = [j["metadata"]["labels"]["flywheel.dev/attempt"] for j in jobs
                     if not j["metadata"].get("deletionTimestamp")]
         assert len(attempts) == len(set(attempts)) == 1, (name, attempts)
-        services = cluster.get("services", "-n", namespace, "-l",
+        # One attempt's objects, the earlier attempt's deleted (a one-node run has no Service).
+        configs = cluster.get("configmaps", "-n", namespace, "-l",
+                              f"flywheel.dev/run={name}")["items"]
+        assert len(configs) == 1, (name, [c["metadata"]["name"] for c in configs])
+        assert not cluster.get("services", "-n", namespace, "-l",
                                f"flywheel.dev/run={name}")["items"]
-        assert len(services) == 1, (name, [s["metadata"]["name"] for s in services])
         expected = 2 if name in names[:3] else 1
         assert run_status(cluster, namespace, name)["attempt"] == expected

@@ -68,7 +68,7 @@ def test_a_service_of_the_runs_name_owned_by_nothing_is_never_deleted(cluster: C
                    "spec": {"clusterIP": "None", "selector": {"app": "theirs"},
                             "ports": [{"name": "http", "port": 80}]}})
     theirs = cluster.get("service", "clash-a1", "-n", namespace)["metadata"]["uid"]
-    cluster.apply(manifest("clash", nodes=1), namespace)
+    cluster.apply(manifest("clash", nodes=2), namespace)
     status = wait_until(lambda: condition(s := run_status(cluster, namespace, "clash"),
                                           "Conflict").get("status") == "True" and s,
                         timeout=60, message="the run reports the conflict")

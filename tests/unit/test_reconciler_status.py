@@ -34,7 +34,7 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
     rec = reconciler.Reconciler(OperatorConfig())
     body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
                         resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
-    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={})
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
     rec.reconcile_run(KEY)
     (kind, status), *_ = calls
     assert kind == "status" and status["phase"] == "Pending" and None not in status.values()
@@ -58,3 +58,27 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
     (_, status), *rest = calls
     assert status["phase"] == "Suspended" and status["gang"] is None  # null removes it
     assert rest == [("patch", "Job"), ("event", "Suspended")]
+
+
+def test_a_new_attempt_takes_its_cards_baseline_from_the_model_index(monkeypatch):
+    # The promoted version's metrics reach the card; the Model comes from the operator's
+    # index, not a GET per attempt (at a fleet's scale, one request per run for nothing).
+    created, gets = [], []
+    monkeypatch.setattr(kube, "patch_status", lambda *a: None)
+    monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: created.append(obj))
+    monkeypatch.setattr(kopf, "event", lambda obj, **k: None)
+    mv = {"metadata": {"name": "agent-v3"}, "spec": {"metrics": {"tool_call_accuracy": 0.9}}}
+    monkeypatch.setattr(kube, "get", lambda api, kind, ns, name: gets.append(kind) or (
+        mv if (kind, name) == ("ModelVersion", "agent-v3") else None))
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False}, modelName="agent"),
+            "status": {}}
+    model = {"metadata": {"name": "agent", "namespace": "ns"}, "spec": {},
+             "status": {"aliases": {"production": {"modelVersion": "agent-v3"}}}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={},
+                     models={("ns", "agent"): [model]})
+    rec.reconcile_run(KEY)
+    (config_map,) = [o for o in created if o["kind"] == "ConfigMap"]
+    assert '"tool_call_accuracy": 0.9' in next(iter(config_map["data"].values()))
+    assert gets == ["ModelVersion"]
+    assert [o["kind"] for o in created][-1] == "Job"

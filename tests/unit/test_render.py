@@ -91,6 +91,17 @@ def test_indexed_job_shape():
     assert _pod(job)["subdomain"] == "qwen-w48-a1"
 
 
+def test_one_node_rendezvous_on_its_own_loopback_without_a_service():
+    # At a fleet's scale a Service (and its EndpointSlice) per one-node run is an object and
+    # an API request per run for nothing: torchrun's store is on the pod itself.
+    objs = render.attempt_objects(_run(resources={"nodes": 1, "gpusPerNode": 8}), 1, CONFIG)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "NetworkPolicy", "Job"]
+    job = objs[-1]
+    assert "subdomain" not in _pod(job)
+    assert "--master-addr=127.0.0.1" in _container(job)["args"]
+    assert "--master-addr=qwen-w48-a1-0.qwen-w48-a1.ml.svc" in _container(_objects()[2])["args"]
+
+
 def test_headless_service_selects_the_attempt():
     svc = _objects(attempt=2)[1]["spec"]
     assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
