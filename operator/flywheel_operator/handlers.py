@@ -159,11 +159,12 @@ def watch_kueue() -> None:
 
 @kopf.index(GROUP, VERSION, PLURALS["Model"])
 def models(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    """Each Model's status, which a new attempt reads for its card's baseline (no GET per
-    attempt); registration and serving read the Model afresh, under its lock."""
+    """Each Model's promotion alias and aliases (not its list of versions), which a new
+    attempt reads for its card's baseline without a GET per attempt; registration and
+    serving read the Model afresh, under its lock."""
     return {(namespace, name): {"metadata": {"name": name, "namespace": namespace},
-                                "spec": copy.deepcopy(dict(body.spec)),
-                                "status": copy.deepcopy(dict(body.status))}}
+                                "spec": {"promotion": copy.deepcopy(body.spec.get("promotion"))},
+                                "status": {"aliases": copy.deepcopy(body.status.get("aliases"))}}}
 
 
 @kopf.on.event(GROUP, VERSION, PLURALS["Model"])
