@@ -115,7 +115,7 @@ def run_event(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.
     if schedule:
         memo.reconciler.schedules.wake((namespace, schedule))
     if type == "DELETED":
-        memo.reconciler.run_deleted((namespace, name))
+        memo.reconciler.run_deleted((namespace, name), body.get("spec", {}).get("modelName", ""))
         return
     _wake_run((namespace, name), memo, **kwargs)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter as Tally
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -88,6 +89,37 @@ class _RunsByPhase:
 
 _runs = _RunsByPhase()
 REGISTRY.register(_runs)
+
+
+class _Tables:
+    """`flywheel_operator_table_entries{table}`: the entries the operator keeps per table
+    (locks, written statuses, poll targets, wake-ups...). They follow the live runs; one that
+    grows while the runs do not is a leak."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, Callable[[], int]] = {}
+
+    def collect(self):
+        family = GaugeMetricFamily("flywheel_operator_table_entries",
+                                   "Entries in the operator's in-memory tables.",
+                                   labels=["table"])
+        for table, size in sorted(self.sizes.items()):
+            family.add_metric([table], size())
+        yield family
+
+
+_tables = _Tables()
+REGISTRY.register(_tables)
+
+
+def track_table(table: str, size: Callable[[], int]) -> None:
+    _tables.sizes[table] = size
+
+
+def forget_run(namespace: str, run: str, model: str) -> None:
+    """A deleted run's own series go with it."""
+    with contextlib.suppress(KeyError):
+        STALLS.remove(namespace, run, model)
 
 
 def count_spend(namespace: str, model: str, old: FineTuneRunStatus,

@@ -62,6 +62,13 @@ class Reconciler:
         self.creators = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
         self.visibility = queueing.Visibility()
         self.index: dict[str, kopf.Index] = {}
+        for table, size in {
+                "locks": waker.lock_count, "written": lambda: len(self.written),
+                "run_wakeups": lambda: len(self.runs.heap),
+                "run_failures": lambda: len(self.runs.failures),
+                "poll_targets": lambda: len(self.poller.targets),
+                "poll_queue": lambda: len(self.poller.heap)}.items():
+            metrics.track_table(table, size)
 
     # --- high availability: a standby replica does nothing ------------------------------
 
@@ -92,7 +99,8 @@ class Reconciler:
 
     # --- runs -----------------------------------------------------------------------------
 
-    def run_deleted(self, key: Key) -> None:
+    def run_deleted(self, key: Key, model: str) -> None:
+        metrics.forget_run(*key, model)
         self.written.pop(key, None)
         self.runs.failures.pop(key, None)
         self.poller.drop(key)

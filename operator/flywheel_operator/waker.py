@@ -10,6 +10,7 @@ import heapq
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +20,8 @@ log = logging.getLogger("flywheel")
 #: Backoff of a failed reconcile: 1 s, doubling, at most this many seconds.
 MAX_BACKOFF = 300.0
 
-_locks: dict[Hashable, threading.Lock] = {}
+#: A key's lock lives while a thread holds or waits for it: a fleet's deleted runs leave none.
+_locks: weakref.WeakValueDictionary[Hashable, threading.Lock] = weakref.WeakValueDictionary()
 _locks_guard = threading.Lock()
 
 
@@ -31,11 +33,16 @@ def pop_due(heap: list[tuple[float, Key]], cv: threading.Condition) -> Key:
 
 
 def lock(key: Hashable) -> threading.Lock:
-    """The one lock of `key` (created once, even when two threads ask at the same time)."""
+    """The one lock of `key` (created once, even when two threads ask at the same time; it
+    goes when no thread holds it or waits for it)."""
     with _locks_guard:
         if (found := _locks.get(key)) is None:
             found = _locks[key] = threading.Lock()
         return found
+
+
+def lock_count() -> int:
+    return len(_locks)
 
 
 class Waker(threading.Thread):

@@ -63,3 +63,32 @@ def test_one_slow_reconcile_holds_up_no_other_run_and_waiting_wakeups_collapse()
         assert done.acquire(timeout=10)
     assert not done.acquire(timeout=0.5)
     assert calls.count(("ns", "slow")) == 2
+
+
+
+def test_a_keys_lock_serialises_while_held_and_leaves_no_entry_behind():
+    # A fleet's deleted runs must not leave a lock each: the table holds only locks in use.
+    import threading
+
+    from flywheel_operator import metrics, waker
+    from flywheel_operator.config import OperatorConfig
+    from flywheel_operator.reconciler import Reconciler
+    from prometheus_client import generate_latest
+
+    before = waker.lock_count()
+    got: list[bool] = []
+    with waker.lock(("ns", "run-0")):
+        assert waker.lock_count() == before + 1
+        thread = threading.Thread(
+            target=lambda: got.append(waker.lock(("ns", "run-0")).acquire(blocking=False)))
+        thread.start()
+        thread.join()
+        for i in range(1, 100):
+            with waker.lock(("ns", f"run-{i}")):
+                pass
+    assert got == [False]  # the same lock, held
+    assert waker.lock_count() == before
+    # The operator's tables are exported, so that a soak sees one that grows.
+    Reconciler(OperatorConfig())
+    assert f'flywheel_operator_table_entries{{table="locks"}} {before}.0'.encode() in (
+        generate_latest(metrics.REGISTRY))
