@@ -17,6 +17,10 @@ bench/operator_scale_training.py).
 
 `--kueue`: admission -> Running through Kueue beside the direct path (see
 bench/operator_scale_kueue.py).
+
+`--soak`: runs created, trained, finished and deleted in waves for `--minutes`, about `--live`
+at a time, `--runs` in all; the operator's RSS, tables and status freshness every minute (see
+bench/operator_scale_soak.py).
 """
 
 from __future__ import annotations
@@ -167,6 +171,23 @@ class PeakRss(threading.Thread):
             time.sleep(self.every)
 
 
+def start_operator(heap_out: Path | None = None) -> tuple[subprocess.Popen, psutil.Process]:
+    """The operator on its built-in config, watching every namespace, its metrics on
+    METRICS_PORT and its log in .cache/bench-operator.log; with `heap_out`, under
+    bench/heap.py (tracemalloc), which reports there on SIGUSR2."""
+    from flywheel_operator.config import ENV_VAR
+
+    log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    command = [str(ROOT / "bench" / "heap.py")] if heap_out else ["-m", "flywheel_operator"]
+    operator = subprocess.Popen(
+        [sys.executable, *command, "--standalone", "--all-namespaces",
+         "--metrics-port", str(METRICS_PORT), "--liveness", ""],
+        env={**env, "KUBECONFIG": str(KUBECONFIG), "FLYWHEEL_HEAP_OUT": str(heap_out or "")},
+        stdout=log, stderr=subprocess.STDOUT)
+    return operator, psutil.Process(operator.pid)
+
+
 def stop_operator(operator: subprocess.Popen | None) -> None:
     """SIGTERM, then SIGKILL if it has not exited within 30 s."""
     if operator is None or operator.poll() is not None:
@@ -230,6 +251,10 @@ def main() -> None:
                         help="--training: seconds of steady training measured")
     parser.add_argument("--heap", action="store_true",
                         help="--training: the operator under tracemalloc (bench/heap.py)")
+    parser.add_argument("--soak", action="store_true",
+                        help="waves of runs created, trained, finished, deleted (see above)")
+    parser.add_argument("--live", type=int, default=200, help="--soak: runs in flight")
+    parser.add_argument("--minutes", type=float, default=30.0, help="--soak: how long")
     parser.add_argument("--kueue", action="store_true",
                         help="admission -> Running through Kueue beside the direct path")
     args = parser.parse_args()
@@ -239,6 +264,10 @@ def main() -> None:
         from operator_scale_kueue import kueue  # bench/operator_scale_kueue.py
 
         return kueue(n, not args.no_record)
+    if args.soak:
+        from operator_scale_soak import soak  # bench/operator_scale_soak.py
+
+        return soak(n, args.live, args.minutes, not args.no_record)
     if args.training:
         return training(n, args.window, not args.no_record, args.heap)
 
@@ -255,13 +284,7 @@ def main() -> None:
         api.configuration.connection_pool_maxsize = 32
         core, batch = kubernetes.client.CoreV1Api(api), kubernetes.client.BatchV1Api(api)
 
-        log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "flywheel_operator", "--standalone", "--all-namespaces",
-             "--metrics-port", str(METRICS_PORT), "--liveness", ""],
-            env={**os.environ, "KUBECONFIG": str(KUBECONFIG)}, stdout=log,
-            stderr=subprocess.STDOUT)
-        proc = psutil.Process(operator.pid)
+        operator, proc = start_operator()
         rss = PeakRss(proc, every=0.1)
         wait_for_metrics()
         time.sleep(2)  # let the initial listing settle

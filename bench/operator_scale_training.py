@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +30,6 @@ import urllib.request
 from datetime import UTC, datetime
 
 import kubernetes
-import psutil
 from operator_scale import (
     KUBECONFIG,
     METRICS_PORT,
@@ -42,6 +40,7 @@ from operator_scale import (
     post_all,
     quiet_cluster,
     run_manifest,
+    start_operator,
     teardown,
     wait_for_metrics,
 )
@@ -70,6 +69,12 @@ class StandIns(threading.Thread):
         if ip not in self.servers:
             self.servers[ip] = asyncio.run_coroutine_threadsafe(
                 self._serve(ip), self.loop).result(timeout=10)
+
+    def drop(self, ip: str) -> None:
+        """Stop serving `ip` (its pod has ended)."""
+        server = self.servers.pop(ip, None)
+        if server is not None:
+            self.loop.call_soon_threadsafe(server.close)
 
     def stop(self) -> None:
         for server in self.servers.values():
@@ -188,7 +193,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 def training(n: int, window: float, record: bool, heap: bool = False) -> None:
     """N runs training at once, rank 0 answered by stand-ins; measure the steady state."""
-    from flywheel_operator.config import ENV_VAR, OperatorConfig
+    from flywheel_operator.config import OperatorConfig
     from flywheel_operator.vocab import parse_time
 
     t_start = time.monotonic()
@@ -226,18 +231,10 @@ def training(n: int, window: float, record: bool, heap: bool = False) -> None:
     try:
         kubectl("create", "namespace", ns)
         kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
-        log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
-        operator_env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
         # --heap: under tracemalloc (bench/heap.py), a report at the window's end
-        command = [str(ROOT / "bench" / "heap.py")] if heap else ["-m", "flywheel_operator"]
         heap_out = ROOT / ".cache" / f"heap-{n}.txt"
         heap_out.unlink(missing_ok=True)
-        operator = subprocess.Popen(
-            [sys.executable, *command, "--standalone", "--all-namespaces",
-             "--metrics-port", str(METRICS_PORT), "--liveness", ""],
-            env={**operator_env, "KUBECONFIG": str(KUBECONFIG),
-                 "FLYWHEEL_HEAP_OUT": str(heap_out)}, stdout=log, stderr=subprocess.STDOUT)
-        proc = psutil.Process(operator.pid)
+        operator, proc = start_operator(heap_out if heap else None)
         peak = PeakRss(proc, every=0.5)
         wait_for_metrics()
         cpu_start = sum(proc.cpu_times()[:2])
