@@ -149,9 +149,14 @@ def wait_for_metrics(timeout: float = 60) -> None:
 
 
 def scrape_requests() -> float:
+    return sum(requests_by_verb().values())
+
+
+def requests_by_verb() -> dict[str, float]:
+    """The operator's API requests so far, by HTTP verb (flywheel_api_requests_total)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics").read().decode()
-    return sum(float(m) for m in re.findall(r'^flywheel_api_requests_total\{[^}]*\} (\S+)',
-                                            text, re.M))
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^flywheel_api_requests_total\{verb="(\w+)"\} (\S+)', text, re.M)}
 
 
 class PeakRss(threading.Thread):
@@ -288,7 +293,7 @@ def main() -> None:
         rss = PeakRss(proc, every=0.1)
         wait_for_metrics()
         time.sleep(2)  # let the initial listing settle
-        requests_before = scrape_requests()
+        requests_before = requests_by_verb()
         cpu_before = sum(proc.cpu_times()[:2])
 
         # --- the operator: FineTuneRun created -> Job created ---
@@ -307,7 +312,9 @@ def main() -> None:
         ops = [jobs.seen[name] - applied[name] for name in applied if name in jobs.seen]
         runs_per_s = len(ops) / (finished - started)
         time.sleep(3)  # let pod/status events for these runs drain before counting requests
-        requests_per_run = (scrape_requests() - requests_before) / n
+        by_verb = {verb: round((count - requests_before.get(verb, 0.0)) / n, 2)
+                   for verb, count in requests_by_verb().items()}
+        requests_per_run = sum(by_verb.values())
         cpu_per_run = (sum(proc.cpu_times()[:2]) - cpu_before) / n
 
         # --- the native Job controller: Job created -> Pod created ---
@@ -334,6 +341,7 @@ def main() -> None:
         "runs_per_s": round(runs_per_s, 1),
         "operator_peak_rss_mb": round(rss.peak / 2**20, 1),
         "api_requests_per_run": round(requests_per_run, 2),
+        "api_requests_per_run_by_verb": by_verb,
         "operator_cpu_ms_per_run": round(cpu_per_run * 1000, 1),
     }
     if len(ops) < n or len(native) < n:

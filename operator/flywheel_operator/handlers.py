@@ -81,12 +81,21 @@ def slim(body: kopf.Body) -> dict:
                           "status": dict(body.status)})
 
 
+#: A child's events (a pod created, scheduled, running...) come in bursts: the run is
+#: reconciled once, this many seconds after the first, as the Job controller batches its
+#: pods' updates. The run's own events are reconciled at once.
+CHILD_EVENT_BATCH_SECONDS = 1.0
+
+
 def _wake_run(key: tuple[str, str], memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
               run_pods: kopf.Index, models: kopf.Index,
-              run_workloads: kopf.Index | None = None, **_) -> None:
+              run_workloads: kopf.Index | None = None, child: bool = True, **_) -> None:
     memo.reconciler.bind(runs=runs, run_jobs=run_jobs, run_pods=run_pods, models=models,
                          run_workloads=run_workloads)
-    memo.reconciler.runs.attempt(key)
+    if child:
+        memo.reconciler.runs.wake(key, CHILD_EVENT_BATCH_SECONDS)
+    else:
+        memo.reconciler.runs.attempt(key)
 
 
 # --- runs and their children --------------------------------------------------------------
@@ -117,7 +126,7 @@ def run_event(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.
     if type == "DELETED":
         memo.reconciler.run_deleted((namespace, name), body.get("spec", {}).get("modelName", ""))
         return
-    _wake_run((namespace, name), memo, **kwargs)
+    _wake_run((namespace, name), memo, child=False, **kwargs)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})

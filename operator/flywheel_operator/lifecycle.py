@@ -340,7 +340,7 @@ def follow_pods(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
         plan.condition("Running", True, "AllPodsRunning", status.message or "")
         if any(c.type == "Stalled" for c in status.conditions):
             plan.condition("Stalled", False, "Training", f"attempt {attempt} is running")
-        if polled is not None:
+        if polled is not None and polled.doc is not None:  # rank 0 has answered (once)
             status.progress = observe.progress_status(polled, status.progress)
             checkpoint = observe.last_checkpoint(
                 polled, status.checkpointUri or run_paths(run)[1])

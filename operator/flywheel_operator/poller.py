@@ -83,7 +83,7 @@ class Poller(threading.Thread):
     def run(self) -> None:
         while True:
             with self.cv:
-                key = pop_due(self.heap, self.cv)
+                _, key = pop_due(self.heap, self.cv)
                 target = self.targets.get(key)
             if target is not None:
                 self.pool.submit(self.poll, key, *target)

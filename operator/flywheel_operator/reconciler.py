@@ -39,14 +39,17 @@ from .vocab import (
     KSERVE_API_VERSION,
     KUEUE_API_VERSION,
     MODEL_LABEL,
-    TERMINAL,
     Key,
+    Written,
     format_time,
     trusted,
+    wrote,
 )
 
 log = logging.getLogger("flywheel")
 CONFLICT_RECHECK_SECONDS = 30
+#: How long a Job this operator created is taken as existing before the watch shows it.
+EXPECTATION_SECONDS = 60.0
 
 
 class Reconciler:
@@ -58,12 +61,16 @@ class Reconciler:
         self.poller = poller.Poller(config.progressIntervalSeconds, on_update=self.runs.wake)
         #: The status last written per run or schedule, with the resourceVersion it was based
         #: on: until the watch delivers a newer version, the index holds the pre-write copy.
-        self.written: dict[tuple, tuple[str, dict]] = {}
+        self.written: dict[tuple, Written] = {}
+        #: The Job of an attempt just created, until the watch delivers it (the Job
+        #: controller's "expectations"): a reconcile in between must not create it again.
+        self.expected: dict[Key, tuple[float, str]] = {}  # key -> (since, Job name)
         self.creators = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
         self.visibility = queueing.Visibility()
         self.index: dict[str, kopf.Index] = {}
         for table, size in {
                 "locks": waker.lock_count, "written": lambda: len(self.written),
+                "expected_jobs": lambda: len(self.expected),
                 "run_wakeups": lambda: len(self.runs.heap),
                 "run_failures": lambda: len(self.runs.failures),
                 "poll_targets": lambda: len(self.poller.targets),
@@ -102,6 +109,7 @@ class Reconciler:
     def run_deleted(self, key: Key, model: str) -> None:
         metrics.forget_run(*key, model)
         self.written.pop(key, None)
+        self.expected.pop(key, None)
         self.runs.failures.pop(key, None)
         self.poller.drop(key)
 
@@ -115,12 +123,14 @@ class Reconciler:
             if not found or found[0]["metadata"].get("deletionTimestamp"):
                 return
             # The run enters the decisions here, parsed once into the API models.
-            run = Run.parse(trusted(found[0], self.written.get(key), final=TERMINAL))
+            run = Run.parse(trusted(found[0], self.written.get(key)))
             started = time.monotonic()
             # Only the run's own children (by owner uid): a namesake's are never adopted.
             jobs, pods = objects.owned(run.uid,
                                        list(self.index["run_jobs"].get(key, [])),
                                        list(self.index["run_pods"].get(key, [])))
+            if self.awaiting_job(key, jobs):
+                return
             workloads = [w for j in jobs for w in self.index.get("run_workloads", {}).get(
                 (key[0], j.name), [])]
             position = self.queue_position(key[0], jobs, workloads) if workloads else None
@@ -144,6 +154,19 @@ class Reconciler:
             if plan.recheck_after is not None:  # e.g. when a start failure's grace is up
                 self.runs.wake(key, plan.recheck_after + 1)
             metrics.RECONCILE.observe(time.monotonic() - started)
+
+    def awaiting_job(self, key: Key, jobs: list[objects.JobSummary]) -> bool:
+        """True while the index does not show the Job this operator just created, as the Job
+        controller's expectations: until then a reconcile would find the run without it and
+        create it again, and the Job's own event reconciles the run anyway."""
+        since, name = self.expected.get(key, (0.0, None))
+        if name is None:
+            return False
+        if any(j.name == name for j in jobs) or (
+                time.monotonic() - since > EXPECTATION_SECONDS):
+            del self.expected[key]
+            return False
+        return True
 
     def queue_position(self, namespace: str, jobs: list[objects.JobSummary],
                        workloads: list[objects.WorkloadSummary]) -> int | None:
@@ -180,8 +203,9 @@ class Reconciler:
         if new == old and not force:
             return False
         patch = status_patch(old, new)
-        kube.patch_status("FineTuneRun", *key, patch)
-        self.written[key] = (run.resource_version, patch)
+        written = kube.patch_status("FineTuneRun", *key, patch) or {}
+        self.written[key] = wrote(self.written.get(key), run.resource_version,
+                                  written.get("metadata", {}).get("resourceVersion"), patch)
         return True
 
     def report_conflict(self, key: Key, run: Run, plan: lifecycle.Plan,
@@ -238,6 +262,7 @@ class Reconciler:
             # makes the next reconcile create the attempt again (existing objects are kept).
             list(self.creators.map(lambda obj: kube.create_owned(obj, namespace, uid), parts))
             kube.create_owned(job, namespace, uid)
+            self.expected[key] = (time.monotonic(), job["metadata"]["name"])
         for event_type, reason, message in plan.events:
             kopf.event(run.ref, type=event_type, reason=reason, message=message)
             log.info("%s/%s: %s: %s", namespace, name, reason, message)
@@ -352,9 +377,12 @@ class Reconciler:
             # None values are removals in a merge patch; compare without them.
             if {k: v for k, v in plan.status.items() if v is not None} != (
                     schedule.get("status") or {}):
-                kube.patch_status("FineTuneSchedule", namespace, name, plan.status)
-                self.written[("schedule", *key)] = (schedule["metadata"]["resourceVersion"],
-                                                    plan.status)
+                written = kube.patch_status("FineTuneSchedule", namespace, name,
+                                            plan.status) or {}
+                self.written[("schedule", *key)] = wrote(
+                    self.written.get(("schedule", *key)),
+                    schedule["metadata"]["resourceVersion"],
+                    written.get("metadata", {}).get("resourceVersion"), plan.status)
             for event_type, reason, message in plan.events:
                 kopf.event(schedule, type=event_type, reason=reason, message=message)
                 log.info("schedule %s/%s: %s: %s", namespace, name, reason, message)

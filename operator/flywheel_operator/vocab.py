@@ -8,6 +8,7 @@ names from here instead of repeating a string.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
@@ -49,16 +50,36 @@ TERMINAL = ("Succeeded", "Failed")  # a run's final phases
 Key = tuple[str, str]  # (namespace, name) of a run or a schedule
 
 
-def trusted(obj: dict, written: tuple[str, dict] | None, final: tuple[str, ...] = ()) -> dict:
-    """The object with the status to trust: the one we last wrote (`written`: the
-    resourceVersion it was based on, the status) while the watch has not yet delivered a newer
-    version, and a `final` phase we wrote even when the watch meanwhile delivered an older
-    write of ours (several writes in a row: progress, then a failure)."""
-    if written and (written[0] == obj["metadata"]["resourceVersion"] or (
-            written[1].get("phase") in final
-            and (obj.get("status") or {}).get("phase") not in final)):
-        return {**obj, "status": written[1]}
+@dataclass(frozen=True)
+class Written:
+    """A status the operator wrote: the `status`, the resourceVersion the write returned, and
+    the versions known to be older than it (`older`: the one it was based on and, while the
+    watch lags behind, those of our own earlier writes). A copy of the object at one of
+    them has not caught up with the write yet."""
+
+    status: dict
+    returned: str | None
+    older: frozenset[str]
+
+
+def wrote(previous: Written | None, based_on: str, returned: str | None,
+          status: dict) -> Written:
+    """What a write of `status` over the object at `based_on` leaves to trust. Based on a copy
+    that lagged behind an earlier write, every version up to that write's is older still."""
+    older = {based_on}
+    if previous is not None and based_on in previous.older:
+        older |= previous.older | ({previous.returned} if previous.returned else set())
+    return Written(status, returned, frozenset(older))
+
+
+def trusted(obj: dict, written: Written | None) -> dict:
+    """The object with the status to trust: the one we last wrote while the watch has not yet
+    delivered it (the copy is at a version older than the write), else the object's own."""
+    if written and obj["metadata"]["resourceVersion"] in written.older:
+        return {**obj, "status": written.status}
     return obj
+
+
 MODEL_REF_SCHEME = "model://"  # a registry base model: model://MODEL@ALIAS, model://MODEL/N
 
 # --- times: RFC3339 in UTC with second precision (`2026-11-26T03:00:00Z`) ----------------------

@@ -25,11 +25,11 @@ _locks: weakref.WeakValueDictionary[Hashable, threading.Lock] = weakref.WeakValu
 _locks_guard = threading.Lock()
 
 
-def pop_due(heap: list[tuple[float, Key]], cv: threading.Condition) -> Key:
-    """Wait (holding `cv`) until the earliest (when, key) of `heap` is due; pop its key."""
+def pop_due(heap: list[tuple[float, Key]], cv: threading.Condition) -> tuple[float, Key]:
+    """Wait (holding `cv`) until the earliest (when, key) of `heap` is due; pop it."""
     while not heap or heap[0][0] > time.monotonic():
         cv.wait(timeout=(heap[0][0] - time.monotonic()) if heap else None)
-    return heapq.heappop(heap)[1]
+    return heapq.heappop(heap)
 
 
 def lock(key: Hashable) -> threading.Lock:
@@ -65,6 +65,7 @@ class Waker(threading.Thread):
         self.failures: dict[Key, int] = {}
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"flywheel-{what}")
         self.busy: dict[Key, str] = {}  # key -> "waiting", "running" or "again"
+        self.due: dict[Key, float] = {}  # key -> when its earliest pending wake-up is due
         self.paused = False
 
     def bind(self, reconcile: Callable[[Key], None]) -> None:
@@ -76,8 +77,14 @@ class Waker(threading.Thread):
             self.start()
 
     def wake(self, key: Key, after: float = 0.0) -> None:
+        """Reconcile `key` in `after` seconds: a wake-up already due by then covers this one
+        (that reconcile reads the indexes as they are then)."""
+        when = time.monotonic() + after
         with self.cv:
-            heapq.heappush(self.heap, (time.monotonic() + after, key))
+            if self.due.get(key, when + 1) <= when:
+                return
+            self.due[key] = when
+            heapq.heappush(self.heap, (when, key))
             self.cv.notify()
 
     def pause(self) -> None:
@@ -86,6 +93,7 @@ class Waker(threading.Thread):
         self.paused = True
         with self.cv:
             self.heap.clear()
+            self.due.clear()
             self.failures.clear()
 
     def resume(self) -> None:
@@ -109,7 +117,9 @@ class Waker(threading.Thread):
     def run(self) -> None:
         while True:
             with self.cv:
-                key = pop_due(self.heap, self.cv)
+                when, key = pop_due(self.heap, self.cv)
+                if self.due.get(key) == when:
+                    del self.due[key]
                 state = self.busy.get(key)
                 if state == "running":  # once it is done, again: this wake-up may be news
                     self.busy[key] = "again"

@@ -88,6 +88,11 @@ def test_progress_checkpoint_and_gpu_hours_while_training():
                                    "uri": "s3://b/out/r-u1/checkpoints/step-25"}
     # 2 pods x 8 GPUs x (11:00 .. the poll at 11:59:59), live, before the attempt ends
     assert abs(s["gpuHours"] - 16 * 3599 / 3600) < 1e-3 and s["estimatedCost"] > 0
+    # before rank 0 first answers (it is loading the model), a poll adds nothing to write
+    unanswered = dataclasses.replace(polled(doc()), doc=None, fetched_at=None, error="refused")
+    quiet = decide(run(), [job()], [pod(0), pod(1)], NOW, polled=unanswered)
+    assert status_document(quiet.status) == status_document(
+        decide(run(), [job()], [pod(0), pod(1)], NOW).status)
     # another attempt's poll is ignored
     other = decide(run(), [job()], [pod(0), pod(1)], NOW, polled=polled(doc(), attempt=2))
     assert "progress" not in status_document(other.status)

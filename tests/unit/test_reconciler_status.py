@@ -40,8 +40,10 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
     assert kind == "status" and status["phase"] == "Pending" and None not in status.values()
     assert "attempts" not in status and status["conditions"][0]["type"] == "Suspended"
     calls.clear()
-    rec.reconcile_run(KEY)  # the watch has not delivered the write yet: nothing to write again
-    assert [c for c in calls if c[0] == "status"] == []
+    # The watch has delivered neither the write nor the Job: nothing is created or written
+    # again until the Job this reconcile expects is in the index.
+    rec.reconcile_run(KEY)
+    assert calls == []
 
     uid = body["metadata"]["uid"]
     rec.index["run_jobs"] = {KEY: [dataclasses.replace(job(1), owner=uid, uid="j1")]}
@@ -51,7 +53,7 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
     calls.clear()
     delivered = copy.deepcopy(body)  # the watch delivers the write; then spec.suspend
     delivered["metadata"]["resourceVersion"] = "2"
-    delivered["status"] = rec.written[KEY][1]
+    delivered["status"] = rec.written[KEY].status
     delivered["spec"]["suspend"] = True
     rec.index["runs"] = {KEY: [delivered]}
     rec.reconcile_run(KEY)
@@ -82,3 +84,30 @@ def test_a_new_attempt_takes_its_cards_baseline_from_the_model_index(monkeypatch
     assert '"tool_call_accuracy": 0.9' in next(iter(config_map["data"].values()))
     assert gets == ["ModelVersion"]
     assert [o["kind"] for o in created][-1] == "Job"
+
+
+def test_our_own_earlier_write_arriving_late_is_not_news(monkeypatch):
+    # The index lags behind two writes of ours (Pending, then Running, both over version 1);
+    # when the first of them arrives it is older than what we wrote last: nothing is written
+    # again and no second "Running" event is posted.
+    versions, writes, events = iter(["2", "3"]), [], []
+    monkeypatch.setattr(kube, "patch_status", lambda kind, ns, name, st: writes.append(
+        copy.deepcopy(st)) or {"metadata": {"resourceVersion": next(versions)}})
+    monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: True)
+    monkeypatch.setattr(kopf, "event", lambda obj, **k: events.append(k["reason"]))
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
+                        resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
+    rec.reconcile_run(KEY)
+    uid = body["metadata"]["uid"]
+    rec.index["run_jobs"] = {KEY: [dataclasses.replace(job(1), owner=uid, uid="j1")]}
+    rec.index["run_pods"] = {KEY: [dataclasses.replace(pod(1, i), job="j1") for i in (0, 1)]}
+    rec.reconcile_run(KEY)
+    assert [w["phase"] for w in writes] == ["Pending", "Running"]
+    for version, status in (("2", writes[0]), ("3", writes[1])):  # the watch catches up
+        rec.index["runs"] = {KEY: [{**body, "metadata": {**body["metadata"],
+                                                         "resourceVersion": version},
+                                    "status": status}]}
+        rec.reconcile_run(KEY)
+    assert len(writes) == 2 and events.count("Running") == 1

@@ -23,6 +23,7 @@ def test_a_failing_reconcile_comes_back_with_growing_backoff_until_it_succeeds()
         waker.attempt(("ns", "r"))
         delays.append(round(max(waker.heap)[0] - before))
         waker.heap.clear()
+        waker.due.clear()  # as if it had been popped
     assert delays == [1, 2, 4, 8, 16, 32, 64, 128, 256, MAX_BACKOFF]
     assert waker.failures == {("ns", "r"): 10}
     waker.attempt(("ns", "r"))  # succeeds: no retry, and the next failure starts at 1 s again
@@ -92,3 +93,23 @@ def test_a_keys_lock_serialises_while_held_and_leaves_no_entry_behind():
     Reconciler(OperatorConfig())
     assert f'flywheel_operator_table_entries{{table="locks"}} {before}.0'.encode() in (
         generate_latest(metrics.REGISTRY))
+
+
+def test_a_burst_of_wakeups_within_the_batch_is_one_reconcile():
+    # A pod created, scheduled and running within a second: one reconcile, one status write.
+    import contextvars
+
+    calls = []
+    waker = Waker("test")
+    waker.context = contextvars.copy_context()
+    waker.reconcile = calls.append
+    for _ in range(5):
+        waker.wake(("ns", "r"), 0.3)
+    waker.wake(("ns", "r"), 5.0)  # later than one already due: covered by it
+    assert len(waker.heap) == 1
+    waker.start()
+    time.sleep(1.0)
+    assert calls == [("ns", "r")] and not waker.due
+    waker.wake(("ns", "r"), 0.0)  # a new wake-up after the reconcile is news again
+    time.sleep(0.5)
+    assert calls == [("ns", "r")] * 2
