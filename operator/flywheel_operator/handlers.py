@@ -35,7 +35,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # for every "Handler succeeded" line, an API write per watch event.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 32
+    # Handlers only update indexes and queue reconciles (the reconciler has its own workers).
+    settings.execution.max_workers = 8
+    # Events are posted by at most this many concurrent workers (a connection each).
+    settings.posting.worker_limit = 8
     memo.setdefault("config", OperatorConfig())
     kube.configure(memo.config.apiConnectTimeoutSeconds, memo.config.apiReadTimeoutSeconds)
     memo.reconciler = Reconciler(memo.config)
@@ -90,12 +93,11 @@ CHILD_EVENT_BATCH_SECONDS = 1.0
 def _wake_run(key: tuple[str, str], memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
               run_pods: kopf.Index, models: kopf.Index,
               run_workloads: kopf.Index | None = None, child: bool = True, **_) -> None:
+    """Queue the run's reconcile (on the reconciler's own workers, from the indexes): kopf's
+    handler returns at once, so no event waits, decoded, behind a reconcile's API calls."""
     memo.reconciler.bind(runs=runs, run_jobs=run_jobs, run_pods=run_pods, models=models,
                          run_workloads=run_workloads)
-    if child:
-        memo.reconciler.runs.wake(key, CHILD_EVENT_BATCH_SECONDS)
-    else:
-        memo.reconciler.runs.attempt(key)
+    memo.reconciler.runs.wake(key, CHILD_EVENT_BATCH_SECONDS if child else 0.0)
 
 
 # --- runs and their children --------------------------------------------------------------
