@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import kopf
@@ -65,7 +65,7 @@ class Reconciler:
         #: The Job of an attempt just created, until the watch delivers it (the Job
         #: controller's "expectations"): a reconcile in between must not create it again.
         self.expected: dict[Key, tuple[float, str]] = {}  # key -> (since, Job name)
-        self.creators = ThreadPoolExecutor(max_workers=8, thread_name_prefix="flywheel-create")
+        self.creators = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
         self.visibility = queueing.Visibility()
         self.index: dict[str, kopf.Index] = {}
         for table, size in {
@@ -231,10 +231,14 @@ class Reconciler:
         uid = run.uid
         if plan.register is not None:  # before the status: Succeeded means registered
             lifecycle.registered(plan, self.register(run, plan.register))
+        run_for_render = dataclasses.replace(run, status=plan.status)
+        # A new attempt's ConfigMap and NetworkPolicy are created while its status is written
+        # (new names: a crash leaves nothing the next reconcile would not create again).
+        job, parts = self.start_attempt(key, run_for_render, plan.create_attempt) \
+            if plan.create_attempt else (None, [])
         # Status first: a crash after this line resumes at the recorded attempt.
         if self.write_status(key, run, plan.status):
             metrics.count_spend(namespace, run.spec.modelName, run.status, plan.status)
-        run_for_render = dataclasses.replace(run, status=plan.status)
         for attempt in plan.delete_attempts:
             for child in render.attempt_children(name, attempt):  # only the run's own
                 kube.delete_owned(child.api_version, child.kind, namespace, child.name, uid)
@@ -242,25 +246,17 @@ class Reconciler:
             for obj in render.preflight_objects(run_for_render, self.config):
                 kube.create_owned(obj, namespace, uid)
         if plan.suspend_job:
-            job, suspend = plan.suspend_job
-            kube.patch("batch/v1", "Job", namespace, job, {"spec": {"suspend": suspend}})
+            job_name, suspend = plan.suspend_job
+            kube.patch("batch/v1", "Job", namespace, job_name, {"spec": {"suspend": suspend}})
         if plan.activate:  # a Kueue run's spec.suspend: Kueue stops or requeues it
             workload, active = plan.activate
             kube.patch(KUEUE_API_VERSION, "Workload", namespace, workload,
                        {"spec": {"active": active}})
-        if plan.create_attempt:
-            metrics.ATTEMPTS.labels(namespace).inc()
-            if plan.create_attempt > 1:
-                metrics.RESTARTS.labels(namespace).inc()
-            model = next(iter(self.index["models"].get((namespace, run.spec.modelName), [])),
-                         None)
-            baseline = registry.promoted_summary(
-                model, lambda mv: kube.get(API, "ModelVersion", namespace, mv))
-            *parts, job = render.attempt_objects(run_for_render, plan.create_attempt,
-                                                 self.config, baseline)
-            # The Job last: its existence says the attempt was created, so a crash before it
-            # makes the next reconcile create the attempt again (existing objects are kept).
-            list(self.creators.map(lambda obj: kube.create_owned(obj, namespace, uid), parts))
+        if job is not None:
+            # The Job last, after its status and parts: its existence says the attempt was
+            # created, so a crash before it makes the next reconcile create the attempt again.
+            for part in parts:
+                part.result()
             kube.create_owned(job, namespace, uid)
             self.expected[key] = (time.monotonic(), job["metadata"]["name"])
         for event_type, reason, message in plan.events:
@@ -268,6 +264,19 @@ class Reconciler:
             log.info("%s/%s: %s: %s", namespace, name, reason, message)
             if reason == "Stalled":
                 metrics.STALLS.labels(namespace, name, run.spec.modelName).inc()
+
+    def start_attempt(self, key: Key, run: Run, attempt: int) -> tuple[dict, list[Future]]:
+        """Render `attempt` and start creating every object of it but the Job (returned)."""
+        namespace = key[0]
+        metrics.ATTEMPTS.labels(namespace).inc()
+        if attempt > 1:
+            metrics.RESTARTS.labels(namespace).inc()
+        model = next(iter(self.index["models"].get((namespace, run.spec.modelName), [])), None)
+        baseline = registry.promoted_summary(
+            model, lambda mv: kube.get(API, "ModelVersion", namespace, mv))
+        *parts, job = render.attempt_objects(run, attempt, self.config, baseline)
+        return job, [self.creators.submit(kube.create_owned, obj, namespace, run.uid)
+                     for obj in parts]
 
     # --- registration and serving -------------------------------------------------------
 

@@ -36,8 +36,10 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
                         resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
     rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
     rec.reconcile_run(KEY)
-    (kind, status), *_ = calls
-    assert kind == "status" and status["phase"] == "Pending" and None not in status.values()
+    (status,) = [c[1] for c in calls if c[0] == "status"]
+    assert status["phase"] == "Pending" and None not in status.values()
+    # The Job last, after the status (its parts may be created while the status is written).
+    assert calls[-2:] == [("create", "Job"), ("event", "AttemptCreated")]
     assert "attempts" not in status and status["conditions"][0]["type"] == "Suspended"
     calls.clear()
     # The watch has delivered neither the write nor the Job: nothing is created or written
