@@ -82,7 +82,9 @@ def classify(pods: list[PodSummary], job: JobSummary | None) -> Failure:
     by_policy = job is not None and job.failed_reason == "PodFailurePolicy"
     if by_policy and "DisruptionTarget" in (job.failed or ""):
         return Failure("NodeLost", DISRUPTION, job.failed or "")
-    failed = [p for p in pods if p.phase == "Failed"]
+    # A pod that failed while being deleted was killed by its deletion (`kubectl delete pod`:
+    # SIGTERM, exit 143): a lost rank, unless another pod failed on its own.
+    failed = [p for p in pods if p.phase == "Failed" and not p.deleting]
     for pod in failed:
         if pod.exit_code == EXIT_DATA_ERROR:
             return Failure("DataError", FATAL, f"pod {pod.name}: {_words(pod.message)}"[:1024])
@@ -102,6 +104,8 @@ def classify(pods: list[PodSummary], job: JobSummary | None) -> Failure:
         detail = _words(pod.message) or pod.reason or "Error"
         return Failure("AttemptFailed", RETRY,
                        f"pod {pod.name} exited with code {pod.exit_code}: {detail}"[:1024])
+    if deleted := lost_member(pods, None, 0):
+        return deleted
     return Failure("AttemptFailed", RETRY,
                    (job.failed if job else None) or "the attempt's Job failed")
 

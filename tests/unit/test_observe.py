@@ -173,3 +173,15 @@ def test_a_gang_member_deleted_or_replaced_is_a_disruption():
     assert "PodDeleted" in failures.DISRUPTED
     # another attempt's record says nothing about this one
     assert failures.lost_member(replaced, gang, 2) is None
+
+
+def test_a_rank_killed_by_its_deletion_is_a_disruption_and_a_real_failure_wins():
+    # kubectl delete pod: SIGTERM, the container exits 143 before the operator looks
+    killed = PodSummary("r-a1-1-y", phase="Failed", deleting=True, node="h200-1",
+                        exit_code=143)
+    failure = failures.classify([pod("r-a1-0-x", phase="Running"), killed], None)
+    assert (failure.reason, failure.kind) == ("PodDeleted", DISRUPTION)
+    assert "r-a1-1-y" in failure.message
+    # a rank that failed on its own: the Job controller then deletes the others (143)
+    crashed = pod("r-a1-0-x", phase="Failed", exit_code=1)
+    assert failures.classify([crashed, killed], None).reason == "AttemptFailed"
