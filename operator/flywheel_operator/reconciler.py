@@ -59,8 +59,8 @@ class Reconciler:
         self.schedules = waker.Waker("schedule")
         #: Rank 0's progress of every training run, fetched by one shared thread.
         self.poller = poller.Poller(config.progressIntervalSeconds, on_update=self.runs.wake)
-        #: The status last written per run or schedule, with the resourceVersion it was based
-        #: on: until the watch delivers a newer version, the index holds the pre-write copy.
+        #: The status last written per run or schedule, and the resourceVersions older than
+        #: that write: while the index holds one of them, it has not caught up (vocab.trusted).
         self.written: dict[tuple, Written] = {}
         #: The Job of an attempt just created, until the watch delivers it (the Job
         #: controller's "expectations"): a reconcile in between must not create it again.
