@@ -1,5 +1,8 @@
 """kopf registrations, and nothing else: indexes of slim summaries, and events that wake the
 reconciler (reconciler.py), which start-up builds into kopf's memo (`memo.reconciler`).
+Handlers that only update an index or queue a wake-up are `async`: kopf runs them on its
+event loop, without a hop to its thread pool per event (a burst's CPU); one that calls the
+API (model_event) is not.
 
 Level-triggered: any event on a run, its Jobs or its Pods reconciles the run. kopf writes
 nothing to the runs (no annotations, no finalizers). The operator config arrives in the memo
@@ -39,6 +42,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.execution.max_workers = 8
     # Events are posted by at most this many concurrent workers (a connection each).
     settings.posting.worker_limit = 8
+    # No on.create/update handlers: the essence kopf would otherwise deep-copy and diff on
+    # every watch event of every run, Job and Pod (most of its CPU in a burst) is not needed.
+    settings.persistence.diffbase_storage = NoDiffBase()
+    # Only the runs' own Jobs and Pods reach the operator: a fleet's other pods are filtered
+    # by the apiserver, not decoded here and dropped.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = RUN_LABEL
+    settings.watching.label_selectors["v1", "pods"] = RUN_LABEL
     memo.setdefault("config", OperatorConfig())
     kube.configure(memo.config.apiConnectTimeoutSeconds, memo.config.apiReadTimeoutSeconds)
     memo.reconciler = Reconciler(memo.config)
@@ -76,12 +86,27 @@ def follow_peering(reconciler: Reconciler) -> None:
     peering.addFilter(_PeeringState(reconciler))
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: kopf's default builds one per event (a deep copy of the object, then a
+    diff) for on.create/update/field handlers, which this operator does not have."""
+
+    def build(self, *, body: kopf.Body, extra_fields=None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
 def slim(body: kopf.Body) -> dict:
-    """A private copy of an object without managedFields (most of its bytes)."""
-    metadata = {k: v for k, v in body.metadata.items() if k != "managedFields"}
-    return copy.deepcopy({"apiVersion": body["apiVersion"], "kind": body["kind"],
-                          "metadata": metadata, "spec": dict(body.spec),
-                          "status": dict(body.status)})
+    """An object without managedFields (most of its bytes). It shares the rest with the watch
+    event's own decoded dict, which nothing changes: readers of an index never write to it."""
+    raw = dict(body)  # the decoded event's own values (kopf's Body only views them)
+    metadata = {k: v for k, v in raw["metadata"].items() if k != "managedFields"}
+    return {"apiVersion": raw["apiVersion"], "kind": raw["kind"], "metadata": metadata,
+            "spec": raw.get("spec") or {}, "status": raw.get("status") or {}}
 
 
 #: A child's events (a pod created, scheduled, running...) come in bursts: the run is
@@ -104,22 +129,22 @@ def _wake_run(key: tuple[str, str], memo: kopf.Memo, runs: kopf.Index, run_jobs:
 
 
 @kopf.index(GROUP, VERSION, PLURALS["FineTuneRun"])
-def runs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+async def runs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): slim(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
-def run_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+async def run_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
     return {(namespace, labels[RUN_LABEL]): objects.job_summary(body)}
 
 
 @kopf.index("v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
-def run_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+async def run_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
     return {(namespace, labels[RUN_LABEL]): objects.pod_summary(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURALS["FineTuneRun"])
-def run_event(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+async def run_event(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
               **kwargs) -> None:
     metrics.track_runs(kwargs["runs"])
     schedule = (body.get("metadata", {}).get("labels") or {}).get(SCHEDULE_LABEL)
@@ -132,12 +157,12 @@ def run_event(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
-def job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs) -> None:
+async def job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs) -> None:
     _wake_run((namespace, labels[RUN_LABEL]), memo, **kwargs)
 
 
 @kopf.on.event("v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
-def pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs) -> None:
+async def pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs) -> None:
     _wake_run((namespace, labels[RUN_LABEL]), memo, **kwargs)
 
 
@@ -148,17 +173,17 @@ def watch_kueue() -> None:
 
     # Explicit ids: kopf passes each index to handlers as a keyword argument named by its id.
     @kopf.index(group, version, "workloads", id="run_workloads")
-    def run_workloads(namespace: str, body: kopf.Body, **_) -> dict | None:
+    async def run_workloads(namespace: str, body: kopf.Body, **_) -> dict | None:
         summary = objects.workload_summary(body)
         return {(namespace, summary.job): summary} if summary.job else None
 
     @kopf.index("batch", "v1", "jobs", id="queued_jobs",
                 labels={RUN_LABEL: kopf.PRESENT, QUEUE_NAME_LABEL: kopf.PRESENT})
-    def queued_jobs(namespace: str, name: str, labels: kopf.Labels, **_) -> dict:
+    async def queued_jobs(namespace: str, name: str, labels: kopf.Labels, **_) -> dict:
         return {(namespace, name): labels[RUN_LABEL]}
 
     @kopf.on.event(group, version, "workloads", id="workload_event")
-    def workload_event(namespace: str, body: kopf.Body, queued_jobs: kopf.Index,
+    async def workload_event(namespace: str, body: kopf.Body, queued_jobs: kopf.Index,
                        memo: kopf.Memo, **kwargs) -> None:
         job = objects.workload_summary(body).job
         for run in set(queued_jobs.get((namespace, job), [])):
@@ -169,7 +194,7 @@ def watch_kueue() -> None:
 
 
 @kopf.index(GROUP, VERSION, PLURALS["Model"])
-def models(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+async def models(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     """Each Model's promotion alias and aliases (not its list of versions), which a new
     attempt reads for its card's baseline without a GET per attempt; registration and
     serving read the Model afresh, under its lock."""
@@ -188,17 +213,17 @@ def model_event(type: str, namespace: str, name: str, memo: kopf.Memo, **_) -> N
 
 
 @kopf.index(GROUP, VERSION, PLURALS["FineTuneSchedule"])
-def schedule_index(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+async def schedule_index(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): slim(body)}
 
 
 @kopf.index(GROUP, VERSION, PLURALS["FineTuneRun"], labels={SCHEDULE_LABEL: kopf.PRESENT})
-def schedule_runs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+async def schedule_runs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
     return {(namespace, labels[SCHEDULE_LABEL]): slim(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURALS["FineTuneSchedule"])
-def schedule_event(type: str, namespace: str, name: str, schedule_index: kopf.Index,
+async def schedule_event(type: str, namespace: str, name: str, schedule_index: kopf.Index,
                    schedule_runs: kopf.Index, memo: kopf.Memo, **_) -> None:
     memo.reconciler.bind(schedule_index=schedule_index, schedule_runs=schedule_runs)
     if type == "DELETED":

@@ -64,7 +64,9 @@ def client() -> kubernetes.client.ApiClient:
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     configuration = kubernetes.client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = 32
+    # One kept-alive connection for each reconcile worker and creator (reconciler.py): past
+    # the pool, urllib3 opens a connection per request, a TLS handshake each.
+    configuration.connection_pool_maxsize = 96
     return kubernetes.client.ApiClient(configuration)
 
 

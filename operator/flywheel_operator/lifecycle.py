@@ -233,6 +233,11 @@ def start_attempt(plan: Plan, run: Run, queue: str | None) -> None:
     else:
         plan.transition("Pending", "AttemptCreated", f"attempt {attempt}: creating the Job")
     suspended_condition(plan, suspend)
+    if not (suspend or queue):
+        # Already what follow_pods says of the new Job's pods, so the Job's arrival writes
+        # no status of its own (the event says what happened).
+        status.message = pods_pending(attempt, 0, run.spec.resources.nodes)
+        plan.condition("Running", False, "PodsPending", status.message)
 
 
 def fail_attempt(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
@@ -349,10 +354,15 @@ def follow_pods(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
             add_gpu_hours(status, pods_gpu_hours(pods, spec.resources.gpusPerNode,
                                                  polled.polled_at), spec, config)
     else:
-        message = (f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
-                   + ("; unschedulable" if unschedulable else ""))
+        message = pods_pending(attempt, len(running), nodes, bool(unschedulable))
         plan.transition("Pending", "Pending", message)
         plan.condition("Running", False, "PodsPending", message)
+
+
+def pods_pending(attempt: int | None, running: int, nodes: int,
+                 unschedulable: bool = False) -> str:
+    return (f"attempt {attempt}: {running}/{nodes} pod(s) running"
+            + ("; unschedulable" if unschedulable else ""))
 
 
 def preempt(plan: Plan, run: Run, job: JobSummary, wl: WorkloadSummary,

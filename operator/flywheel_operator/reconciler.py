@@ -55,7 +55,7 @@ EXPECTATION_SECONDS = 60.0
 class Reconciler:
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
-        self.runs = waker.Waker("run", workers=16)
+        self.runs = waker.Waker("run", workers=48)
         self.schedules = waker.Waker("schedule")
         #: Rank 0's progress of every training run, fetched by one shared thread.
         self.poller = poller.Poller(config.progressIntervalSeconds, on_update=self.runs.wake)
@@ -65,7 +65,7 @@ class Reconciler:
         #: The Job of an attempt just created, until the watch delivers it (the Job
         #: controller's "expectations"): a reconcile in between must not create it again.
         self.expected: dict[Key, tuple[float, str]] = {}  # key -> (since, Job name)
-        self.creators = ThreadPoolExecutor(max_workers=16, thread_name_prefix="flywheel-create")
+        self.creators = ThreadPoolExecutor(max_workers=48, thread_name_prefix="flywheel-create")
         self.visibility = queueing.Visibility()
         self.index: dict[str, kopf.Index] = {}
         for table, size in {

@@ -64,6 +64,28 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
     assert rest == [("patch", "Job"), ("event", "Suspended")]
 
 
+def test_the_new_jobs_arrival_writes_no_status(calls):
+    # The attempt's first status already says its pods are pending, so the Job's own event
+    # (and its pods' creation) costs no write: at a fleet's scale, a PATCH per run less.
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False}), "status": {}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
+    rec.reconcile_run(KEY)
+    (first,) = [c[1] for c in calls if c[0] == "status"]
+    assert first["message"] == "attempt 1: 0/1 pod(s) running"
+    calls.clear()
+    delivered = copy.deepcopy(body)
+    delivered["metadata"]["resourceVersion"] = "2"
+    delivered["status"] = rec.written[KEY].status
+    uid = body["metadata"]["uid"]
+    rec.index["runs"] = {KEY: [delivered]}
+    rec.index["run_jobs"] = {KEY: [dataclasses.replace(job(1), owner=uid, uid="j1")]}
+    rec.index["run_pods"] = {KEY: [dataclasses.replace(pod(1, 0, phase="Pending"), job="j1",
+                                                      node=None)]}
+    rec.reconcile_run(KEY)
+    assert calls == []
+
+
 def test_a_new_attempt_takes_its_cards_baseline_from_the_model_index(monkeypatch):
     # The promoted version's metrics reach the card; the Model comes from the operator's
     # index, not a GET per attempt (at a fleet's scale, one request per run for nothing).
