@@ -85,7 +85,8 @@ class Waker(threading.Thread):
                 return
             self.due[key] = when
             heapq.heappush(self.heap, (when, key))
-            self.cv.notify()
+            if self.heap[0] == (when, key):  # else the thread wakes for an earlier one first
+                self.cv.notify()
 
     def pause(self) -> None:
         """Reconcile nothing until `resume` (pending wake-ups are dropped: the resume wakes
