@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import random
 
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     if config.kueue.enabled:
         handlers.watch_kueue()
 
+    # What start-up built (modules, pydantic's and kopf's tables) lives as long as the
+    # process: out of the collector's sight, a full collection in a burst scans only what
+    # the runs brought (in a 200-run burst 0.26 s of GC instead of 0.5-0.7, pauses halved).
+    gc.collect()
+    gc.freeze()
     kopf.configure(verbose=args.verbose)
     if not args.verbose:  # one line per handled watch event is noise at this scale
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
