@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=120.0,
                         help="--training: seconds of steady training measured")
     parser.add_argument("--heap", action="store_true",
-                        help="--training: the operator under tracemalloc (bench/heap.py)")
+                        help="--training, --soak: the operator under tracemalloc (bench/heap.py)")
     parser.add_argument("--soak", action="store_true",
                         help="waves of runs created, trained, finished, deleted (see above)")
     parser.add_argument("--live", type=int, default=200, help="--soak: runs in flight")
@@ -272,7 +272,7 @@ def main() -> None:
     if args.soak:
         from operator_scale_soak import soak  # bench/operator_scale_soak.py
 
-        return soak(n, args.live, args.minutes, not args.no_record)
+        return soak(n, args.live, args.minutes, not args.no_record, args.heap)
     if args.training:
         return training(n, args.window, not args.no_record, args.heap)
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -58,7 +59,7 @@ def tables() -> dict[str, float]:
         r'^flywheel_operator_table_entries\{table="(\w+)"\} (\S+)', text, re.M)}
 
 
-def soak(total: int, live: int, minutes: float, record: bool) -> None:
+def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False) -> None:
     from flywheel_operator.config import OperatorConfig
     from flywheel_operator.vocab import parse_time
 
@@ -100,12 +101,18 @@ def soak(total: int, live: int, minutes: float, record: bool) -> None:
             "status_age_p99_s": round(percentile(ages, 0.99), 1) if ages else None,
             "tables": {k: int(v) for k, v in tables().items()},
             "threads": proc.num_threads()})
+        if heap:
+            operator.send_signal(signal.SIGUSR2)
         _say(t_start, json.dumps(samples[-1]))
 
     try:
         kubectl("create", "namespace", ns)
         kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
-        operator, proc = start_operator()
+        # --heap: under bench/heap.py, a report each minute (FLYWHEEL_HEAP_FRAMES=0: glibc's
+        # heap and the objects by type, without tracemalloc's cost)
+        heap_out = ROOT / ".cache" / "heap-soak.txt"
+        heap_out.unlink(missing_ok=True)
+        operator, proc = start_operator(heap_out if heap else None)
         peak = PeakRss(proc, every=1.0)
         wait_for_metrics()
         _say(t_start, f"operator up; soaking {minutes:g} min in {ns}")
