@@ -110,9 +110,10 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
         kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
         # --heap: under bench/heap.py, a report each minute (FLYWHEEL_HEAP_FRAMES=0: glibc's
         # heap and the objects by type, without tracemalloc's cost)
-        heap_out = ROOT / ".cache" / "heap-soak.txt"
-        heap_out.unlink(missing_ok=True)
-        operator, proc = start_operator(heap_out if heap else None)
+        heap_out = ROOT / ".cache" / "heap-soak.txt" if heap else None
+        if heap_out:
+            heap_out.unlink(missing_ok=True)
+        operator, proc = start_operator(heap_out)
         peak = PeakRss(proc, every=1.0)
         wait_for_metrics()
         _say(t_start, f"operator up; soaking {minutes:g} min in {ns}")
