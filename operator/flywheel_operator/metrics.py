@@ -59,12 +59,18 @@ class _RunsByPhase:
     def __init__(self) -> None:
         self.index: Mapping | None = None
 
+    def runs(self) -> list[dict]:
+        """The indexed runs, each list copied in one C call: kopf's event loop changes the
+        index while a scrape reads it from the metrics server's thread."""
+        index = self.index or {}
+        return [run for key in list(index) for run in list(index.get(key, ()))]
+
     def collect(self):
         family = GaugeMetricFamily("flywheel_runs", "FineTuneRuns by phase.", labels=["phase"])
         tally: Tally[str] = Tally()
-        for store in (self.index or {}).values():
-            for run in store:
-                tally[(run.get("status") or {}).get("phase") or "Pending"] += 1
+        runs = self.runs()
+        for run in runs:
+            tally[(run.get("status") or {}).get("phase") or "Pending"] += 1
         for phase in RUN_PHASES:
             family.add_metric([phase], tally[phase])
         yield family
@@ -72,17 +78,16 @@ class _RunsByPhase:
         gauges = [(GaugeMetricFamily(name, text, labels=labels), read)
                   for name, text, read in RUN_GAUGES]
         now = time.time()
-        for store in (self.index or {}).values():
-            for run in store:
-                status = run.get("status") or {}
-                if status.get("phase") != "Running" or not status.get("progress"):
-                    continue
-                key = [run["metadata"].get("namespace", ""), run["metadata"]["name"],
-                       run["spec"].get("modelName", "")]
-                for family, read in gauges:
-                    value = read(status["progress"], now)
-                    if value is not None:
-                        family.add_metric(key, value)
+        for run in runs:
+            status = run.get("status") or {}
+            if status.get("phase") != "Running" or not status.get("progress"):
+                continue
+            key = [run["metadata"].get("namespace", ""), run["metadata"]["name"],
+                   run["spec"].get("modelName", "")]
+            for family, read in gauges:
+                value = read(status["progress"], now)
+                if value is not None:
+                    family.add_metric(key, value)
         for family, _ in gauges:
             yield family
 

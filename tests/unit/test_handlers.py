@@ -40,3 +40,34 @@ def test_a_runs_index_entry_drops_managed_fields_and_copies_nothing_else():
     assert "managedFields" not in entry["metadata"] and entry["metadata"]["name"] == "r"
     assert entry["spec"] is raw["spec"] and entry["status"] is raw["status"]
     assert "managedFields" in raw["metadata"]  # the event itself is left as it came
+
+
+def test_a_metrics_scrape_reads_the_runs_while_the_event_loop_changes_the_index():
+    """kopf's event loop updates the runs index while Prometheus scrapes from the metrics
+    server's thread; a scrape counts the runs it saw, never fails with a 500."""
+    from collections.abc import Mapping
+
+    from flywheel_operator import metrics
+
+    def run(name: str, phase: str) -> dict:
+        return {"metadata": {"namespace": "team", "name": name}, "spec": {"modelName": "m"},
+                "status": {"phase": phase}}
+
+    class Changing(Mapping):  # a run arrives between any two reads of the index
+        def __init__(self) -> None:
+            self.runs = {("team", f"r{i}"): [run(f"r{i}", "Running")] for i in range(3)}
+
+        def __iter__(self):
+            return iter(self.runs)
+
+        def __len__(self) -> int:
+            return len(self.runs)
+
+        def __getitem__(self, key):
+            self.runs[("team", f"new{len(self.runs)}")] = [run("new", "Pending")]
+            return self.runs[key]
+
+    collector = metrics._RunsByPhase()
+    collector.index = Changing()
+    phases = {s.labels["phase"]: s.value for s in next(iter(collector.collect())).samples}
+    assert phases["Running"] == 3 and phases["Pending"] == 0
