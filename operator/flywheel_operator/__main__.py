@@ -16,11 +16,11 @@ from .config import load_config
 
 
 def return_free_memory_every(seconds: float) -> threading.Thread | None:
-    """Hand glibc's free pages back to the kernel every `seconds`. Runs come and go in
-    waves: what they allocated is freed, but glibc keeps the freed pages in its arenas, split
-    among what is still in use, so the resident size creeps up by ~0.5 MB a minute under a
-    steady load (bench/RESULTS.md, "Soak"). `malloc_trim(0)` returns every whole free page
-    of every arena (madvise), a few milliseconds without the GIL. None where libc is not glibc."""
+    """Hand glibc's free pages back to the kernel every `seconds`: runs come and go in waves,
+    and glibc keeps what they freed in its arenas. `malloc_trim(0)` returns every whole free
+    page of every arena (madvise), a few milliseconds without the GIL; in the soak the
+    resident size was about 4% lower with it (bench/RESULTS.md, "Soak"), though it still
+    crept up, the rest being split among pages in use. None where libc is not glibc."""
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # musl, macOS: nothing to trim

@@ -87,10 +87,12 @@ PRESETS: dict[str, Pool] = {
 
 
 class NetworkPolicy(_Model):
-    """A NetworkPolicy per attempt: its trainer pods accept traffic only from each other
-    (rendezvous, store, NCCL) and, on the progress port, from the operator. Egress is open."""
+    """Trainer pods accept traffic only from the operator, on the progress port (a fence per
+    namespace), and from their own attempt's pods (rendezvous, store, NCCL: a policy per
+    attempt of more than one node). Egress is open."""
 
-    enabled: bool = Field(default=True, description="Render the per-attempt NetworkPolicy.")
+    enabled: bool = Field(default=True, description="Render the namespace's fence and the "
+                          "multi-node attempts' NetworkPolicies.")
     operatorPeers: list[dict] = Field(
         default_factory=list, description="NetworkPolicy peers (namespaceSelector / "
         "podSelector / ipBlock) the operator polls rank 0's progress port from; the chart "

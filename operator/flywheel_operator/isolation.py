@@ -1,5 +1,6 @@
-"""Pure: what fences and bounds a run's pods. The attempt's NetworkPolicy (its pods accept
-traffic only from each other and, on the progress port, from the operator), a size-limited
+"""Pure: what fences and bounds a run's pods. The namespace's fence (its trainer pods accept
+traffic only on the progress port, from the operator), an attempt of more than one node's
+NetworkPolicy (its pods accept each other too), a size-limited
 `/dev/shm`, and the model cache on a size-limited emptyDir instead of the container's root
 filesystem (base model downloads, HF_HOME, TMPDIR), sized from the pool or from the model
 size preflight measured.
@@ -11,12 +12,14 @@ from decimal import Decimal
 from typing import Any
 
 from .config import DEFAULT_CACHE_SIZE, OperatorConfig, Pool
-from .vocab import PROGRESS_PORT
+from .vocab import COMPONENT_LABEL, MANAGED_BY, PROGRESS_PORT
 
 CACHE_DIR = "/var/cache/flywheel"
 #: The preflight pod fetches config and tokenizer only, never weights.
 PREFLIGHT_CACHE_SIZE = "10Gi"
 NETWORK_POLICY_API = "networking.k8s.io/v1"
+#: The namespace's NetworkPolicy over every trainer pod (not owned by a run: it outlives them).
+FENCE_NAME = "flywheel-trainers"
 
 
 def cache_size(pool: Pool, parameters: int | None) -> str:
@@ -58,19 +61,31 @@ def env(config: OperatorConfig) -> list[dict[str, Any]]:
             {"name": "FLYWHEEL_MAX_LINE_BYTES", "value": str(config.maxDatasetLineBytes)}]
 
 
-def network_policy(metadata: dict[str, Any], selector: dict[str, str],
-                   config: OperatorConfig) -> dict[str, Any] | None:
-    """The attempt's NetworkPolicy (None when the config turns it off): ingress to its pods
-    only from the attempt's own pods (rendezvous, torchrun's store, NCCL/gloo on any port)
-    and from the operator's peers on the progress port; egress is left open (object stores,
-    the Hub, Comet)."""
+def namespace_fence(config: OperatorConfig) -> dict[str, Any] | None:
+    """The NetworkPolicy over every trainer pod of a namespace (None when the config turns
+    policies off): ingress only on the progress port, from the operator's peers (any source
+    when none are configured); egress is left open (object stores, the Hub, Comet). It is in
+    place before a namespace's first Job, so a pod is fenced from its first moment, and a
+    one-node attempt needs nothing more."""
     if not config.networkPolicy.enabled:
         return None
     progress: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": PROGRESS_PORT}]}
     if config.networkPolicy.operatorPeers:
         progress["from"] = [dict(p) for p in config.networkPolicy.operatorPeers]
+    return {"apiVersion": NETWORK_POLICY_API, "kind": "NetworkPolicy",
+            "metadata": {"name": FENCE_NAME, "labels": dict(MANAGED_BY)},
+            "spec": {"podSelector": {"matchLabels": {COMPONENT_LABEL: "trainer", **MANAGED_BY}},
+                     "policyTypes": ["Ingress"], "ingress": [progress]}}
+
+
+def network_policy(metadata: dict[str, Any], selector: dict[str, str],
+                   config: OperatorConfig) -> dict[str, Any] | None:
+    """An attempt of more than one node's NetworkPolicy (None when the config turns policies
+    off): its pods also accept each other (rendezvous, torchrun's store, NCCL/gloo on any
+    port). Policies add up: the namespace's fence still admits the operator."""
+    if not config.networkPolicy.enabled:
+        return None
     return {"apiVersion": NETWORK_POLICY_API, "kind": "NetworkPolicy", "metadata": metadata,
             "spec": {"podSelector": {"matchLabels": dict(selector)},
                      "policyTypes": ["Ingress"],
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": dict(selector)}}]},
-                                 progress]}}
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": dict(selector)}}]}]}}

@@ -285,11 +285,12 @@ def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: Fine
 
 def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
                     baseline: dict | None = None) -> list[dict]:
-    """ConfigMap, headless Service (for more than one node: its pods' DNS names), NetworkPolicy
-    (unless the config turns it off) and Indexed Job of `attempt` (1-based), in creation
-    order. A one-node attempt rendezvous on its own loopback: at a fleet's scale a Service
-    (and its EndpointSlice) per run would be an object and an API request per run for
-    nothing.
+    """ConfigMap, headless Service and NetworkPolicy (for more than one node: its pods' DNS
+    names, and their traffic to each other, unless the config turns policies off) and Indexed
+    Job of `attempt` (1-based), in creation order. A one-node attempt rendezvous on its own
+    loopback and the namespace's fence (isolation.namespace_fence) covers it: at a fleet's
+    scale a Service (and its EndpointSlice) and a policy per run would be objects and API
+    requests per run for nothing.
     `baseline`: the promoted version's {name, metrics}, passed on to the model card."""
     if attempt < 1:
         raise ValueError("attempt is 1-based")
@@ -362,8 +363,10 @@ def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
         if spec.priorityClassName:
             job["metadata"]["labels"][PRIORITY_CLASS_LABEL] = spec.priorityClassName
         job["spec"]["suspend"] = True
+    if nodes == 1:
+        return [config_map, job]
     netpol = isolation.network_policy(_meta(run, name, labels), selector, config)
-    return [config_map, *([service] if nodes > 1 else []), *([netpol] if netpol else []), job]
+    return [config_map, service, *([netpol] if netpol else []), job]
 
 
 def preflight_objects(run: Run, config: OperatorConfig) -> list[dict]:

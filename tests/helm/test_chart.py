@@ -135,7 +135,7 @@ NAMESPACED_GRANTS = {
     ("flywheel.dev", "models/status"): {"patch"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "configmaps"): {"get", "create", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "delete"},
     ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},

@@ -1,7 +1,8 @@
 """The operator's own line, with no Flywheel admission policy in the cluster: its config's `policy`
 refuses a run at once (PolicyDenied, naming the rule and the field), an unknown pool fails at
 once naming the pools the namespace may use, a CPU run aimed at the H200 nodes never gets
-there, and an admitted run's attempt comes with its NetworkPolicy and bounded pods.
+there, and an admitted run's attempt comes fenced (the namespace's NetworkPolicy, and a gang's
+own) with bounded pods.
 
 Each test runs its own operator, confined to the test's namespace, with a config carrying the
 policy, as a ServiceAccount of its own. Other operators on the cluster (this session's, which
@@ -156,6 +157,11 @@ def test_a_cpu_run_aimed_at_the_h200_nodes_never_lands_there(cluster, policy_ope
     (pod,) = running_pods(cluster, namespace, "narrow", 1, 1)
     node = cluster.get("node", pod["spec"]["nodeName"])
     assert node["metadata"]["labels"]["flywheel.dev/pool"] == "cpu"
+    # One node: the namespace's fence covers its pod, with no policy of its own.
+    fence = cluster.get("networkpolicy", "flywheel-trainers", "-n", namespace)
+    assert fence["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert cluster.kubectl("get", "networkpolicy", "narrow-a1", "-n", namespace,
+                           check=False).returncode != 0
 
 
 def test_an_attempt_has_its_network_policy_and_bounded_pods(cluster, policy_operator, namespace):
@@ -166,11 +172,19 @@ def test_an_attempt_has_its_network_policy_and_bounded_pods(cluster, policy_oper
     assert owner["kind"] == "FineTuneRun" and owner["name"] == "fenced"
     selector = {"flywheel.dev/run": "fenced", "flywheel.dev/attempt": "1"}
     assert netpol["spec"]["podSelector"] == {"matchLabels": selector}
-    assert netpol["spec"]["ingress"][0] == {"from": [{"podSelector": {"matchLabels": selector}}]}
-    assert netpol["spec"]["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 9400}]
+    assert netpol["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
+    # The namespace's fence, in place before the first Job, admits the operator to every
+    # trainer pod on the progress port, and nothing else; it belongs to no run.
+    fence = cluster.get("networkpolicy", "flywheel-trainers", "-n", namespace)
+    assert "ownerReferences" not in fence["metadata"]
+    assert fence["spec"]["policyTypes"] == ["Ingress"]
+    assert [rule["ports"] for rule in fence["spec"]["ingress"]] == [
+        [{"protocol": "TCP", "port": 9400}]]
+    fenced = fence["spec"]["podSelector"]["matchLabels"]
     for pod in pods:
         labels = pod["metadata"]["labels"]
         assert all(labels[k] == v for k, v in selector.items())
+        assert fenced.items() <= labels.items()
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "64Gi"
         assert volumes["cache"]["emptyDir"]["sizeLimit"] == "256Gi"

@@ -24,6 +24,8 @@ def calls(monkeypatch) -> list[tuple]:
         ("status", copy.deepcopy(st))))
     monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: done.append(
         ("create", obj["kind"])))
+    monkeypatch.setattr(kube, "create", lambda obj, ns: done.append(
+        ("create", obj["metadata"]["name"])) or True)  # the namespace's fence
     monkeypatch.setattr(kube, "patch", lambda *a, **k: done.append(("patch", a[1])))
     monkeypatch.setattr(kube, "get", lambda *a: None)
     monkeypatch.setattr(kopf, "event", lambda obj, **k: done.append(("event", k["reason"])))
@@ -38,8 +40,9 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
     rec.reconcile_run(KEY)
     (status,) = [c[1] for c in calls if c[0] == "status"]
     assert status["phase"] == "Pending" and None not in status.values()
-    # The Job last, after the status (its parts may be created while the status is written).
-    assert calls[-2:] == [("create", "Job"), ("event", "AttemptCreated")]
+    # A first attempt: its Job with its parts, then the status that records them.
+    assert calls[-3:-1] == [("create", "Job"), ("status", status)]
+    assert calls[-1] == ("event", "AttemptCreated")
     assert "attempts" not in status and status["conditions"][0]["type"] == "Suspended"
     calls.clear()
     # The watch has delivered neither the write nor the Job: nothing is created or written
@@ -92,6 +95,7 @@ def test_a_new_attempt_takes_its_cards_baseline_from_the_model_index(monkeypatch
     created, gets = [], []
     monkeypatch.setattr(kube, "patch_status", lambda *a: None)
     monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: created.append(obj))
+    monkeypatch.setattr(kube, "create", lambda obj, ns: True)
     monkeypatch.setattr(kopf, "event", lambda obj, **k: None)
     mv = {"metadata": {"name": "agent-v3"}, "spec": {"metrics": {"tool_call_accuracy": 0.9}}}
     monkeypatch.setattr(kube, "get", lambda api, kind, ns, name: gets.append(kind) or (
@@ -118,6 +122,7 @@ def test_our_own_earlier_write_arriving_late_is_not_news(monkeypatch):
     monkeypatch.setattr(kube, "patch_status", lambda kind, ns, name, st: writes.append(
         copy.deepcopy(st)) or {"metadata": {"resourceVersion": next(versions)}})
     monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: True)
+    monkeypatch.setattr(kube, "create", lambda obj, ns: True)
     monkeypatch.setattr(kopf, "event", lambda obj, **k: events.append(k["reason"]))
     rec = reconciler.Reconciler(OperatorConfig())
     body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
@@ -135,3 +140,76 @@ def test_our_own_earlier_write_arriving_late_is_not_news(monkeypatch):
                                     "status": status}]}
         rec.reconcile_run(KEY)
     assert len(writes) == 2 and events.count("Running") == 1
+
+
+def test_a_namespaces_first_attempt_puts_its_fence_in_place_before_the_job(calls, monkeypatch):
+    # One NetworkPolicy per namespace fences every trainer pod from its first moment; a
+    # one-node attempt adds none of its own (a request per run less at a fleet's scale).
+    rec = reconciler.Reconciler(OperatorConfig())
+    runs = {(ns, r): [{**make_body(r, ns, f"u-{ns}-{r}", preflight={"enabled": False}),
+                       "status": {}}] for ns in ("a", "b") for r in ("r1", "r2")}
+    rec.index.update(runs=runs, run_jobs={}, run_pods={}, models={})
+    for key in runs:
+        rec.reconcile_run(key)
+    creates = [c[1] for c in calls if c[0] == "create"]
+    assert creates == ["flywheel-trainers", "ConfigMap", "Job", "ConfigMap", "Job"] * 2
+    # A run deleted (its namespace may be going): the next attempt there checks again; a
+    # fence found in place is brought to this operator's config.
+    rec.run_deleted(("a", "r1"), "m")
+    calls.clear()
+    monkeypatch.setattr(kube, "create", lambda obj, ns: calls.append(("exists", ns)) and False)
+    rec.index["runs"][("a", "r3")] = [{**make_body("r3", "a", "u3", preflight={"enabled": False}),
+                                       "status": {}}]
+    rec.reconcile_run(("a", "r3"))
+    assert [c for c in calls if c[0] != "status"][:3] == [
+        ("exists", "a"), ("patch", "NetworkPolicy"), ("create", "ConfigMap")]
+
+
+def test_policies_turned_off_remove_a_fence_left_from_before(calls, monkeypatch):
+    deleted = []
+    monkeypatch.setattr(kube, "delete", lambda api, kind, ns, name: deleted.append((kind, name)))
+    off = OperatorConfig.model_validate({"networkPolicy": {"enabled": False}})
+    rec = reconciler.Reconciler(off)
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
+                        resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
+    rec.reconcile_run(KEY)
+    assert deleted == [("NetworkPolicy", "flywheel-trainers")]
+    assert [c[1] for c in calls if c[0] == "create"] == ["ConfigMap", "Service", "Job"]
+
+
+def test_a_first_attempts_job_left_without_its_status_is_adopted(calls):
+    # The operator died between a first attempt's Job and its status: the next reconcile
+    # finds a Job and a run that records no attempt. It creates the attempt's parts again
+    # (those that exist are kept), records the attempt, and creates no second Job.
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
+                        resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
+    uid = body["metadata"]["uid"]
+    rec.index.update(runs={KEY: [body]}, models={},
+                     run_jobs={KEY: [dataclasses.replace(job(1), owner=uid, uid="j1")]},
+                     run_pods={KEY: []})
+    rec.reconcile_run(KEY)
+    creates = [c[1] for c in calls if c[0] == "create"]
+    assert creates == ["flywheel-trainers", "ConfigMap", "Service", "NetworkPolicy"]
+    (status,) = [c[1] for c in calls if c[0] == "status"]
+    assert status["attempt"] == 1 and status["startTime"]
+    assert status["outputUri"] == "s3://models/flow-agent/r-u1/"
+    assert status["experimentKey"] and status["message"] == "attempt 1: 0/2 pod(s) running"
+    assert calls.index(("create", "NetworkPolicy")) < calls.index(("status", status))
+
+
+def test_a_later_attempt_records_its_status_before_its_job(calls):
+    # Attempt 2's status records attempt 1's failure and spends the budget: it lands before
+    # the Job, so a crash in between never starts an attempt the status does not account for.
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False}, maxRestarts=1),
+            "status": {"phase": "Running", "attempt": 1}}
+    uid = body["metadata"]["uid"]
+    failed = dataclasses.replace(job(1), owner=uid, uid="j1", failed="BackoffLimitExceeded")
+    rec.index.update(runs={KEY: [body]}, models={}, run_jobs={KEY: [failed]},
+                     run_pods={KEY: []})
+    rec.reconcile_run(KEY)
+    (status,) = [c[1] for c in calls if c[0] == "status"]
+    assert status["attempt"] == 2
+    assert calls.index(("status", status)) < calls.index(("create", "Job"))

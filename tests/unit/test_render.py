@@ -23,8 +23,9 @@ COMET = {
 
 
 def _objects(run=None, attempt=1, config=CONFIG):
-    cm, svc, *_, job = render.attempt_objects(run or _run(), attempt, config)  # NetworkPolicy
-    return cm, svc, job
+    """ConfigMap, Service (None for one node) and Job of an attempt."""
+    objs = {o["kind"]: o for o in render.attempt_objects(run or _run(), attempt, config)}
+    return objs["ConfigMap"], objs.get("Service"), objs["Job"]
 
 
 def _run(**spec):
@@ -92,10 +93,11 @@ def test_indexed_job_shape():
 
 
 def test_one_node_rendezvous_on_its_own_loopback_without_a_service():
-    # At a fleet's scale a Service (and its EndpointSlice) per one-node run is an object and
-    # an API request per run for nothing: torchrun's store is on the pod itself.
+    # At a fleet's scale a Service (and its EndpointSlice) and a NetworkPolicy per one-node
+    # run are objects and API requests per run for nothing: torchrun's store is on the pod
+    # itself, and the namespace's fence covers it.
     objs = render.attempt_objects(_run(resources={"nodes": 1, "gpusPerNode": 8}), 1, CONFIG)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "NetworkPolicy", "Job"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]
     job = objs[-1]
     assert "subdomain" not in _pod(job)
     assert "--master-addr=127.0.0.1" in _container(job)["args"]

@@ -1,6 +1,7 @@
-"""What fences and bounds a run's pods (isolation.py through render): the attempt's
-NetworkPolicy, /dev/shm and the model cache with size limits, pool memory limits, the Hub
-token by reference, the dataset line cap, and scheduling that never leaves the pool."""
+"""What fences and bounds a run's pods (isolation.py through render): the namespace's fence
+and a gang's NetworkPolicy, /dev/shm and the model cache with size limits, pool memory
+limits, the Hub token by reference, the dataset line cap, and scheduling that never leaves
+the pool."""
 
 from __future__ import annotations
 
@@ -26,14 +27,42 @@ def _env(pod: dict) -> dict[str, dict]:
     return {e["name"]: e for e in pod["containers"][0]["env"]}
 
 
-def test_network_policy_admits_only_the_attempt_and_the_operator():
-    peers = [{"namespaceSelector": {"matchLabels": {
-                 "kubernetes.io/metadata.name": "flywheel-system"}},
-              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "flywheel"}}}]
-    config = OperatorConfig.model_validate({"networkPolicy": {"operatorPeers": peers}})
-    objs = _attempt(make_run(), config)
+PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "flywheel-system"}},
+          "podSelector": {"matchLabels": {"app.kubernetes.io/name": "flywheel"}}}]
+
+
+def test_the_namespaces_fence_admits_only_the_operator_to_every_trainer_pod():
+    config = OperatorConfig.model_validate({"networkPolicy": {"operatorPeers": PEERS}})
+    fence = isolation.namespace_fence(config)
+    assert fence["apiVersion"] == "networking.k8s.io/v1"
+    assert fence["metadata"] == {"name": "flywheel-trainers",
+                                 "labels": {"app.kubernetes.io/managed-by": "flywheel-operator"}}
+    assert "ownerReferences" not in fence["metadata"]  # outlives every run
+    assert fence["spec"] == {
+        "podSelector": {"matchLabels": {"flywheel.dev/component": "trainer",
+                                        "app.kubernetes.io/managed-by": "flywheel-operator"}},
+        "policyTypes": ["Ingress"],  # egress open: stores, the Hub, Comet
+        "ingress": [{"from": PEERS, "ports": [{"protocol": "TCP", "port": 9400}]}]}
+    # It selects every attempt's pods, of one node or many, and no preflight pod.
+    one, many = (_attempt(make_run(resources={"nodes": n, "gpusPerNode": 8}), config)
+                 for n in (1, 2))
+    for objs in (one, many):
+        labels = objs["Job"]["spec"]["template"]["metadata"]["labels"]
+        assert fence["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (pre,) = [o for o in render.preflight_objects(make_run(), config) if o["kind"] == "Job"]
+    assert pre["spec"]["template"]["metadata"]["labels"]["flywheel.dev/component"] == "preflight"
+    # Without peers the progress port is open to any source; turned off, no fence.
+    assert isolation.namespace_fence(CONFIG)["spec"]["ingress"] == [
+        {"ports": [{"protocol": "TCP", "port": 9400}]}]
+    assert isolation.namespace_fence(
+        OperatorConfig.model_validate({"networkPolicy": {"enabled": False}})) is None
+
+
+def test_a_gangs_network_policy_admits_only_the_attempts_own_pods():
+    config = OperatorConfig.model_validate({"networkPolicy": {"operatorPeers": PEERS}})
+    objs = _attempt(make_run(resources={"nodes": 2, "gpusPerNode": 8}), config)
     netpol, job = objs["NetworkPolicy"], objs["Job"]
-    assert list(objs) == ["ConfigMap", "NetworkPolicy", "Job"]  # the Job last
+    assert list(objs) == ["ConfigMap", "Service", "NetworkPolicy", "Job"]  # the Job last
     assert netpol["apiVersion"] == "networking.k8s.io/v1"
     assert netpol["metadata"]["name"] == job["metadata"]["name"] == "qwen-w48-a1"
     # Owned by the run: deleted with it (and with its attempt: render.attempt_children).
@@ -43,21 +72,21 @@ def test_network_policy_admits_only_the_attempt_and_the_operator():
     attempt = {"flywheel.dev/run": "qwen-w48", "flywheel.dev/attempt": "1"}
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in attempt.items())
-    assert netpol["spec"] == {
+    assert netpol["spec"] == {  # the operator's port: the namespace's fence (policies add up)
         "podSelector": {"matchLabels": attempt},
-        "policyTypes": ["Ingress"],  # egress open: stores, the Hub, Comet
-        "ingress": [{"from": [{"podSelector": {"matchLabels": attempt}}]},
-                    {"from": peers, "ports": [{"protocol": "TCP", "port": 9400}]}]}
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": attempt}}]}]}
     # Another attempt of the same run is a stranger.
-    assert render.attempt_objects(make_run(), 2, config)[-2]["spec"]["podSelector"][
-        "matchLabels"]["flywheel.dev/attempt"] == "2"
-
-
-def test_network_policy_without_operator_peers_and_turned_off():
-    netpol = _attempt(make_run())["NetworkPolicy"]
-    assert netpol["spec"]["ingress"][1] == {"ports": [{"protocol": "TCP", "port": 9400}]}
+    second = {o["kind"]: o for o in render.attempt_objects(
+        make_run(resources={"nodes": 2, "gpusPerNode": 8}), 2, config)}
+    assert second["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"][
+        "flywheel.dev/attempt"] == "2"
+    # A one-node attempt has none of its own; policies turned off, no attempt has one.
+    assert list(_attempt(make_run(resources={"nodes": 1, "gpusPerNode": 8}), config)) == [
+        "ConfigMap", "Job"]
     off = OperatorConfig.model_validate({"networkPolicy": {"enabled": False}})
-    assert "NetworkPolicy" not in _attempt(make_run(), off)
+    assert "NetworkPolicy" not in _attempt(make_run(resources={"nodes": 2, "gpusPerNode": 8}),
+                                           off)
 
 
 def test_shm_and_cache_are_size_limited_and_the_cache_holds_every_download():

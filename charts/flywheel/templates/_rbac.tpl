@@ -33,10 +33,11 @@ by secretKeyRef, which the kubelet resolves, never the operator.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["get", "create", "delete"]
-# Per attempt: the NetworkPolicy that admits only the attempt's pods and the operator.
+# Per namespace, the fence that admits only the operator to trainer pods; per attempt of more
+# than one node, the NetworkPolicy that admits its pods to each other.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 # Pods are read only: phases, exit codes and rank 0's termination message (the summary).
 - apiGroups: [""]
   resources: ["pods"]
