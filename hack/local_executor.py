@@ -54,6 +54,7 @@ from local_executor_pod import (  # noqa: E402
     ContainerConfigError,
     Network,
     Process,
+    VolumeNotReady,
     dns_names,
     log_tail,
     materialise_volumes,
@@ -406,6 +407,9 @@ class Executor:
         except ContainerConfigError as err:  # the kubelet's wait-and-retry, in its words
             self.net.release(uid)
             self.waiting(pod, "CreateContainerConfigError", str(err))
+        except VolumeNotReady as err:  # the kubelet retries a mount within seconds
+            self.net.release(uid)
+            self.waiting(pod, "ContainerCreating", str(err), retry_s=2)
         except Exception as err:
             self.net.remove_hosts(uid)
             self.net.release(uid)

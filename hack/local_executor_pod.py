@@ -24,6 +24,11 @@ class ContainerConfigError(Exception):
     """A Secret or ConfigMap the container's env needs is missing."""
 
 
+class VolumeNotReady(Exception):
+    """A ConfigMap a volume needs is missing: the pod stays ContainerCreating and the mount is
+    tried again, as a kubelet does (its objects may be created together with its Job)."""
+
+
 @dataclass
 class Process:
     """One container of a pod, ready to run here as a process."""
@@ -144,8 +149,15 @@ def materialise_volumes(pod: dict, workdir: Path) -> dict[str, Path]:
         path = workdir / "volumes" / vol["name"]
         path.mkdir(parents=True)
         if "configMap" in vol:
-            cm = kube.request("GET", kube.object_path(
-                "v1", "ConfigMap", ns, vol["configMap"]["name"]))
+            name = vol["configMap"]["name"]
+            try:
+                cm = kube.request("GET", kube.object_path("v1", "ConfigMap", ns, name))
+            except kube.NotFound:
+                if vol["configMap"].get("optional"):
+                    paths[vol["name"]] = path
+                    continue
+                raise VolumeNotReady(f'MountVolume.SetUp failed for volume "{vol["name"]}" : '
+                                     f'configmap "{name}" not found') from None
             data = cm.get("data") or {}
             items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
             for item in items:

@@ -103,6 +103,26 @@ def test_a_missing_secret_is_the_kubelets_create_container_config_error(cluster,
                == "Running", timeout=60, message="runs once the Secret exists")
 
 
+def test_a_missing_config_map_volume_waits_in_container_creating(cluster, namespace):
+    # A first attempt's Job is created together with its ConfigMap: a pod may reach its node
+    # first. As a kubelet, the executor keeps it ContainerCreating and mounts it once it exists.
+    pod = progress_pod("needs-config", "training")
+    pod["spec"]["volumes"] = [{"name": "config", "configMap": {"name": "later"}}]
+    cluster.apply(pod, namespace)
+
+    def waiting():
+        status = cluster.get("pod", "needs-config", "-n", namespace)["status"]
+        states = [cs["state"].get("waiting") for cs in status.get("containerStatuses") or []]
+        return status["phase"] == "Pending" and states and states[0]
+
+    state = wait_until(waiting, timeout=60, message="the container waits for its volume")
+    assert state == {"reason": "ContainerCreating", "message":
+                     'MountVolume.SetUp failed for volume "config" : configmap "later" not found'}
+    cluster.kubectl("create", "configmap", "later", "--from-literal=a=b", "-n", namespace)
+    wait_until(lambda: cluster.get("pod", "needs-config", "-n", namespace)["status"]["phase"]
+               == "Running", timeout=60, message="runs once the ConfigMap exists")
+
+
 # --- the status manager: each pod's status kept and written until the apiserver accepts it ---
 
 
