@@ -11,6 +11,11 @@ this process (`client`) and the S3 server (`server`) spent in that phase: the tw
 machine's cores. With `--repeat N` the summary keeps each store's best of N, disk and S3
 measured alternately, and `s3_vs_disk` divides the two. The last stdout line is JSON.
 
+Each checkpoint is loaded twice: straight after its save, from the page cache (the disk load
+is then a memory copy), and again with its files evicted from the page cache, on disk and in
+the S3 server's store alike (`dcp_load_cold_mb_s`): what a new attempt's pod reads when it
+resumes, usually on another node.
+
     nice -n 10 .venv/bin/python bench/storage_throughput.py [--repeat 1]
 """
 
@@ -70,7 +75,21 @@ def cpu_s(server: int) -> tuple[float, float]:
         "SC_CLK_TCK")
 
 
-def measure(label: str, uri: str, model, tok, base: str, d, server: int) -> dict:
+def evict(root: Path) -> None:
+    """Write back and drop root's files from the page cache (as on a node that never read
+    them); both stores' files live on this machine's disk."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def measure(label: str, uri: str, model, tok, base: str, d, server: int,
+            files: Path) -> dict:
     import torch
     import torch.distributed.checkpoint as dcp
     from flywheel_trainer import checkpoint, storage
@@ -87,6 +106,12 @@ def measure(label: str, uri: str, model, tok, base: str, d, server: int) -> dict
     dcp.load(target, storage_reader=checkpoint.reader(ckpt))
     load_s, c2 = time.perf_counter() - t0, cpu_s(server)
     assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
+    evict(files)
+    target = {"model": {k: torch.empty_like(v) for k, v in state["model"].items()}}
+    t0 = time.perf_counter()
+    dcp.load(target, storage_reader=checkpoint.reader(ckpt))
+    cold_s = time.perf_counter() - t0
+    assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
     del target
     out = storage.join(uri, "model")
     t0 = time.perf_counter()
@@ -100,6 +125,7 @@ def measure(label: str, uri: str, model, tok, base: str, d, server: int) -> dict
     row = {"store": label, "checkpoint_mb": round(ckpt_bytes / mb, 1),
            "dcp_save_mb_s": round(ckpt_bytes / mb / save_s, 1),
            "dcp_load_mb_s": round(ckpt_bytes / mb / load_s, 1),
+           "dcp_load_cold_mb_s": round(ckpt_bytes / mb / cold_s, 1),
            "save_cpu_s": {"client": round(c1[0] - c0[0], 2), "server": round(c1[1] - c0[1], 2)},
            "load_cpu_s": {"client": round(c2[0] - c1[0], 2), "server": round(c2[1] - c1[1], 2)},
            "export_mb": round(export_bytes / mb, 1),
@@ -129,8 +155,10 @@ def main() -> None:
         d = init_dist()
         rows = []
         for i in range(args.repeat):
-            rows.append(measure("disk", str(work / f"disk-{i}"), model, tok, base, d, proc.pid))
-            rows.append(measure("s3", f"s3://bench/run-{i}", model, tok, base, d, proc.pid))
+            rows.append(measure("disk", str(work / f"disk-{i}"), model, tok, base, d, proc.pid,
+                                work / f"disk-{i}" / "ckpt"))
+            rows.append(measure("s3", f"s3://bench/run-{i}", model, tok, base, d, proc.pid,
+                                work / "s3" / "data" / "bench" / f"run-{i}" / "ckpt"))
         best = {}
         for store in ("disk", "s3"):
             mine = [r for r in rows if r["store"] == store]
@@ -138,7 +166,7 @@ def main() -> None:
             best[store]["checkpoint_mb"] = mine[0]["checkpoint_mb"]
             best[store]["export_mb"] = mine[0]["export_mb"]
         ratio = {k: round(best["s3"][k] / best["disk"][k], 2)
-                 for k in ("dcp_save_mb_s", "dcp_load_mb_s")}
+                 for k in ("dcp_save_mb_s", "dcp_load_mb_s", "dcp_load_cold_mb_s")}
         print(json.dumps({"disk": best["disk"], "s3": best["s3"], "s3_vs_disk": ratio,
                           "repeat": args.repeat,
                           "params": sum(p.numel() for p in model.parameters())}))
