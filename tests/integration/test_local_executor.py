@@ -82,18 +82,20 @@ def test_pods_serve_the_same_port_on_their_own_addresses(cluster, namespace):
     assert all(p["status"]["podIPs"] == [{"ip": ips[n]}] for n, p in pods.items())
 
 
+def waiting(cluster, namespace: str, name: str) -> dict | None:
+    """The pod's container waiting state while it is Pending (None otherwise)."""
+    status = cluster.get("pod", name, "-n", namespace)["status"]
+    states = [cs["state"].get("waiting") for cs in status.get("containerStatuses") or []]
+    return states[0] if status["phase"] == "Pending" and states else None
+
+
 def test_a_missing_secret_is_the_kubelets_create_container_config_error(cluster, namespace):
     pod = progress_pod("needs-secret", "training")
     pod["spec"]["containers"][0]["env"].append(
         {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "token"}}})
     cluster.apply(pod, namespace)
-
-    def waiting():
-        status = cluster.get("pod", "needs-secret", "-n", namespace)["status"]
-        states = [cs["state"].get("waiting") for cs in status.get("containerStatuses") or []]
-        return status["phase"] == "Pending" and states and states[0]
-
-    state = wait_until(waiting, timeout=60, message="the container waits")
+    state = wait_until(lambda: waiting(cluster, namespace, "needs-secret"), timeout=60,
+                       message="the container waits")
     assert state == {"reason": "CreateContainerConfigError",
                      "message": 'secret "absent" not found'}
     # like the kubelet, it tries again: once the Secret exists, the pod runs
@@ -109,13 +111,8 @@ def test_a_missing_config_map_volume_waits_in_container_creating(cluster, namesp
     pod = progress_pod("needs-config", "training")
     pod["spec"]["volumes"] = [{"name": "config", "configMap": {"name": "later"}}]
     cluster.apply(pod, namespace)
-
-    def waiting():
-        status = cluster.get("pod", "needs-config", "-n", namespace)["status"]
-        states = [cs["state"].get("waiting") for cs in status.get("containerStatuses") or []]
-        return status["phase"] == "Pending" and states and states[0]
-
-    state = wait_until(waiting, timeout=60, message="the container waits for its volume")
+    state = wait_until(lambda: waiting(cluster, namespace, "needs-config"), timeout=60,
+                       message="the container waits for its volume")
     assert state == {"reason": "ContainerCreating", "message":
                      'MountVolume.SetUp failed for volume "config" : configmap "later" not found'}
     cluster.kubectl("create", "configmap", "later", "--from-literal=a=b", "-n", namespace)
