@@ -26,7 +26,7 @@ class ContainerConfigError(Exception):
 
 class VolumeNotReady(Exception):
     """A ConfigMap a volume needs is missing: the pod stays ContainerCreating and the mount is
-    tried again, as a kubelet does (its objects may be created together with its Job)."""
+    tried again, as a kubelet does (someone deleted it, or it is created late)."""
 
 
 @dataclass

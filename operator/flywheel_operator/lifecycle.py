@@ -60,7 +60,6 @@ class Plan:
     was: str | None = None                     # its phase before (events fire on a change)
     register: Summary | None = None            # register rank 0's model, then `registered()`
     create_attempt: int | None = None          # render and create this attempt's children
-    create_parts: int | None = None            # ... all but its Job (which exists already)
     create_preflight: bool = False             # render and create the preflight Job
     delete_attempts: list[int] = field(default_factory=list)
     suspend_job: tuple[str, bool] | None = None  # (job name, suspend)
@@ -126,8 +125,6 @@ def decide(run: Run, jobs: list[JobSummary], pods: list[PodSummary],
     wl = next((w for w in workloads or [] if job and w.job == job.name), None)
     heard = polled if polled and polled.attempt == attempt else None  # this attempt's rank 0
 
-    if job is not None and not old.attempt and plan.was not in TERMINAL:
-        adopt_attempt(plan, run, job.attempt)
     if plan.was in TERMINAL:
         pass
     elif job is None and (why := refusal(run, config)):
@@ -213,27 +210,6 @@ def suspended_condition(plan: Plan, suspend: bool) -> None:
                    "spec.suspend is true" if suspend else "")
 
 
-def record_start(plan: Plan, run: Run) -> None:
-    """What a run's first attempt records: its start, Comet experiment and where it writes."""
-    status = plan.status
-    status.outputUri, status.checkpointUri = run_paths(run)
-    status.startTime = status.startTime or plan.now
-    status.experimentKey = status.experimentKey or experiment_key(run.uid)
-    comet = run.spec.tracking.comet
-    if comet:
-        status.trackingUrl = status.trackingUrl or comet_experiment_url(
-            comet.workspace, comet.project, status.experimentKey)
-
-
-def adopt_attempt(plan: Plan, run: Run, attempt: int) -> None:
-    """A first attempt's Job is created together with its parts and before its status
-    (reconciler.execute): a Job whose run records no attempt was left by a crash in between.
-    Its parts are created again (those that exist are kept) and its status recorded; what
-    follows is decided from the Job and its pods as for any attempt."""
-    plan.create_parts = attempt
-    record_start(plan, run)
-
-
 def start_attempt(plan: Plan, run: Run, queue: str | None) -> None:
     """The current attempt has no Job yet: create it (suspended when spec.suspend; with a
     queue, created suspended for Kueue to admit, and not at all while spec.suspend)."""
@@ -243,7 +219,12 @@ def start_attempt(plan: Plan, run: Run, queue: str | None) -> None:
         suspended_condition(plan, True)
         return
     plan.create_attempt = attempt
-    record_start(plan, run)
+    status.startTime = status.startTime or plan.now
+    status.experimentKey = status.experimentKey or experiment_key(run.uid)
+    comet = run.spec.tracking.comet
+    if comet:
+        status.trackingUrl = status.trackingUrl or comet_experiment_url(
+            comet.workspace, comet.project, status.experimentKey)
     if suspend:
         plan.transition("Suspended", "Suspended", "the run is suspended")
     elif queue:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import kopf
@@ -239,30 +239,11 @@ class Reconciler:
         if plan.register is not None:  # before the status: Succeeded means registered
             lifecycle.registered(plan, self.register(run, plan.register))
         run_for_render = dataclasses.replace(run, status=plan.status)
-        job, parts = None, []
-        if plan.create_attempt or plan.create_parts:
-            # An attempt's ConfigMap (and a gang's Service and NetworkPolicy) are created
-            # while its status is written (new names: a crash leaves nothing the next
-            # reconcile would not create again).
-            *objs, job = self.render_attempt(key, run_for_render, plan)
-            parts = [self.creators.submit(kube.create_owned, obj, namespace, uid)
-                     for obj in objs]
-            early = None
-            if plan.create_parts:  # its Job exists (lifecycle.adopt_attempt)
-                job = None
-            elif self.with_its_parts(run, plan, job):
-                # A first attempt's Job goes with its parts, before its status: one API round
-                # trip less from apply to Job (a burst's p99 a quarter lower). Its pods are
-                # fenced from their first moment (the namespace's fence) and wait for their
-                # ConfigMap as kubelets do; a crash before the status leaves a Job whose run
-                # records no attempt, which the next reconcile adopts.
-                parts.append(self.creators.submit(kube.create_owned, job, namespace, uid))
-                early, job = job["metadata"]["name"], None
-            if job is None:  # a status that records the attempt: its objects exist
-                for part in parts:
-                    part.result()
-                if early:
-                    self.expected[key] = (time.monotonic(), early)
+        # A new attempt's ConfigMap (and a gang's Service and NetworkPolicy) are created while
+        # its status is written (new names: a crash leaves nothing the next reconcile would
+        # not create again).
+        job, parts = self.start_attempt(key, run_for_render, plan.create_attempt) \
+            if plan.create_attempt else (None, [])
         # Status first: a crash after this line resumes at the recorded attempt.
         if self.write_status(key, run, plan.status):
             metrics.count_spend(namespace, run.spec.modelName, run.status, plan.status)
@@ -292,30 +273,19 @@ class Reconciler:
             if reason == "Stalled":
                 metrics.STALLS.labels(namespace, name, run.spec.modelName).inc()
 
-    def render_attempt(self, key: Key, run: Run, plan: lifecycle.Plan) -> list[dict]:
-        """The objects of the plan's attempt, its Job last (render.attempt_objects), once
-        the namespace is fenced."""
+    def start_attempt(self, key: Key, run: Run, attempt: int) -> tuple[dict, list[Future]]:
+        """Render `attempt` and start creating every object of it but the Job (returned)."""
         namespace = key[0]
         self.fence(namespace)
-        if plan.create_attempt:
-            metrics.ATTEMPTS.labels(namespace).inc()
-            if plan.create_attempt > 1:
-                metrics.RESTARTS.labels(namespace).inc()
+        metrics.ATTEMPTS.labels(namespace).inc()
+        if attempt > 1:
+            metrics.RESTARTS.labels(namespace).inc()
         model = next(iter(self.index["models"].get((namespace, run.spec.modelName), [])), None)
         baseline = registry.promoted_summary(
             model, lambda mv: kube.get(API, "ModelVersion", namespace, mv))
-        return render.attempt_objects(run, plan.create_attempt or plan.create_parts,
-                                      self.config, baseline)
-
-    @staticmethod
-    def with_its_parts(run: Run, plan: lifecycle.Plan, job: dict) -> bool:
-        """Whether the attempt's Job may be created together with its parts, before its
-        status: a run's first attempt, started at once (no queue, not suspended), whose
-        status holds nothing a lost write could not rebuild from the run and its Job (a
-        registry base model is resolved once, and recorded before)."""
-        return (plan.create_attempt == 1 and not job["spec"].get("suspend")
-                and (run.status.baseModel is not None
-                     or registry.parse_ref(run.spec.baseModel) is None))
+        *parts, job = render.attempt_objects(run, attempt, self.config, baseline)
+        return job, [self.creators.submit(kube.create_owned, obj, namespace, run.uid)
+                     for obj in parts]
 
     def fence(self, namespace: str) -> None:
         """The namespace's fence over its trainer pods, in place before its first Job (once

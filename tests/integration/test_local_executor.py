@@ -106,8 +106,8 @@ def test_a_missing_secret_is_the_kubelets_create_container_config_error(cluster,
 
 
 def test_a_missing_config_map_volume_waits_in_container_creating(cluster, namespace):
-    # A first attempt's Job is created together with its ConfigMap: a pod may reach its node
-    # first. As a kubelet, the executor keeps it ContainerCreating and mounts it once it exists.
+    # A pod may reach its node before its ConfigMap exists (or after it was deleted): as a
+    # kubelet, the executor keeps it ContainerCreating and mounts it once it exists.
     pod = progress_pod("needs-config", "training")
     pod["spec"]["volumes"] = [{"name": "config", "configMap": {"name": "later"}}]
     cluster.apply(pod, namespace)
