@@ -137,6 +137,8 @@ def decide(run: Run, jobs: list[JobSummary], pods: list[PodSummary],
         pass  # preflight is running, or failed the run
     elif job is None:
         start_attempt(plan, run, queue)
+    elif job.complete and not failed_pod and rank0_not_ended(current):
+        plan.recheck_after = SUMMARY_RECHECK_SECONDS  # its pod's own event follows
     elif job.complete and not failed_pod:
         succeed(plan, run, job, current, config)
     elif queue and queueing.preempted(wl) and not run.spec.suspend:
@@ -389,6 +391,20 @@ def preempt(plan: Plan, run: Run, job: JobSummary, wl: WorkloadSummary,
         plan.condition(kind, value, "Preempted", why[:1024])
     plan.events.append(("Warning", "Preempted", message))
     status.phase, status.message = "Queued", message
+
+
+#: Seconds before deciding again on a complete Job whose rank 0 has not ended yet as seen.
+SUMMARY_RECHECK_SECONDS = 5.0
+
+
+def rank0_not_ended(pods: list[PodSummary]) -> bool:
+    """The Job is complete, but rank 0's pod, as this operator has seen it so far, has not
+    ended. Jobs and pods come by separate watches, and a busy operator can read the Job's
+    Complete before its pod's last update, which holds the summary (the soak saw it: runs
+    that succeeded failed as InvalidSummary). The summary is on its way: wait for it. A rank
+    0 that is gone altogether (deleted after it ended) has no summary to wait for."""
+    rank0 = next((p for p in pods if p.index == 0), None)
+    return rank0 is not None and not rank0.done
 
 
 def succeed(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],

@@ -274,6 +274,24 @@ def test_missing_or_bad_summary_fails_the_run_and_registers_nothing():
         assert plan.status.attempts[-1].gpuHours > 0  # the GPUs were still used
 
 
+def test_a_complete_job_waits_for_rank_0s_summary_still_on_its_way():
+    """Jobs and pods come by separate watches: a busy operator can see the Job Complete
+    while rank 0's pod, as it has it, still runs. The run waits for the pod's own update
+    (the summary is in it) instead of failing as InvalidSummary."""
+    status = {"phase": "Running", "attempt": 1}
+    behind = decide(run(status), [job(1, complete=True)],
+                    [pod(1, 0, "Running"), pod(1, 1, "Succeeded")], NOW)
+    assert behind.status.phase == "Running" and behind.register is None
+    assert not behind.events and behind.recheck_after is not None
+    caught_up = decide(run(status), [job(1, complete=True)],
+                       [pod(1, 0, "Succeeded", message=SUMMARY), pod(1, 1, "Succeeded")], NOW)
+    assert caught_up.status.phase == "Succeeded" and caught_up.register is not None
+    # a rank 0 gone altogether has no summary to wait for
+    gone = decide(run(status), [job(1, complete=True)], [pod(1, 1, "Succeeded")], NOW)
+    assert gone.status.phase == "Failed"
+    assert cond(gone.status, "Succeeded").reason == "InvalidSummary"
+
+
 def test_a_registered_run_is_not_registered_again():
     plan = decide(run({"phase": "Running", "attempt": 1, "modelVersion": "m-v3"}),
                   [job(1, complete=True)],
