@@ -3,7 +3,8 @@
     FLYWHEEL_HEAP_OUT=.cache/heap.txt python bench/heap.py --standalone --all-namespaces ...
 
 Runs `python -m flywheel_operator` with the given arguments, tracing every allocation
-(`FLYWHEEL_HEAP_FRAMES` frames deep, default 8; 0 traces nothing). SIGUSR2 appends a report
+(`FLYWHEEL_HEAP_FRAMES` frames deep, default 8; 0 traces nothing), from the start or
+`FLYWHEEL_HEAP_AFTER_S` seconds in. SIGUSR2 appends a report
 to $FLYWHEEL_HEAP_OUT: glibc's own account of the heap (mallinfo2: bytes in use, bytes free
 but kept, mmap'd blocks), the live objects by type, then, when tracing, the live bytes by
 file and the largest allocation sites with their callers. `bench/operator_scale.py --training
@@ -19,10 +20,13 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
 import tracemalloc
 
 OUT = os.environ.get("FLYWHEEL_HEAP_OUT", "heap.txt")
+_types: list[collections.Counter] = []  # the first two reports' type counts
+_snapshots: list[tracemalloc.Snapshot] = []  # the first two reports' (the second: warmed up)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -38,11 +42,22 @@ def malloc_lines() -> list[str]:
     m = libc.mallinfo2()
     mib = 2**20
     objects = collections.Counter(type(o).__name__ for o in gc.get_objects())
-    return [f"--- glibc malloc: {m.uordblks / mib:.1f} MiB in use, {m.fordblks / mib:.1f} MiB "
-            f"free in its arenas ({m.arena / mib:.1f} MiB arenas, {m.hblkhd / mib:.1f} MiB in "
-            f"{m.hblks} mmap'd blocks); threads {len(os.listdir('/proc/self/task'))}",
-            "--- objects the collector tracks, by type: " + ", ".join(
-                f"{name} {count}" for name, count in objects.most_common(15))]
+    lines = [f"--- glibc malloc: {m.uordblks / mib:.1f} MiB in use, {m.fordblks / mib:.1f} MiB "
+             f"free in its arenas ({m.arena / mib:.1f} MiB arenas, {m.hblkhd / mib:.1f} MiB in "
+             f"{m.hblks} mmap'd blocks); threads {len(os.listdir('/proc/self/task'))}",
+             # Python's own allocator (objects up to 512 bytes) maps its arenas itself: glibc's
+             # figures above never include them
+             f"--- Python's allocator: {sys.getallocatedblocks()} blocks in use",
+             "--- objects the collector tracks, by type: " + ", ".join(
+                 f"{name} {count}" for name, count in objects.most_common(15))]
+    _types.append(objects)
+    if len(_types) > 2:  # the types that grew since the second report (after warm-up)
+        grown = objects.copy()
+        grown.subtract(_types[1])
+        lines.append("--- types grown since the second report: " + ", ".join(
+            f"{name} {count:+d}" for name, count in grown.most_common(15) if count > 0))
+        del _types[2:]
+    return lines
 
 
 def report(*_) -> None:
@@ -64,13 +79,31 @@ def report(*_) -> None:
     for stat in snapshot.statistics("traceback")[:30]:
         lines.append(f"{stat.size / 2**20:8.2f} MiB {stat.count:9d} blocks")
         lines += [f"      {f.filename}:{f.lineno}" for f in stat.traceback[:8]]
+    if len(_snapshots) == 2:  # what grew since the second report: where a slow creep is from
+        lines += ["--- growth since the second report, by allocation site"]
+        for stat in snapshot.compare_to(_snapshots[1], "traceback")[:20]:
+            lines.append(f"{stat.size_diff / 2**20:+8.2f} MiB {stat.count_diff:+9d} blocks")
+            lines += [f"      {f.filename}:{f.lineno}" for f in stat.traceback[:8]]
+    else:
+        _snapshots.append(snapshot)
     with open(OUT, "a") as out:
         out.write("\n".join(lines) + "\n")
 
 
+def trace_from(seconds: float, frames: int) -> None:
+    """Start tracing only after `seconds` (a soak's warm-up untraced: tracing slows the
+    operator down several times, too much for a whole soak on a small machine)."""
+    if seconds <= 0:
+        tracemalloc.start(frames)
+        return
+    timer = threading.Timer(seconds, tracemalloc.start, (frames,))
+    timer.daemon = True
+    timer.start()
+
+
 if __name__ == "__main__":
     if frames := int(os.environ.get("FLYWHEEL_HEAP_FRAMES", "8")):
-        tracemalloc.start(frames)
+        trace_from(float(os.environ.get("FLYWHEEL_HEAP_AFTER_S", "0")), frames)
     signal.signal(signal.SIGUSR2, report)
     from flywheel_operator.__main__ import main
 

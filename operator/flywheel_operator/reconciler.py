@@ -77,7 +77,10 @@ class Reconciler:
                 "run_wakeups": lambda: len(self.runs.heap),
                 "run_failures": lambda: len(self.runs.failures),
                 "poll_targets": lambda: len(self.poller.targets),
-                "poll_queue": lambda: len(self.poller.heap)}.items():
+                "poll_queue": lambda: len(self.poller.heap),
+                # kopf's indexes, by run: a run gone must leave none of its entries behind
+                **{f"index_{name}": (lambda name=name: len(self.index.get(name, ())))
+                   for name in ("runs", "run_jobs", "run_pods")}}.items():
             metrics.track_table(table, size)
 
     # --- high availability: a standby replica does nothing ------------------------------
