@@ -58,6 +58,9 @@ def preflight_result(pods: list[PodSummary], job: JobSummary) -> PreflightResult
     done = [p for p in pods if p.done]
     if not done and not (job.complete or job.failed is not None):
         return None
+    if job.complete and len(done) < len(pods):
+        return None  # its pod's last update, with the result, is still on its way (see
+        #              lifecycle.rank0_not_ended: Jobs and pods come by separate watches)
     for pod in done:
         if (result := parse_preflight(pod.message)) is not None:
             return result

@@ -218,6 +218,19 @@ def test_passed_preflight_records_figures_and_starts_attempt_one():
     assert pre.estimatedGpuHours > 0 and pre.estimatedCost > 0
 
 
+def test_a_complete_preflight_job_waits_for_its_pods_result_still_on_its_way():
+    """As for a training Job: the preflight Job's Complete can be seen before its pod's last
+    update, which carries the result. The run waits for it instead of failing."""
+    status = {"phase": "Pending", "preflight": {"phase": "Running"}}
+    behind = decide(run(status, preflight=True), [preflight_job(complete=True)],
+                    [preflight_pod(None)], NOW)
+    assert behind.status.phase == "Pending" and behind.create_attempt is None
+    assert behind.status.preflight.phase == "Running"
+    caught_up = decide(run(status, preflight=True), [preflight_job(complete=True)],
+                       [preflight_pod(GOOD)], NOW)
+    assert caught_up.create_attempt == 1
+
+
 def test_failed_preflight_fails_the_run_naming_line_and_category():
     bad = {"ok": False, "errors": ["s3://d/train.jsonl:7: messages[2].tool_calls[0]: "
                                    "arguments are not valid JSON"],
