@@ -143,6 +143,8 @@ def decide(run: Run, jobs: list[JobSummary], pods: list[PodSummary],
         succeed(plan, run, job, current, config)
     elif queue and queueing.preempted(wl) and not run.spec.suspend:
         preempt(plan, run, job, wl, current, config, queue)  # type: ignore[arg-type]
+    elif job.failed is not None and not failed_pod and not stuck and pods_not_ended(job, current):
+        plan.recheck_after = SUMMARY_RECHECK_SECONDS  # its pods' own events follow
     elif job.failed is not None or failed_pod or stuck:
         fail_attempt(plan, run, job, current, config, stuck or failures.classify(current, job))
     elif queue:
@@ -405,6 +407,15 @@ def rank0_not_ended(pods: list[PodSummary]) -> bool:
     0 that is gone altogether (deleted after it ended) has no summary to wait for."""
     rank0 = next((p for p in pods if p.index == 0), None)
     return rank0 is not None and not rank0.done
+
+
+def pods_not_ended(job: JobSummary, pods: list[PodSummary]) -> bool:
+    """The Job failed, but none of its pods has, as seen so far, and some still run untouched.
+    The pod that failed it, or the Job controller's deletion of the others, is on its way: it
+    holds the exit code and message the attempt's record and its classification need. (A
+    podFailurePolicy verdict names its pod and condition itself: nothing to wait for.)"""
+    return job.failed_reason != "PodFailurePolicy" and any(
+        not p.done and not p.deleting for p in pods)
 
 
 def succeed(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],

@@ -116,6 +116,23 @@ def test_failed_pod_starts_next_attempt_before_tearing_down():
     assert plan.events[0][1] == "AttemptFailed"
 
 
+def test_a_failed_job_waits_for_its_pods_news_before_recording_why():
+    """The Job's Failed can be seen before the pod that failed it (the watches are separate):
+    the attempt's record and its classification wait for the pod's exit code and message."""
+    status = {"phase": "Running", "attempt": 1}
+    failed_job = job(1, failed="Job has reached the specified backoff limit")
+    behind = decide(run(status), [failed_job], [pod(1, 0), pod(1, 1)], NOW)
+    assert behind.status.phase == "Running" and behind.create_attempt is None
+    assert not behind.status.attempts and behind.recheck_after is not None
+    caught_up = decide(run(status), [failed_job],
+                       [pod(1, 0, "Failed", 1, "RuntimeError: NCCL timeout"), pod(1, 1)], NOW)
+    assert caught_up.create_attempt == 2 and "NCCL timeout" in caught_up.status.message
+    # pods the Job controller is deleting (a deadline, FailJob) have nothing more to say
+    deleting = [dataclasses.replace(p, deleting=True) for p in (pod(1, 0), pod(1, 1))]
+    torn = decide(run(status), [failed_job], deleting, NOW)
+    assert torn.create_attempt == 2
+
+
 def test_crash_after_status_write_resumes_the_recorded_attempt():
     # Status says attempt 2 but only attempt 1's (failed) Job exists: create 2, drop 1.
     plan = decide(run({"phase": "Pending", "attempt": 2}), [job(1, failed="BackoffLimit")],
