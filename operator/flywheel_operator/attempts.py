@@ -52,15 +52,29 @@ def add_gpu_hours(status: FineTuneRunStatus, running: float, spec: FineTuneRunSp
         status.estimatedCost = round(cost, 4)
 
 
+def pods_behind(job: JobSummary, pods: list[PodSummary]) -> bool:
+    """The Job's verdict (Complete or Failed) is ahead of its pods as this operator has seen
+    them: Jobs and pods come by separate watches, and a busy operator can read the Job's
+    last update before its pods'. Those hold what the verdict needs (rank 0's summary, the
+    preflight result, the exit code and message of the pod that failed), so it waits for
+    them while a pod it has still runs untouched. A pod seen Failed is news enough, and a
+    podFailurePolicy verdict names its pod and condition itself; pods being deleted or gone
+    have nothing more to say. (A soak failed runs that had succeeded as InvalidSummary.)"""
+    if not (job.complete or job.failed is not None) or job.failed_reason == "PodFailurePolicy":
+        return False
+    if any(p.phase == "Failed" for p in pods):
+        return False
+    return any(not p.done and not p.deleting for p in pods)
+
+
 def preflight_result(pods: list[PodSummary], job: JobSummary) -> PreflightResult | None:
     """The trainer's preflight result (contract.PreflightResult) from the pod's termination
     message, if it finished."""
     done = [p for p in pods if p.done]
     if not done and not (job.complete or job.failed is not None):
         return None
-    if job.complete and len(done) < len(pods):
-        return None  # its pod's last update, with the result, is still on its way (see
-        #              lifecycle.rank0_not_ended: Jobs and pods come by separate watches)
+    if pods_behind(job, pods):
+        return None
     for pod in done:
         if (result := parse_preflight(pod.message)) is not None:
             return result

@@ -33,7 +33,13 @@ from .api import (
     set_condition,
     status_document,
 )
-from .attempts import add_gpu_hours, preflight_result, preflight_status, record_attempt
+from .attempts import (
+    add_gpu_hours,
+    pods_behind,
+    preflight_result,
+    preflight_status,
+    record_attempt,
+)
 from .config import OperatorConfig
 from .failures import DISRUPTION, FATAL, RETRY, Failure
 from .objects import JobSummary, PodSummary, WorkloadSummary
@@ -137,14 +143,12 @@ def decide(run: Run, jobs: list[JobSummary], pods: list[PodSummary],
         pass  # preflight is running, or failed the run
     elif job is None:
         start_attempt(plan, run, queue)
-    elif job.complete and not failed_pod and rank0_not_ended(current):
-        plan.recheck_after = SUMMARY_RECHECK_SECONDS  # its pod's own event follows
+    elif not stuck and pods_behind(job, current):
+        plan.recheck_after = PODS_BEHIND_RECHECK_SECONDS  # the pods' own events follow
     elif job.complete and not failed_pod:
         succeed(plan, run, job, current, config)
     elif queue and queueing.preempted(wl) and not run.spec.suspend:
         preempt(plan, run, job, wl, current, config, queue)  # type: ignore[arg-type]
-    elif job.failed is not None and not failed_pod and not stuck and pods_not_ended(job, current):
-        plan.recheck_after = SUMMARY_RECHECK_SECONDS  # its pods' own events follow
     elif job.failed is not None or failed_pod or stuck:
         fail_attempt(plan, run, job, current, config, stuck or failures.classify(current, job))
     elif queue:
@@ -395,27 +399,8 @@ def preempt(plan: Plan, run: Run, job: JobSummary, wl: WorkloadSummary,
     status.phase, status.message = "Queued", message
 
 
-#: Seconds before deciding again on a complete Job whose rank 0 has not ended yet as seen.
-SUMMARY_RECHECK_SECONDS = 5.0
-
-
-def rank0_not_ended(pods: list[PodSummary]) -> bool:
-    """The Job is complete, but rank 0's pod, as this operator has seen it so far, has not
-    ended. Jobs and pods come by separate watches, and a busy operator can read the Job's
-    Complete before its pod's last update, which holds the summary (the soak saw it: runs
-    that succeeded failed as InvalidSummary). The summary is on its way: wait for it. A rank
-    0 that is gone altogether (deleted after it ended) has no summary to wait for."""
-    rank0 = next((p for p in pods if p.index == 0), None)
-    return rank0 is not None and not rank0.done
-
-
-def pods_not_ended(job: JobSummary, pods: list[PodSummary]) -> bool:
-    """The Job failed, but none of its pods has, as seen so far, and some still run untouched.
-    The pod that failed it, or the Job controller's deletion of the others, is on its way: it
-    holds the exit code and message the attempt's record and its classification need. (A
-    podFailurePolicy verdict names its pod and condition itself: nothing to wait for.)"""
-    return job.failed_reason != "PodFailurePolicy" and any(
-        not p.done and not p.deleting for p in pods)
+#: Seconds before deciding again on a Job whose pods, as seen, are behind its verdict.
+PODS_BEHIND_RECHECK_SECONDS = 5.0
 
 
 def succeed(plan: Plan, run: Run, job: JobSummary, pods: list[PodSummary],
