@@ -101,11 +101,53 @@ def trace_from(seconds: float, frames: int) -> None:
     timer.start()
 
 
-if __name__ == "__main__":
-    if frames := int(os.environ.get("FLYWHEEL_HEAP_FRAMES", "8")):
-        trace_from(float(os.environ.get("FLYWHEEL_HEAP_AFTER_S", "0")), frames)
-    signal.signal(signal.SIGUSR2, report)
+def survivors(path: str, start_min: float, end_min: float, top: int = 25) -> None:
+    """The allocation sites of a memray recording whose blocks, allocated between minutes
+    `start_min` and `end_min` of it, were never freed: in a soak whose runs live minutes,
+    what a window long before the end still holds at the end is what accumulates."""
+    import memray
+
+    reader = memray.FileReader(path)
+    times = [s.time for s in reader.get_memory_snapshots()]  # ms since the epoch
+    first = [i for i, t in enumerate(times) if t - times[0] >= start_min * 60_000]
+    last = [i for i, t in enumerate(times) if t - times[0] <= end_min * 60_000]
+    lo, hi = first[0], last[-1]
+    sites: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    for record in reader.get_temporal_allocation_records(merge_threads=True):
+        kept = [i for i in record.intervals if i.deallocated_before_snapshot is None
+                and lo <= i.allocated_before_snapshot <= hi]
+        if not kept:
+            continue
+        frames = [f"{f[0]} {f[1]}:{f[2]}" for f in record.hybrid_stack_trace(12)]
+        key = "\n      ".join(frames)
+        sites[key] += sum(i.n_bytes for i in kept)
+        counts[key] += sum(i.n_allocations for i in kept)
+    total = sum(sites.values())
+    print(f"{total / 2**20:.2f} MiB in {sum(counts.values())} blocks allocated in minutes "
+          f"{start_min}-{end_min} of {(times[-1] - times[0]) / 60_000:.1f}, alive at the end")
+    for key, size in sites.most_common(top):
+        print(f"{size / 2**10:10.1f} KiB {counts[key]:8d} blocks\n      {key}")
+
+
+def record_with_memray(path: str) -> int:
+    import memray
     from flywheel_operator.__main__ import main
 
+    with memray.Tracker(path, native_traces=True, memory_interval_ms=1000):
+        return main()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--survivors"]:
+        survivors(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        sys.exit(0)
+    signal.signal(signal.SIGUSR2, report)
     sys.argv = ["flywheel-operator", *sys.argv[1:]]
+    if memray_out := os.environ.get("FLYWHEEL_HEAP_MEMRAY"):
+        sys.exit(record_with_memray(memray_out))
+    if frames := int(os.environ.get("FLYWHEEL_HEAP_FRAMES", "8")):
+        trace_from(float(os.environ.get("FLYWHEEL_HEAP_AFTER_S", "0")), frames)
+    from flywheel_operator.__main__ import main
+
     sys.exit(main())
