@@ -183,14 +183,27 @@ class PeakRss(threading.Thread):
             time.sleep(self.every)
 
 
+def jemalloc() -> str | None:
+    """FLYWHEEL_JEMALLOC: a libjemalloc.so.2 to preload into the operator instead of glibc's
+    malloc, an experiment (e.g. Debian's, extracted: `apt-get download libjemalloc2 &&
+    dpkg-deb -x libjemalloc2_*.deb DIR`); the operator image runs on glibc's."""
+    path = os.environ.get("FLYWHEEL_JEMALLOC")
+    return path if path and Path(path).is_file() else None
+
+
 def start_operator(heap_out: Path | None = None) -> tuple[subprocess.Popen, psutil.Process]:
     """The operator on its built-in config, watching every namespace, its metrics on
-    METRICS_PORT and its log in .cache/bench-operator.log; with `heap_out`, under
+    METRICS_PORT and its log in .cache/bench-operator.log (which says its malloc: glibc's, or
+    jemalloc with FLYWHEEL_JEMALLOC); with `heap_out`, under
     bench/heap.py (tracemalloc), which reports there on SIGUSR2."""
     from flywheel_operator.config import ENV_VAR
 
     log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    if allocator := jemalloc():
+        env["LD_PRELOAD"] = allocator
+    log.write(f"bench: the operator's malloc: {allocator or 'glibc'}\n".encode())
+    log.flush()
     command = [str(ROOT / "bench" / "heap.py")] if heap_out else ["-m", "flywheel_operator"]
     operator = subprocess.Popen(
         [sys.executable, *command, "--standalone", "--all-namespaces",

@@ -26,6 +26,7 @@ from operator_scale import (
     METRICS_PORT,
     ROOT,
     PeakRss,
+    jemalloc,
     kubectl,
     percentile,
     post_all,
@@ -51,6 +52,16 @@ def summary(run: str) -> str:
                      "digest": "sha256:" + hashlib.sha256(run.encode()).hexdigest()},
         "metrics": {"train_loss": 1.0, "eval_loss": 1.1, "tool_call_accuracy": 0.9},
         "steps": 10, "tokens": 1000})
+
+
+def slope(samples: list[dict]) -> float | None:
+    """RSS's least-squares slope in MB a minute: a creep, where the samples' spread is noise."""
+    if len(samples) < 3:
+        return None
+    ts, ys = [s["t_s"] / 60 for s in samples], [s["rss_mb"] for s in samples]
+    tm, ym = sum(ts) / len(ts), sum(ys) / len(ys)
+    return round(sum((t - tm) * (y - ym) for t, y in zip(ts, ys, strict=True))
+                 / sum((t - tm) ** 2 for t in ts), 3)
 
 
 def tables() -> dict[str, float]:
@@ -100,7 +111,7 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
             "rss_mb": round(proc.memory_info().rss / 2**20, 1),
             "status_age_p99_s": round(percentile(ages, 0.99), 1) if ages else None,
             "tables": {k: int(v) for k, v in tables().items()},
-            "threads": proc.num_threads()})
+            "rss_by_mapping_mb": memory_map(proc.pid)})
         if heap:
             operator.send_signal(signal.SIGUSR2)
         _say(t_start, json.dumps(samples[-1]))
@@ -138,10 +149,15 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
                     ending.discard(name)
                 elif (phase == "Running" and name not in ending and name in served
                       and now - served[name][0] >= LIFETIME):
-                    core.patch_namespaced_pod(served[name][2], ns, {"metadata": {"annotations": {
-                        "flywheel.dev/simulate-exit": "0",
-                        "flywheel.dev/simulate-message": summary(name)}}})
-                    ending.add(name)
+                    try:
+                        core.patch_namespaced_pod(served[name][2], ns, {"metadata": {
+                            "annotations": {"flywheel.dev/simulate-exit": "0",
+                                            "flywheel.dev/simulate-message": summary(name)}}})
+                        ending.add(name)
+                    except kubernetes.client.ApiException as e:
+                        if e.status != 404:
+                            raise
+                        served.pop(name)  # its pod is gone (a new attempt): serve the next
             if now >= next_sample:
                 sample(now, runs)
                 next_sample += 60
@@ -163,7 +179,8 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
     warm = [s for s in samples if s["t_s"] >= samples[0]["t_s"] + 600] or samples
     result = {
         "mode": "soak", "minutes": minutes, "live": live, **counts,
-        "progress_interval_s": interval,
+        "progress_interval_s": interval, "malloc": jemalloc() or "glibc",
+        "rss_slope_mb_per_min_after_warm_up": slope(warm),
         "rss_mb": {"after_warm_up_min": min(s["rss_mb"] for s in warm),
                    "after_warm_up_max": max(s["rss_mb"] for s in warm),
                    "end": samples[-1]["rss_mb"], "peak": round(peak.peak / 2**20, 1)},
