@@ -157,7 +157,7 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
                     except kubernetes.client.ApiException as e:
                         if e.status != 404:
                             raise
-                        served.pop(name)  # its pod is gone (a new attempt): serve the next
+                        standins.drop(served.pop(name)[1])  # its pod is gone (a new attempt)
             if now >= next_sample:
                 sample(now, runs)
                 next_sample += 60
