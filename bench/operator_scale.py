@@ -191,18 +191,27 @@ def jemalloc() -> str | None:
     return path if path and Path(path).is_file() else None
 
 
+def malloc() -> str:
+    """The operator's allocators as this bench runs it: glibc's or jemalloc, and the
+    environment that tunes them (GLIBC_TUNABLES, MALLOC_*, PYTHONMALLOC), which the
+    operator inherits; for the record of a run."""
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items())
+             if k in ("GLIBC_TUNABLES", "PYTHONMALLOC") or k.startswith("MALLOC_")]
+    return " ".join([jemalloc() or "glibc", *tuned])
+
+
 def start_operator(heap_out: Path | None = None) -> tuple[subprocess.Popen, psutil.Process]:
     """The operator on its built-in config, watching every namespace, its metrics on
-    METRICS_PORT and its log in .cache/bench-operator.log (which says its malloc: glibc's, or
-    jemalloc with FLYWHEEL_JEMALLOC); with `heap_out`, under
-    bench/heap.py (tracemalloc), which reports there on SIGUSR2."""
+    METRICS_PORT and its log in .cache/bench-operator.log (which says its malloc, as `malloc`
+    does); with `heap_out`, under bench/heap.py (tracemalloc), which reports there on
+    SIGUSR2."""
     from flywheel_operator.config import ENV_VAR
 
     log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
     if allocator := jemalloc():
         env["LD_PRELOAD"] = allocator
-    log.write(f"bench: the operator's malloc: {allocator or 'glibc'}\n".encode())
+    log.write(f"bench: the operator's malloc: {malloc()}\n".encode())
     log.flush()
     command = [str(ROOT / "bench" / "heap.py")] if heap_out else ["-m", "flywheel_operator"]
     operator = subprocess.Popen(

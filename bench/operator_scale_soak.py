@@ -26,8 +26,8 @@ from operator_scale import (
     METRICS_PORT,
     ROOT,
     PeakRss,
-    jemalloc,
     kubectl,
+    malloc,
     percentile,
     post_all,
     quiet_cluster,
@@ -179,7 +179,7 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
     warm = [s for s in samples if s["t_s"] >= samples[0]["t_s"] + 600] or samples
     result = {
         "mode": "soak", "minutes": minutes, "live": live, **counts,
-        "progress_interval_s": interval, "malloc": jemalloc() or "glibc",
+        "progress_interval_s": interval, "malloc": malloc(),
         "rss_slope_mb_per_min_after_warm_up": slope(warm),
         "rss_mb": {"after_warm_up_min": min(s["rss_mb"] for s in warm),
                    "after_warm_up_max": max(s["rss_mb"] for s in warm),
