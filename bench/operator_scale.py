@@ -191,11 +191,36 @@ def jemalloc() -> str | None:
     return path if path and Path(path).is_file() else None
 
 
+def image_malloc_env() -> dict[str, str]:
+    """The allocator settings the operator image sets (`ENV PYTHONMALLOC=... GLIBC_TUNABLES=...`
+    in images/operator.Dockerfile), so that the bench measures what a cluster runs; this
+    process's environment overrides them (`PYTHONMALLOC=pymalloc GLIBC_TUNABLES=` for
+    Python's and glibc's defaults)."""
+    dockerfile = (ROOT / "images" / "operator.Dockerfile").read_text()
+    image = dict(re.findall(r"\b(PYTHONMALLOC|GLIBC_TUNABLES)=(\S+)", dockerfile))
+    return {k: os.environ.get(k, v) for k, v in image.items()}
+
+
+def operator_env() -> dict[str, str]:
+    """The operator's environment: this process's, with the image's allocator settings."""
+    from flywheel_operator.config import ENV_VAR
+
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    for k, v in image_malloc_env().items():
+        if v:
+            env[k] = v
+        else:
+            env.pop(k, None)
+    if allocator := jemalloc():
+        env["LD_PRELOAD"] = allocator
+    return env
+
+
 def malloc() -> str:
     """The operator's allocators as this bench runs it: glibc's or jemalloc, and the
-    environment that tunes them (GLIBC_TUNABLES, MALLOC_*, PYTHONMALLOC), which the
-    operator inherits; for the record of a run."""
-    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items())
+    environment that tunes them (GLIBC_TUNABLES, MALLOC_*, PYTHONMALLOC); for the record of a
+    run."""
+    tuned = [f"{k}={v}" for k, v in sorted(operator_env().items())
              if k in ("GLIBC_TUNABLES", "PYTHONMALLOC") or k.startswith("MALLOC_")]
     return " ".join([jemalloc() or "glibc", *tuned])
 
@@ -205,12 +230,8 @@ def start_operator(heap_out: Path | None = None) -> tuple[subprocess.Popen, psut
     METRICS_PORT and its log in .cache/bench-operator.log (which says its malloc, as `malloc`
     does); with `heap_out`, under bench/heap.py (tracemalloc), which reports there on
     SIGUSR2."""
-    from flywheel_operator.config import ENV_VAR
-
     log = open(ROOT / ".cache" / "bench-operator.log", "wb")  # noqa: SIM115
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
-    if allocator := jemalloc():
-        env["LD_PRELOAD"] = allocator
+    env = operator_env()
     log.write(f"bench: the operator's malloc: {malloc()}\n".encode())
     log.flush()
     command = [str(ROOT / "bench" / "heap.py")] if heap_out else ["-m", "flywheel_operator"]

@@ -34,6 +34,11 @@ ENV PATH=/opt/flywheel/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
+# One allocator without per-thread caches: Python's small objects on glibc's malloc, glibc's
+# per-thread cache off, so the operator's minutely malloc_trim returns what waves of runs freed
+# on any of its threads (docs/operations.md, "Memory"; bench/RESULTS.md, "Soak").
+ENV PYTHONMALLOC=malloc \
+    GLIBC_TUNABLES=glibc.malloc.tcache_count=0
 # The chart runs it with a read-only root filesystem and an emptyDir on /tmp.
 USER 10001:10001
 EXPOSE 8080 9090
