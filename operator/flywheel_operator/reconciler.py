@@ -40,6 +40,7 @@ from .vocab import (
     KSERVE_API_VERSION,
     KUEUE_API_VERSION,
     MODEL_LABEL,
+    RUN_UID_LABEL,
     Key,
     Written,
     format_time,
@@ -319,16 +320,23 @@ class Reconciler:
                 kube.create({"apiVersion": API, "kind": "Model",
                              "metadata": {"name": model_name}, "spec": {}}, namespace)
                 model = kube.get(API, "Model", namespace, model_name)
-            mv, versions = registry.allocate_version(
+            def get(name: str) -> dict | None:
+                return kube.get(API, "ModelVersion", namespace, name)
+
+            def listed(selector: str) -> list[dict]:
+                return kube.list_objects(API, "ModelVersion", namespace,
+                                         f"{MODEL_LABEL}={model_name}{selector}")
+
+            base = registry.baseline(model, get)
+            mv = registry.allocate_version(
                 uid,
-                make=lambda number, versions: registry.model_version(
-                    run, summary, number, registry.baseline(model, versions),
-                    registry.promoted_alias(model)),
-                list_versions=lambda: kube.list_objects(API, "ModelVersion", namespace,
-                                                        f"{MODEL_LABEL}={model_name}"),
-                create=lambda candidate: kube.create(candidate, namespace),
-                get=lambda name: kube.get(API, "ModelVersion", namespace, name))
-            update = registry.record_version(model, mv, versions, format_time())
+                make=lambda number: registry.model_version(
+                    run, summary, number, base, registry.promoted_alias(model)),
+                known=registry.recorded_numbers(model),
+                list_own=lambda: listed(f",{RUN_UID_LABEL}={uid}"),
+                list_versions=lambda: listed(""),
+                create=lambda candidate: kube.create(candidate, namespace), get=get)
+            update = registry.record_version(model, mv, base, format_time())
             name = model["metadata"]["name"]
             for gate in update.blocked_gates:
                 metrics.GATE_FAILURES.labels(namespace, name, gate).inc()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flywheel_trainer.contract import Summary
@@ -151,29 +151,33 @@ def next_version(versions: list[dict], taken: set[int] | frozenset[int] = frozen
     return max([v["spec"]["version"] for v in versions] + list(taken), default=0) + 1
 
 
-def allocate_version(run_uid: str, make: Callable[[int, list[dict]], dict],
+def allocate_version(run_uid: str, make: Callable[[int], dict], known: Iterable[int],
+                     list_own: Callable[[], list[dict]],
                      list_versions: Callable[[], list[dict]],
                      create: Callable[[dict], bool],
-                     get: Callable[[str], dict | None]) -> tuple[dict, list[dict]]:
-    """Register a run's ModelVersion under the next free number, at most once: returns (the
-    run's ModelVersion, the versions listed). `make(number, versions)` builds the candidate,
-    `create` returns False when its name exists, `get` reads an object by name. A name taken
-    by a concurrent registration or by a foreign object (no model label, another model's)
-    moves on to the next number; after MAX_VERSION_TRIES numbers it gives up with an error
-    instead of looping. A namespace being deleted stops it through `create`'s exception."""
-    versions = list_versions()
+                     get: Callable[[str], dict | None]) -> dict:
+    """Register a run's ModelVersion under the next free number, at most once, and return it.
+    `make(number)` builds the candidate, `known` are the numbers the Model's status records,
+    `list_own` lists the run's own versions (a retried registration finds its version there),
+    `create` returns False when its name exists, `get` reads an object by name. Registration
+    reads no other version, so its cost does not grow with the Model's. Only a number found
+    taken (the Model's status behind, a concurrent registration, a foreign object of that
+    name) lists every version (`list_versions`) to move on past them; after MAX_VERSION_TRIES
+    numbers it gives up with an error instead of looping. A namespace being deleted stops it
+    through `create`'s exception."""
+    versions, numbers = list_own(), set(known)
     taken: set[int] = set()
     for _ in range(MAX_VERSION_TRIES):
         mine = own_version(versions, run_uid)
         if mine is not None:
-            return mine, versions
-        number = next_version(versions, taken)
-        candidate = make(number, versions)
+            return mine
+        number = next_version(versions, taken | numbers)
+        candidate = make(number)
         if create(candidate):
-            return candidate, [*versions, candidate]
+            return candidate
         existing = get(candidate["metadata"]["name"])
         if existing is not None and own_version([existing], run_uid):
-            return existing, [*versions, existing]  # our own create, retried
+            return existing  # our own create, retried
         taken.add(number)
         versions = list_versions()
     raise RuntimeError(f"no free version number after {MAX_VERSION_TRIES} tries (numbers "
@@ -185,21 +189,25 @@ def promoted_alias(model: dict) -> str:
         "alias", Promotion.model_fields["alias"].default)
 
 
+def recorded_numbers(model: dict) -> list[int]:
+    """The version numbers the Model's status records."""
+    return [r["version"] for r in ((model.get("status") or {}).get("versions") or [])]
+
+
+def baseline(model: dict | None, get: Callable[[str], dict | None]) -> dict | None:
+    """The ModelVersion the promoted alias points at now (what a candidate is compared with);
+    `get` reads a ModelVersion by name."""
+    current = (((model or {}).get("status") or {}).get("aliases") or {}).get(
+        promoted_alias(model or {}))
+    return (current and current.get("modelVersion") and get(current["modelVersion"])) or None
+
+
 def promoted_summary(model: dict | None, get: Callable[[str], dict | None]) -> dict | None:
     """{name, metrics} of the version the Model's promotion alias points to (the model card
     compares the new version with it); `get` reads a ModelVersion by name."""
-    current = (((model or {}).get("status") or {}).get("aliases") or {}).get(
-        promoted_alias(model or {}))
-    mv = current and current.get("modelVersion") and get(current["modelVersion"])
+    mv = baseline(model, get)
     return {"name": mv["metadata"]["name"], "metrics": mv["spec"].get("metrics", {})} if mv \
         else None
-
-
-def baseline(model: dict, versions: list[dict]) -> dict | None:
-    """The ModelVersion the promoted alias points at now (what a candidate is compared with)."""
-    current = ((model.get("status") or {}).get("aliases") or {}).get(promoted_alias(model))
-    return next((v for v in versions if current
-                 and v["metadata"]["name"] == current.get("modelVersion")), None)
 
 
 @dataclass
@@ -212,10 +220,11 @@ class ModelUpdate:
     blocked_gates: list[str] = field(default_factory=list)         # metrics that blocked it
 
 
-def record_version(model: dict, mv: dict, versions: list[dict], now: str) -> ModelUpdate:
+def record_version(model: dict, mv: dict, base: dict | None, now: str) -> ModelUpdate:
     """Record `mv` in the Model's status, move `latest`, and decide the promoted alias (once
-    per version, newest version only): pinned -> not moved; a failed gate -> blocked; else
-    promoted. The status is checked against ModelStatus."""
+    per version, newest version only), `base` being the version the alias points at now
+    (`baseline`): pinned -> not moved; a failed gate -> blocked; else promoted. The status is
+    checked against ModelStatus."""
     spec, status = model.get("spec") or {}, copy.deepcopy(model.get("status") or {})
     update, version = ModelUpdate(status), mv["spec"]["version"]
     refs = {r["version"]: r for r in status.get("versions", [])}
@@ -232,7 +241,6 @@ def record_version(model: dict, mv: dict, versions: list[dict], now: str) -> Mod
         checked(ModelStatus, status)
         return update
     alias, generation = promoted_alias(model), model["metadata"].get("generation", 1)
-    base = baseline(model, versions)
     failures = failed_gates(promotion, mv["spec"].get("metrics") or {},
                             base["spec"].get("metrics") if base else None)
     if alias in (spec.get("pinnedAliases") or {}):

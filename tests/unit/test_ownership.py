@@ -183,11 +183,14 @@ class Store:
 
     def __init__(self, objects: list[dict]):
         self.objects = {o["metadata"]["name"]: o for o in objects}
-        self.creates = 0
+        self.creates = self.lists = 0
 
-    def listed(self) -> list[dict]:
+    def listed(self, uid: str | None = None) -> list[dict]:
+        """The model's versions, only those labelled with run `uid` when given."""
+        self.lists += uid is None
         return [o for o in self.objects.values()
-                if (o["metadata"].get("labels") or {}).get("flywheel.dev/model") == "m"]
+                if (o["metadata"].get("labels") or {}).get("flywheel.dev/model") == "m"
+                and uid in (None, o["metadata"]["labels"].get("flywheel.dev/source-run-uid"))]
 
     def create(self, obj: dict) -> bool:
         self.creates += 1
@@ -204,29 +207,46 @@ def _version(number: int, run_uid: str | None, labelled: bool = True) -> dict:
             "spec": {"version": number, "sourceRun": {"name": "r", "uid": run_uid}}}
 
 
-def _allocate(store: Store, uid: str = UID):
+def _allocate(store: Store, uid: str = UID, known: tuple[int, ...] = ()):
     return registry.allocate_version(
-        uid, make=lambda n, _versions: _version(n, uid), list_versions=store.listed,
+        uid, make=lambda n: _version(n, uid), known=known,
+        list_own=lambda: store.listed(uid), list_versions=store.listed,
         create=store.create, get=store.objects.get)
+
+
+def test_registration_reads_only_its_own_versions_when_the_model_is_up_to_date():
+    # a Model with many versions, all recorded in its status
+    store = Store([_version(n, f"u{n}") for n in range(1, 201)])
+    mv = _allocate(store, known=range(1, 201))
+    assert mv["metadata"]["name"] == "m-v201"
+    assert store.creates == 1 and store.lists == 0
+
+
+def test_a_version_the_models_status_missed_is_listed_and_passed():
+    # m-v3 registered, then the operator died before recording it in the Model's status
+    store = Store([_version(1, "a"), _version(2, "b"), _version(3, "c")])
+    mv = _allocate(store, known=(1, 2))
+    assert mv["metadata"]["name"] == "m-v4"
+    assert store.creates == 2 and store.lists == 1
 
 
 def test_a_number_taken_by_a_foreign_object_moves_on():
     # m-v2 exists without the model label (made by hand): listing never shows it
     store = Store([_version(1, "a"), _version(2, None, labelled=False)])
-    mv, _ = _allocate(store)
+    mv = _allocate(store, known=(1,))
     assert mv["metadata"]["name"] == "m-v3"
     assert store.creates == 2
 
 
 def test_a_retried_registration_finds_its_own_version():
     store = Store([_version(1, "a"), _version(2, UID)])
-    mv, _ = _allocate(store)
+    mv = _allocate(store, known=(1,))  # m-v2 created, not yet recorded in the Model's status
     assert mv["metadata"]["name"] == "m-v2" and store.creates == 0
 
 
 def test_our_own_create_that_looked_like_a_conflict_is_ours():
     store = Store([_version(1, "a"), _version(2, UID, labelled=False)])
-    mv, _ = _allocate(store)  # m-v2 is ours but unlisted (e.g. the list was stale)
+    mv = _allocate(store, known=(1,))  # m-v2 is ours but unlabelled (not found by its label)
     assert mv["metadata"]["name"] == "m-v2"
 
 
@@ -252,5 +272,6 @@ def test_a_terminating_namespace_stops_registration():
         raise Gone
 
     with pytest.raises(Gone):
-        registry.allocate_version(UID, make=lambda n, v: _version(n, UID),
-                                  list_versions=list, create=create, get=lambda n: None)
+        registry.allocate_version(UID, make=lambda n: _version(n, UID), known=(),
+                                  list_own=list, list_versions=list, create=create,
+                                  get=lambda n: None)

@@ -101,7 +101,7 @@ def test_version_numbers_and_a_retried_registration():
 
 
 def test_without_promotion_only_latest_moves():
-    update = registry.record_version(model(), version(1), [version(1)], NOW)
+    update = registry.record_version(model(), version(1), None, NOW)
     assert update.status["aliases"] == {"latest": registry.alias_target(version(1), NOW)}
     assert [v["name"] for v in update.status["versions"]] == ["m-v1"]
     assert update.promoted is None and not update.events
@@ -110,7 +110,7 @@ def test_without_promotion_only_latest_moves():
 def test_passing_gates_promote_and_say_so():
     m = model({"promotion": {"alias": "production",
                              "gates": [{"metric": "eval_loss", "max": 2.0}]}})
-    update = registry.record_version(m, version(1, {"eval_loss": 1.0}), [], NOW)
+    update = registry.record_version(m, version(1, {"eval_loss": 1.0}), None, NOW)
     assert update.status["aliases"]["production"]["version"] == 1
     assert update.promoted == "production"
     assert update.events == [("Normal", "Promoted", "version 1 promoted to production")]
@@ -120,7 +120,7 @@ def test_passing_gates_promote_and_say_so():
 
 def test_a_failed_gate_blocks_and_names_the_metric():
     m = promoted(model({"promotion": {"gates": [{"metric": "eval_loss", "max": 2.0}]}}), 1)
-    update = registry.record_version(m, version(2, {"eval_loss": 3.0}), [version(1)], NOW)
+    update = registry.record_version(m, version(2, {"eval_loss": 3.0}), version(1), NOW)
     assert update.status["aliases"]["production"]["version"] == 1  # unchanged
     assert update.status["aliases"]["latest"]["version"] == 2
     assert update.promoted is None and update.blocked_gates == ["eval_loss"]
@@ -130,26 +130,27 @@ def test_a_failed_gate_blocks_and_names_the_metric():
 
 def test_no_regression_compares_with_the_promoted_version():
     m = promoted(model({"promotion": {"noRegression": {"metrics": ["eval_loss"]}}}), 1)
-    versions = [version(1, {"eval_loss": 1.0})]
-    worse = registry.record_version(m, version(2, {"eval_loss": 1.5}), versions, NOW)
+    base = registry.baseline(m, {"m-v1": version(1, {"eval_loss": 1.0})}.get)
+    assert base["spec"]["version"] == 1
+    worse = registry.record_version(m, version(2, {"eval_loss": 1.5}), base, NOW)
     assert worse.blocked_gates == ["eval_loss"]
-    better = registry.record_version(m, version(2, {"eval_loss": 0.5}), versions, NOW)
+    better = registry.record_version(m, version(2, {"eval_loss": 0.5}), base, NOW)
     assert better.promoted == "production"
 
 
 def test_a_pinned_alias_is_not_promoted():
     m = promoted(model({**PROMOTE, "pinnedAliases": {"production": 1}}), 1)
-    update = registry.record_version(m, version(2), [version(1)], NOW)
+    update = registry.record_version(m, version(2), version(1), NOW)
     assert update.status["aliases"]["production"]["version"] == 1 and update.promoted is None
     assert update.status["conditions"][0]["reason"] == "AliasPinned" and not update.events
 
 
 def test_promotion_is_decided_once_and_only_for_the_newest_version():
     m = model(PROMOTE)
-    first = registry.record_version(m, version(2), [], NOW)
-    again = registry.record_version(model(PROMOTE, first.status), version(2), [], NOW)
+    first = registry.record_version(m, version(2), None, NOW)
+    again = registry.record_version(model(PROMOTE, first.status), version(2), None, NOW)
     assert first.promoted == "production" and again.promoted is None and not again.events
-    older = registry.record_version(model(PROMOTE, first.status), version(1), [], NOW)
+    older = registry.record_version(model(PROMOTE, first.status), version(1), None, NOW)
     assert older.promoted is None and older.status["aliases"]["latest"]["version"] == 2
     assert [v["version"] for v in older.status["versions"]] == [1, 2]
 
