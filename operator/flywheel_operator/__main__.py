@@ -19,9 +19,10 @@ from .config import load_config
 def return_free_memory_every(seconds: float) -> threading.Thread | None:
     """Hand glibc's free pages back to the kernel every `seconds`: runs come and go in waves,
     and glibc keeps what they freed in its arenas. `malloc_trim(0)` returns every whole free
-    page of every arena (madvise), a few milliseconds without the GIL; in the soak the
-    resident size was about 4% lower with it (bench/RESULTS.md, "Soak"), though it still
-    crept up, the rest being split among pages in use. None where libc is not glibc."""
+    page of every arena (madvise), a few milliseconds without the GIL. With the image's
+    allocator settings (Python's objects on malloc, no per-thread cache: operator.Dockerfile)
+    that is every page freed, and the soak's resident size stays flat (bench/RESULTS.md,
+    "Soak"). None where libc is not glibc."""
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # musl, macOS: nothing to trim
