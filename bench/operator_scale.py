@@ -310,6 +310,8 @@ def main() -> None:
                         help="waves of runs created, trained, finished, deleted (see above)")
     parser.add_argument("--live", type=int, default=200, help="--soak: runs in flight")
     parser.add_argument("--minutes", type=float, default=30.0, help="--soak: how long")
+    parser.add_argument("--models", type=int, default=50,
+                        help="--soak: Models the runs register into (fewer: longer histories)")
     parser.add_argument("--kueue", action="store_true",
                         help="admission -> Running through Kueue beside the direct path")
     args = parser.parse_args()
@@ -322,7 +324,7 @@ def main() -> None:
     if args.soak:
         from operator_scale_soak import soak  # bench/operator_scale_soak.py
 
-        return soak(n, args.live, args.minutes, not args.no_record, args.heap)
+        return soak(n, args.live, args.minutes, not args.no_record, args.heap, args.models)
     if args.training:
         return training(n, args.window, not args.no_record, args.heap)
 

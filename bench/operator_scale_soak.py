@@ -40,7 +40,8 @@ from operator_scale_training import StandIns, _say, memory_map
 
 #: Seconds a run trains once its rank 0 answers: at least two progress polls (30 s apart).
 LIFETIME = 75.0
-#: The runs register into this many Models (versions pile up in each, as in a registry).
+#: The runs register into this many Models by default (`--models`): versions pile up in each,
+#: as in a registry.
 MODELS = 50
 TICK = 5.0
 
@@ -70,7 +71,8 @@ def tables() -> dict[str, float]:
         r'^flywheel_operator_table_entries\{table="(\w+)"\} (\S+)', text, re.M)}
 
 
-def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False) -> None:
+def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False,
+         models: int = MODELS) -> None:
     from flywheel_operator.config import OperatorConfig
     from flywheel_operator.vocab import parse_time
 
@@ -168,7 +170,7 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
                 first = counts["created"]
                 manifests = [run_manifest(f"run-{i}") for i in range(first, first + wanted)]
                 for i, m in enumerate(manifests, first):
-                    m["spec"]["modelName"] = f"soak-{i % MODELS}"
+                    m["spec"]["modelName"] = f"soak-{i % models}"
                 post_all(api, runs_path, manifests)
                 counts["created"] += wanted
             time.sleep(max(0.0, TICK - (time.monotonic() - now)))
@@ -178,7 +180,7 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
         teardown(operator, [ns], extra_nodes, standins.stop, *([peak.stop.set] if peak else []))
     warm = [s for s in samples if s["t_s"] >= samples[0]["t_s"] + 600] or samples
     result = {
-        "mode": "soak", "minutes": minutes, "live": live, **counts,
+        "mode": "soak", "minutes": minutes, "live": live, "models": models, **counts,
         "progress_interval_s": interval, "malloc": malloc(),
         "rss_slope_mb_per_min_after_warm_up": slope(warm),
         "rss_mb": {"after_warm_up_min": min(s["rss_mb"] for s in warm),
@@ -192,6 +194,7 @@ def soak(total: int, live: int, minutes: float, record: bool, heap: bool = False
         with open(ROOT / "bench" / "RESULTS.md", "a") as out:
             out.write(f"\n### operator_scale --soak, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
                       f"`bench/operator_scale.py --soak --runs {total} --live {live} "
-                      f"--minutes {minutes:g}` (2-core dev machine, local control plane)\n\n"
+                      f"--minutes {minutes:g} --models {models}` (2-core dev machine, "
+                      f"local control plane)\n\n"
                       f"```json\n{json.dumps(result)}\n```\n")
     print(json.dumps(result), flush=True)
