@@ -21,8 +21,8 @@ def return_free_memory_every(seconds: float) -> threading.Thread | None:
     and glibc keeps what they freed in its arenas. `malloc_trim(0)` returns every whole free
     page of every arena (madvise), a few milliseconds without the GIL. With the image's
     allocator settings (Python's objects on malloc, no per-thread cache: operator.Dockerfile)
-    that is every page freed, and the soak's resident size stays flat (bench/RESULTS.md,
-    "Soak"). None where libc is not glibc."""
+    that is every page freed, and the soak's resident size stayed flat for 30 minutes
+    (bench/RESULTS.md, "Soak"). None where libc is not glibc."""
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # musl, macOS: nothing to trim

@@ -160,7 +160,7 @@ def allocate_version(run_uid: str, make: Callable[[int], dict], known: Iterable[
     `make(number)` builds the candidate, `known` are the numbers the Model's status records,
     `list_own` lists the run's own versions (a retried registration finds its version there),
     `create` returns False when its name exists, `get` reads an object by name. Registration
-    reads no other version, so its cost does not grow with the Model's. Only a number found
+    reads no other version (a long history is not listed each time). Only a number found
     taken (the Model's status behind, a concurrent registration, a foreign object of that
     name) lists every version (`list_versions`) to move on past them; after MAX_VERSION_TRIES
     numbers it gives up with an error instead of looping. A namespace being deleted stops it
