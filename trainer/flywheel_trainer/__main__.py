@@ -59,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     from .train import run
 
     try:
-        run(cfg)
+        run(cfg, exiting=True)
     except (DataError, DigestMismatch) as err:  # rank 0 wrote the summary; the same data
         # (or a base model whose bytes are not the registered ones) fails again
         logging.getLogger("flywheel").error("%s", err)
         return EXIT_DATA_ERROR
-    return 0
+    # Done, the summary written: leave without the interpreter's and the process group's
+    # teardown (train.run), which can only turn a complete attempt into a failed one.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

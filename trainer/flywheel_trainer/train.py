@@ -116,9 +116,14 @@ def _scalar(t) -> float:
     return float(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
-def run(cfg: TrainerConfig) -> dict:
+def run(cfg: TrainerConfig, exiting: bool = False) -> dict:
     """Train, evaluate and export one run; returns rank 0's summary ({} on other ranks). If a
-    step fails, rank 0's summary carries the error (and where the experiment is)."""
+    step fails, rank 0's summary carries the error (and where the experiment is).
+
+    `exiting`: the process ends right after (`__main__`, with `os._exit`). A rank whose run
+    is complete then leaves the process group to the process's end instead of tearing it
+    down: gloo's teardown now and then aborts a finished rank (`terminate called without an
+    active exception`, exit -6), which would fail an attempt whose work is all done."""
     d = init_distributed()
     progress.start(d.rank, d.world_size)
     torch.manual_seed(cfg.hyperparameters.seed)
@@ -138,8 +143,9 @@ def run(cfg: TrainerConfig) -> dict:
         progress.stop()
         if dist.is_initialized():
             if summary is not None:  # every rank finished: they leave the group together
-                dist.barrier()  # (gloo now and then aborts a rank whose peer left first)
-            dist.destroy_process_group()
+                dist.barrier()
+            if summary is None or not exiting:
+                dist.destroy_process_group()
 
 
 def _tracking(tracker: Tracker, archive: str | None) -> dict:
