@@ -7,6 +7,7 @@ import ctypes
 import gc
 import logging
 import random
+import re
 import sys
 import threading
 import time
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.all_namespaces or args.namespace):
         parser.error("choose --all-namespaces or --namespace NS")
+    for ns in args.namespace:  # each is listed and watched by name (children.py)
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns):
+            parser.error(f"--namespace {ns!r}: not a namespace's name (name each namespace; "
+                         "patterns are not supported)")
     try:  # at start-up: a bad file stops the operator before it watches anything
         config = load_config(args.config)
     except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: pydantic's too
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         priority=None if args.standalone else (
             args.priority if args.priority is not None else random.randint(1, 2**31 - 1)),
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(config=config, metrics_port=args.metrics_port))
+        memo=kopf.Memo(config=config, metrics_port=args.metrics_port,
+                       namespaces=[] if args.all_namespaces else args.namespace))
 
 
 if __name__ == "__main__":

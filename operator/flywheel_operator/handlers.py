@@ -1,5 +1,7 @@
 """kopf registrations, and nothing else: indexes of slim summaries, and events that wake the
-reconciler (reconciler.py), which start-up builds into kopf's memo (`memo.reconciler`).
+reconciler (reconciler.py), which start-up builds into kopf's memo (`memo.reconciler`), with
+the watches of the runs' Jobs and Pods (children.py, off kopf: their events are most of a
+burst's).
 Handlers that only update an index or queue a wake-up are `async`: kopf runs them on its
 event loop, without a hop to its thread pool per event (a burst's CPU); one that calls the
 API (model_event) is not.
@@ -17,14 +19,13 @@ import logging
 import kopf
 
 from . import kube, metrics, objects
+from .children import Children
 from .config import OperatorConfig
 from .reconciler import Reconciler
 from .vocab import (
     GROUP,
     KUEUE_API_VERSION,
     PLURALS,
-    QUEUE_NAME_LABEL,
-    RUN_LABEL,
     SCHEDULE_LABEL,
     VERSION,
 )
@@ -43,12 +44,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Events are posted by at most this many concurrent workers (a connection each).
     settings.posting.worker_limit = 8
     # No on.create/update handlers: the essence kopf would otherwise deep-copy and diff on
-    # every watch event of every run, Job and Pod (most of its CPU in a burst) is not needed.
+    # every watch event of every run (much of its CPU in a burst) is not needed.
     settings.persistence.diffbase_storage = NoDiffBase()
-    # Only the runs' own Jobs and Pods reach the operator: a fleet's other pods are filtered
-    # by the apiserver, not decoded here and dropped.
-    settings.watching.label_selectors["batch", "v1", "jobs"] = RUN_LABEL
-    settings.watching.label_selectors["v1", "pods"] = RUN_LABEL
     memo.setdefault("config", OperatorConfig())
     kube.configure(memo.config.apiConnectTimeoutSeconds, memo.config.apiReadTimeoutSeconds)
     memo.reconciler = Reconciler(memo.config)
@@ -57,6 +54,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     follow_peering(memo.reconciler)
     metrics.serve(memo.get("metrics_port", 0))
     log.warning("flywheel operator: started (pools: %s)", ", ".join(sorted(memo.config.pools)))
+
+
+@kopf.on.startup()
+def watch_children(memo: kopf.Memo, **_) -> None:
+    """The runs' Jobs and Pods (only those: the apiserver filters by the runs' label), listed
+    before kopf hands over the first run, then watched (children.py)."""
+    memo.children = Children()
+    memo.reconciler.index.update(run_jobs=memo.children.jobs, run_pods=memo.children.pods)
+    wake = memo.reconciler.runs.wake
+    memo.children.start(memo.get("namespaces") or None,
+                        lambda key: wake(key, CHILD_EVENT_BATCH_SECONDS))
 
 
 class _PeeringState(logging.Filter):
@@ -115,32 +123,20 @@ def slim(body: kopf.Body) -> dict:
 CHILD_EVENT_BATCH_SECONDS = 1.0
 
 
-def _wake_run(key: tuple[str, str], memo: kopf.Memo, runs: kopf.Index, run_jobs: kopf.Index,
-              run_pods: kopf.Index, models: kopf.Index,
+def _wake_run(key: tuple[str, str], memo: kopf.Memo, runs: kopf.Index, models: kopf.Index,
               run_workloads: kopf.Index | None = None, child: bool = True, **_) -> None:
     """Queue the run's reconcile (on the reconciler's own workers, from the indexes): kopf's
     handler returns at once, so no event waits, decoded, behind a reconcile's API calls."""
-    memo.reconciler.bind(runs=runs, run_jobs=run_jobs, run_pods=run_pods, models=models,
-                         run_workloads=run_workloads)
+    memo.reconciler.bind(runs=runs, models=models, run_workloads=run_workloads)
     memo.reconciler.runs.wake(key, CHILD_EVENT_BATCH_SECONDS if child else 0.0)
 
 
-# --- runs and their children --------------------------------------------------------------
+# --- runs (their Jobs and Pods: children.py) ----------------------------------------------
 
 
 @kopf.index(GROUP, VERSION, PLURALS["FineTuneRun"])
 async def runs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): slim(body)}
-
-
-@kopf.index("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
-async def run_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[RUN_LABEL]): objects.job_summary(body)}
-
-
-@kopf.index("v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
-async def run_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[RUN_LABEL]): objects.pod_summary(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURALS["FineTuneRun"])
@@ -156,16 +152,6 @@ async def run_event(type: str, namespace: str, name: str, body: kopf.Body, memo:
     _wake_run((namespace, name), memo, child=False, **kwargs)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={RUN_LABEL: kopf.PRESENT})
-async def job_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs) -> None:
-    _wake_run((namespace, labels[RUN_LABEL]), memo, **kwargs)
-
-
-@kopf.on.event("v1", "pods", labels={RUN_LABEL: kopf.PRESENT})
-async def pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs) -> None:
-    _wake_run((namespace, labels[RUN_LABEL]), memo, **kwargs)
-
-
 def watch_kueue() -> None:
     """Follow Kueue's Workloads of the runs' Jobs. Registered by __main__ only when the
     config turns Kueue on: a cluster without Kueue has no Workloads to watch."""
@@ -177,17 +163,12 @@ def watch_kueue() -> None:
         summary = objects.workload_summary(body)
         return {(namespace, summary.job): summary} if summary.job else None
 
-    @kopf.index("batch", "v1", "jobs", id="queued_jobs",
-                labels={RUN_LABEL: kopf.PRESENT, QUEUE_NAME_LABEL: kopf.PRESENT})
-    async def queued_jobs(namespace: str, name: str, labels: kopf.Labels, **_) -> dict:
-        return {(namespace, name): labels[RUN_LABEL]}
-
     @kopf.on.event(group, version, "workloads", id="workload_event")
-    async def workload_event(namespace: str, body: kopf.Body, queued_jobs: kopf.Index,
-                       memo: kopf.Memo, **kwargs) -> None:
+    async def workload_event(namespace: str, body: kopf.Body, memo: kopf.Memo,
+                             **kwargs) -> None:
         job = objects.workload_summary(body).job
-        for run in set(queued_jobs.get((namespace, job), [])):
-            _wake_run((namespace, run), memo, **kwargs)
+        if job and (run := memo.children.jobs.run_of(namespace, job)) is not None:
+            _wake_run(run, memo, **kwargs)
 
 
 # --- the registry -------------------------------------------------------------------------

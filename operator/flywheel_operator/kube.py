@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Iterator
 
 import kubernetes
 import urllib3
@@ -102,9 +103,67 @@ def request(method: str, path: str, body: dict | list | None = None,
     raise AssertionError("unreachable")
 
 
-def collection_path(api_version: str, plural: str, namespace: str) -> str:
+def collection_path(api_version: str, plural: str, namespace: str | None) -> str:
+    """The collection's path in `namespace` (None: in every namespace)."""
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
+
+
+def list_all(path: str, selector: str, page: int = 500) -> tuple[list[dict], str]:
+    """Every object of a collection (in pages, so a fleet's pods never arrive as one huge
+    response) and the list's resourceVersion, to watch from."""
+    items: list[dict] = []
+    query: dict = {"labelSelector": selector, "limit": page}
+    while True:
+        found = request("GET", path, query=query)
+        items += found.get("items") or []
+        meta = found.get("metadata") or {}
+        if not meta.get("continue"):
+            return items, meta["resourceVersion"]
+        query["continue"] = meta["continue"]
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (410): list again."""
+
+
+def watch(path: str, selector: str, version: str, seconds: int) -> Iterator[dict]:
+    """The events of a collection after `version`, decoded, as the apiserver sends them,
+    until it closes the watch (after about `seconds`). Bookmarks only move the version on.
+    `Gone` when the version is too old; a dropped connection ends the iteration with an
+    error, after which the caller watches again from the last version it saw."""
+    api = client()
+    query = {"labelSelector": selector, "resourceVersion": version, "watch": "true",
+             "allowWatchBookmarks": "true", "timeoutSeconds": seconds}
+    _, url, headers, _, _ = api.param_serialize(
+        "GET", path, query_params=list(query.items()),
+        header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+    API_REQUESTS.labels("WATCH").inc()
+    response = api.call_api("GET", url, header_params=headers,
+                            _request_timeout=(TIMEOUT[0], seconds + TIMEOUT[1])).response
+    try:
+        if response.status == 410:
+            raise Gone(path)
+        if response.status >= 400:
+            response.read()
+            raise ApiException(status=response.status, reason=response.reason,
+                               http_resp=response)
+        rest = b""
+        for chunk in response.stream(None, decode_content=False):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if not line:
+                    continue
+                event = json.loads(line)
+                if event["type"] == "ERROR":
+                    if (event["object"] or {}).get("code") == 410:
+                        raise Gone(path)
+                    raise ApiException(status=(event["object"] or {}).get("code", 500),
+                                       reason=(event["object"] or {}).get("message", ""))
+                yield event
+    finally:
+        response.release_conn()
 
 
 PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",

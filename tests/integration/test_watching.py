@@ -104,3 +104,55 @@ def test_a_missing_secret_fails_the_run_with_the_kubelets_words(cluster, operato
     assert failed["reason"] == "CreateContainerConfigError"
     assert 'secret "comet" not found' in failed["message"]
     assert status["attempt"] == 1
+
+
+def test_the_runs_pods_are_watched_deleted_by_force_and_listed_again(cluster, namespace,
+                                                                     monkeypatch):
+    """The operator's own watch of the runs' Pods (children.py) against the apiserver: only
+    pods with a run's label, every change and a `delete --force` seen; a list after the watch
+    lost its place forgets a pod deleted meanwhile and wakes its run."""
+    from flywheel_operator import children, kube, objects
+
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", cluster.kubeconfig)
+    kube.client.cache_clear()
+    monkeypatch.setattr(children, "WATCH_SECONDS", 5)  # the apiserver ends watches often
+
+    def pod(name: str, labels: dict) -> dict:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}],
+                         "nodeSelector": {"flywheel.dev/no-such-node": "x"}}}
+
+    index, woken = children.Index(), []
+    cluster.apply(pod("before", {"flywheel.dev/run": "r"}), namespace)
+    watch = children.Watch(index, "v1", "Pod", namespace, objects.pod_summary, woken.append)
+    watch.list()
+    watch.start()
+    try:
+        key = (namespace, "r")
+        assert [p.name for p in index.get(key)] == ["before"]
+        cluster.apply([pod("after", {"flywheel.dev/run": "r"}), pod("other", {"app": "x"})],
+                      namespace)
+        # the scheduler finds no node: the pod's Unschedulable condition comes as a change
+        wait_until(lambda: any(p.name == "after" and p.unschedulable for p in index.get(key)),
+                   timeout=30, message="the new pod, unschedulable")
+        assert index.run_of(namespace, "other") is None and len(index) == 1
+        woken.clear()
+        cluster.kubectl("delete", "pod", "before", "-n", namespace, "--force",
+                        "--grace-period=0")
+        wait_until(lambda: [p.name for p in index.get(key)] == ["after"], timeout=30,
+                   message="the deleted pod forgotten")
+        assert key in woken
+        # watches ended by the apiserver (every 5 s here) go on from where they were
+        cluster.apply(pod("later", {"flywheel.dev/run": "r"}), namespace)
+        wait_until(lambda: sorted(p.name for p in index.get(key)) == ["after", "later"],
+                   timeout=30, message="a pod created after a watch ended")
+    finally:
+        watch.stopped.set()
+        kube.client.cache_clear()  # this test's: nothing else in this process uses it
+    # a list (as after 410 Gone) forgets what went while no watch was open, and wakes its run
+    stale, woken = children.Index(), []
+    stale.put(key, "a-pod-deleted-meanwhile", "gone", objects.pod_summary(pod("gone", {})))
+    children.Watch(stale, "v1", "Pod", namespace, objects.pod_summary, woken.append).list()
+    assert sorted(p.name for p in stale.get(key)) == ["after", "later"] and key in woken

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import kopf
-from flywheel_operator import handlers
+from flywheel_operator import children, handlers, objects
 from flywheel_operator.vocab import RUN_LABEL
 from kopf._cogs.structs.references import Resource
 
@@ -17,20 +17,44 @@ def resource(group: str, plural: str, kind: str) -> Resource:
                     singular=kind.lower(), namespaced=True)
 
 
-def test_jobs_and_pods_are_watched_by_the_runs_label_only():
+def test_kopf_watches_no_job_or_pod_and_keeps_no_diff_base():
+    """The runs' Jobs and Pods are watched off kopf (children.py): kopf's per-event machinery
+    runs for the runs, Models and schedules only, and builds no diff base for them."""
+    registry = kopf.get_default_registry()
+    watched = {h.selector.any_name for reg in (registry._indexing, registry._watching)
+               for h in reg.get_all_handlers()}
+    assert "pods" not in watched and "jobs" not in watched and "finetuneruns" in watched
     settings, memo = kopf.OperatorSettings(), kopf.Memo(metrics_port=0)
     handlers.configure(settings=settings, memo=memo)
-    selectors = settings.watching.label_selectors
-    assert list(selectors.collect(resource("", "pods", "Pod"))) == [RUN_LABEL]
-    assert list(selectors.collect(resource("batch", "jobs", "Job"))) == [RUN_LABEL]
-    # a run, a Model or a Workload is watched whole
-    assert list(selectors.collect(resource("flywheel.dev", "finetuneruns", "FineTuneRun"))) == []
-    # no diff base: kopf neither copies nor diffs an object per event
     body = kopf.Body({"metadata": {"name": "r", "annotations": {"a": "b"}}, "spec": {"x": 1}})
     assert settings.persistence.diffbase_storage.build(body=body) == {}
     assert settings.persistence.diffbase_storage.fetch(body=body) is None
 
 
+def pod(name: str, uid: str, run: str | None, ns: str = "team", phase: str = "Running") -> dict:
+    labels = {RUN_LABEL: run} if run else {}
+    return {"metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels,
+                         "resourceVersion": "1"}, "status": {"phase": phase}}
+
+
+def test_a_childs_events_keep_its_runs_index_and_wake_the_run():
+    index, woken = children.Index(), []
+    watch = children.Watch(index, "v1", "Pod", None, objects.pod_summary, woken.append)
+    watch.apply("ADDED", pod("a-0", "u0", "a"))
+    watch.apply("ADDED", pod("a-1", "u1", "a", phase="Pending"))
+    watch.apply("MODIFIED", pod("a-1", "u1", "a"))
+    assert sorted(p.name for p in index.get(("team", "a"))) == ["a-0", "a-1"]
+    assert {p.phase for p in index.get(("team", "a"))} == {"Running"}
+    assert index.run_of("team", "a-1") == ("team", "a") and ("team", "a") in index
+    watch.apply("DELETED", pod("a-0", "u0", "a"))
+    assert [p.name for p in index.get(("team", "a"))] == ["a-1"]
+    # its label changed by hand: it leaves the first run (woken too) for the other
+    woken.clear()
+    watch.apply("MODIFIED", pod("a-1", "u1", "b"))
+    assert index.get(("team", "a"), None) is None and len(index) == 1
+    assert set(woken) == {("team", "a"), ("team", "b")}
+    watch.apply("MODIFIED", pod("a-1", "u1", None))  # no label: no run's any more
+    assert len(index) == 0 and index.run_of("team", "a-1") is None
 def test_a_runs_index_entry_drops_managed_fields_and_copies_nothing_else():
     raw = {"apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
            "metadata": {"name": "r", "namespace": "ns", "resourceVersion": "7",
