@@ -4,12 +4,13 @@ Pods scheduled to nodes labelled `flywheel.dev/executor=local` are executed on t
 (hack/local_executor_pod.py: what a container's spec means here): the init containers one
 after another, each to exit 0 (a failed one restarted with back-off, `Init:CrashLoopBackOff`,
 unless restartPolicy is Never), then the container's own command, args and env ($(VAR),
-fieldRef, secretKeyRef, configMapKeyRef as the kubelet resolves them), with ConfigMap volumes
-and emptyDirs as local folders (a PersistentVolumeClaim as .cache/pvc/<namespace>/<claim>)
-and every mount path in command, args, env and workingDir pointed at them; Ready once its
-readinessProbe's httpGet answers. The network is the other substitution: each pod gets its
-own loopback address (127.10.x.y) as `status.podIP`, its DNS names (hostname + subdomain,
-rank 0's rendezvous address) resolve to it via /etc/hosts, and servers that bind
+fieldRef, secretKeyRef, configMapKeyRef as the kubelet resolves them), with ConfigMap,
+downward API and emptyDir volumes as local folders (a PersistentVolumeClaim as
+.cache/pvc/<namespace>/<claim>) and every mount path in command, args, env and workingDir
+pointed at them; Ready once its readinessProbe's httpGet answers. The network is the other
+substitution: each pod gets its own loopback address (127.10.x.y) as `status.podIP`, its DNS
+names (hostname + subdomain, rank 0's rendezvous address) resolve to it via /etc/hosts, and
+servers that bind
 `$FLYWHEEL_BIND_HOST` or `status.podIP` listen on it: a client reaches them at
 podIP:containerPort as on a real cluster. Status, exit codes and termination messages go
 through the Pod status and are kept until the apiserver accepts them

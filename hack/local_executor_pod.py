@@ -1,8 +1,9 @@
 """What a pod's spec means on this machine, for the local executor (hack/local_executor.py):
 each container as a process to start (`prepare`: its environment resolved as the kubelet
-resolves it, `$(VAR)`, fieldRef, secretKeyRef, configMapKeyRef; its volumes as local folders,
-a PersistentVolumeClaim as .cache/pvc/<namespace>/<claim>, and container paths pointed at
-them; its workingDir where that is under a volume; its readiness probe), its DNS names."""
+resolves it, `$(VAR)`, fieldRef, secretKeyRef, configMapKeyRef; its volumes (ConfigMap,
+downward API, emptyDir) as local folders, a PersistentVolumeClaim as
+.cache/pvc/<namespace>/<claim>, and container paths pointed at them; its workingDir where
+that is under a volume; its readiness probe), its DNS names."""
 
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def http_probe(container: dict) -> tuple[int, str] | None:
     return int(port), get.get("path", "/")
 
 
+def config_maps(ns: str) -> str:
+    return kube.collection_path("v1", "configmaps", ns)
+
+
 def resolve_env(pod: dict, container: dict, pod_ip: str) -> dict[str, str]:
     """The container's environment, as the kubelet resolves it."""
     ns = pod["metadata"]["namespace"]
@@ -95,7 +100,7 @@ def resolve_env(pod: dict, container: dict, pod_ip: str) -> dict[str, str]:
         if "configMapRef" in src:
             ref = src["configMapRef"]
             try:
-                cm = kube.request("GET", kube.object_path("v1", "ConfigMap", ns, ref["name"]))
+                cm = kube.request("GET", f"{config_maps(ns)}/{ref['name']}")
             except kube.NotFound:
                 if ref.get("optional"):
                     continue
@@ -151,7 +156,7 @@ def materialise_volumes(pod: dict, workdir: Path) -> dict[str, Path]:
         if "configMap" in vol:
             name = vol["configMap"]["name"]
             try:
-                cm = kube.request("GET", kube.object_path("v1", "ConfigMap", ns, name))
+                cm = kube.request("GET", f"{config_maps(ns)}/{name}")
             except kube.NotFound:
                 if vol["configMap"].get("optional"):
                     paths[vol["name"]] = path
@@ -164,6 +169,13 @@ def materialise_volumes(pod: dict, workdir: Path) -> dict[str, Path]:
                 target = path / item["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(data[item["key"]])
+        elif "downwardAPI" in vol:  # the pod's own fields, e.g. an annotation, as files
+            for item in vol["downwardAPI"].get("items") or []:
+                if "fieldRef" not in item:
+                    continue  # resourceFieldRef: not needed by the pods run here
+                target = path / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(field_ref(pod, item["fieldRef"]["fieldPath"]))
         paths[vol["name"]] = path
     return paths
 

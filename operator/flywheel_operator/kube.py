@@ -166,7 +166,7 @@ def watch(path: str, selector: str, version: str, seconds: int) -> Iterator[dict
         response.release_conn()
 
 
-PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods",
+PLURALS = {"Service": "services", "Job": "jobs", "Pod": "pods",
            "InferenceService": "inferenceservices",
            "Deployment": "deployments", "Workload": "workloads",
            "NetworkPolicy": "networkpolicies", **vocab.PLURALS}

@@ -131,6 +131,8 @@ def decide(run: Run, jobs: list[JobSummary], pods: list[PodSummary],
     wl = next((w for w in workloads or [] if job and w.job == job.name), None)
     heard = polled if polled and polled.attempt == attempt else None  # this attempt's rank 0
 
+    if job is not None and not old.attempt and plan.was not in TERMINAL:
+        adopt_attempt(plan, run)
     if plan.was in TERMINAL:
         pass
     elif job is None and (why := refusal(run, config)):
@@ -218,6 +220,26 @@ def suspended_condition(plan: Plan, suspend: bool) -> None:
                    "spec.suspend is true" if suspend else "")
 
 
+def record_start(plan: Plan, run: Run) -> None:
+    """What a run's first attempt records: its start, its Comet experiment."""
+    status = plan.status
+    status.startTime = status.startTime or plan.now
+    status.experimentKey = status.experimentKey or experiment_key(run.uid)
+    comet = run.spec.tracking.comet
+    if comet:
+        status.trackingUrl = status.trackingUrl or comet_experiment_url(
+            comet.workspace, comet.project, status.experimentKey)
+
+
+def adopt_attempt(plan: Plan, run: Run) -> None:
+    """A first attempt's Job is created while its status is written (reconciler.execute): a
+    Job whose run records no attempt was left by a crash in between, or its status write
+    failed. The start is recorded now; what follows is decided from the Job and its pods as
+    for any attempt."""
+    plan.status.outputUri, plan.status.checkpointUri = run_paths(run)
+    record_start(plan, run)
+
+
 def start_attempt(plan: Plan, run: Run, queue: str | None) -> None:
     """The current attempt has no Job yet: create it (suspended when spec.suspend; with a
     queue, created suspended for Kueue to admit, and not at all while spec.suspend)."""
@@ -227,12 +249,7 @@ def start_attempt(plan: Plan, run: Run, queue: str | None) -> None:
         suspended_condition(plan, True)
         return
     plan.create_attempt = attempt
-    status.startTime = status.startTime or plan.now
-    status.experimentKey = status.experimentKey or experiment_key(run.uid)
-    comet = run.spec.tracking.comet
-    if comet:
-        status.trackingUrl = status.trackingUrl or comet_experiment_url(
-            comet.workspace, comet.project, status.experimentKey)
+    record_start(plan, run)
     if suspend:
         plan.transition("Suspended", "Suspended", "the run is suspended")
     elif queue:

@@ -1,8 +1,10 @@
 """Pure rendering: a FineTuneRun (api.Run) -> the Kubernetes objects of an attempt.
 
 No I/O. Names are deterministic, so re-running a handler can never create a second Job:
-`<run>-a<attempt>` (Job and headless Service), `<run>-a<attempt>-config` (ConfigMap),
-`<run>-preflight` (Job) and `<run>-preflight-config` (ConfigMap).
+`<run>-a<attempt>` (Job, and for a gang its headless Service and NetworkPolicy) and
+`<run>-preflight` (Job). The trainer's config travels inside its Job: an annotation of the
+pod template (`CONFIG_ANNOTATION`), which the kubelet writes into the pod as a file (a
+downward API volume). No separate object can be missing, late, or someone else's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from .wiring import GCS_KEY_DIR, PVC_ROOT, claims, storage_wiring  # noqa: F401 
 CONFIG_DIR = "/etc/flywheel"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 CONFIG_KEY = "config.json"
+#: The pod template's annotation that holds the trainer's config (TrainerConfig as JSON).
+CONFIG_ANNOTATION = "flywheel.dev/trainer-config"
 MASTER_PORT = 29500
 RUN_AS = 1000
 #: Longest base name: "<base>-a<attempt>-<index>" must stay a 63-char DNS label (pod hostname).
@@ -63,11 +67,6 @@ def attempt_name(run_name: str, attempt: int) -> str:
     return f"{base_name(run_name)}-a{attempt}"
 
 
-def config_map_name(run_name: str, attempt: int) -> str:
-    """Name of the attempt's ConfigMap: `<run>-a<attempt>-config`."""
-    return f"{attempt_name(run_name, attempt)}-config"
-
-
 class Child(NamedTuple):
     """One child object of a run, by API version, kind and name."""
 
@@ -81,19 +80,17 @@ def attempt_children(run_name: str, attempt: int) -> list[Child]:
     attempt is seen, so a crash half-way through deletes the rest on the next reconcile)."""
     name = attempt_name(run_name, attempt)
     return [Child("v1", "Service", name),
-            Child("v1", "ConfigMap", config_map_name(run_name, attempt)),
             Child(isolation.NETWORK_POLICY_API, "NetworkPolicy", name),
             Child("batch/v1", "Job", name)]
 
 
 def preflight_children(run_name: str) -> list[Child]:
-    """The preflight ConfigMap and Job, the Job last."""
-    name = preflight_name(run_name)
-    return [Child("v1", "ConfigMap", f"{name}-config"), Child("batch/v1", "Job", name)]
+    """The preflight's objects: its Job."""
+    return [Child("batch/v1", "Job", preflight_name(run_name))]
 
 
 def preflight_name(run_name: str) -> str:
-    """Name of the preflight Job: `<run>-preflight` (its ConfigMap adds `-config`)."""
+    """Name of the preflight Job: `<run>-preflight`."""
     return f"{base_name(run_name)}-preflight"
 
 
@@ -165,14 +162,10 @@ def trainer_config(run: Run, attempt: int | None,
     return TrainerConfig.model_validate(data)
 
 
-def _config_map(run: Run, name: str, labels: dict, cfg: TrainerConfig) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(run, name, labels),
-        "data": {
-            CONFIG_KEY: json.dumps(
-                cfg.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True)}}
+def config_annotation(cfg: TrainerConfig) -> dict[str, str]:
+    """The pod template's annotation that carries the trainer's config (CONFIG_ANNOTATION)."""
+    return {CONFIG_ANNOTATION: json.dumps(cfg.model_dump(mode="json", exclude_none=True),
+                                          indent=1, sort_keys=True)}
 
 
 # ---------------------------------------------------------------------------- pod pieces
@@ -247,26 +240,29 @@ def _comet_env(spec: FineTuneRunSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(config_map: str, pool: Pool, cache: str) -> list[dict[str, Any]]:
-    return [{"name": "config", "configMap": {"name": config_map}},
-            *isolation.volumes(pool.shmSize, cache)]
+def _volumes(pool: Pool, cache: str) -> list[dict[str, Any]]:
+    # The trainer's config: the pod's own annotation, written as a file by the kubelet.
+    config = {"name": "config", "downwardAPI": {"items": [{"path": CONFIG_KEY, "fieldRef": {
+        "fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}]}}
+    return [config, *isolation.volumes(pool.shmSize, cache)]
 
 
 _MOUNTS = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *isolation.MOUNTS]
 
 
 def _job(run: Run, name: str, labels: dict[str, str], pod_spec: dict[str, Any],
-         completions: int, indexed: bool) -> dict[str, Any]:
+         completions: int, indexed: bool, cfg: TrainerConfig) -> dict[str, Any]:
+    template = {"metadata": {"labels": dict(labels), "annotations": config_annotation(cfg)},
+                "spec": pod_spec}
     spec: dict[str, Any] = {"completions": completions, "parallelism": completions,
-                            "backoffLimit": 0,
-                            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec}}
+                            "backoffLimit": 0, "template": template}
     if indexed:
         spec["completionMode"] = "Indexed"
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(run, name, labels),
             "spec": spec}
 
 
-def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: FineTuneRunSpec | None,
+def _pod_spec(container: dict[str, Any], pool: Pool, spec: FineTuneRunSpec | None,
               storage: dict[str, Any], config: OperatorConfig, cache: str) -> dict[str, Any]:
     container = {**container, "env": [*container["env"], *storage["env"],
                                       *isolation.env(config)],
@@ -274,7 +270,7 @@ def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: Fine
     pod = {"restartPolicy": "Never", "enableServiceLinks": False,
            "automountServiceAccountToken": False, "securityContext": _pod_security(),
            **_scheduling(pool, spec, config), "containers": [container],
-           "volumes": [*_volumes(config_map, pool, cache), *storage["volumes"]]}
+           "volumes": [*_volumes(pool, cache), *storage["volumes"]]}
     if storage["serviceAccountName"]:
         pod["serviceAccountName"] = storage["serviceAccountName"]
     return pod
@@ -285,9 +281,10 @@ def _pod_spec(container: dict[str, Any], config_map: str, pool: Pool, spec: Fine
 
 def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
                     baseline: dict | None = None) -> list[dict]:
-    """ConfigMap, headless Service and NetworkPolicy (for more than one node: its pods' DNS
-    names, and their traffic to each other, unless the config turns policies off) and Indexed
-    Job of `attempt` (1-based), in creation order. A one-node attempt rendezvous on its own
+    """Headless Service and NetworkPolicy (for more than one node: its pods' DNS names, and
+    their traffic to each other, unless the config turns policies off) and the Indexed Job
+    of `attempt` (1-based, the trainer's config in its pod template), in creation order. A
+    one-node attempt (its Job alone) rendezvous on its own
     loopback and the namespace's fence (isolation.namespace_fence) covers it: at a fleet's
     scale a Service (and its EndpointSlice) and a policy per run would be objects and API
     requests per run for nothing.
@@ -297,12 +294,10 @@ def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
     spec = run.spec
     pool = config.pool(spec.resources.nodePool)
     name = attempt_name(run.name, attempt)
-    cm_name = config_map_name(run.name, attempt)
     labels = attempt_labels(run.name, attempt)
     selector = {RUN_LABEL: labels[RUN_LABEL], ATTEMPT_LABEL: labels[ATTEMPT_LABEL]}
     nodes, gpus = spec.resources.nodes, spec.resources.gpusPerNode
 
-    config_map = _config_map(run, cm_name, labels, trainer_config(run, attempt, baseline))
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -347,9 +342,10 @@ def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
                  "securityContext": _container_security()}
     parameters = run.status.preflight and run.status.preflight.parameters
     pod_spec = {**({"subdomain": name} if nodes > 1 else {}),
-                **_pod_spec(container, cm_name, pool, spec, storage_wiring(spec, config), config,
+                **_pod_spec(container, pool, spec, storage_wiring(spec, config), config,
                             isolation.cache_size(pool, parameters))}
-    job = _job(run, name, labels, pod_spec, nodes, indexed=True)
+    job = _job(run, name, labels, pod_spec, nodes, indexed=True,
+               cfg=trainer_config(run, attempt, baseline))
     # Lost nodes, evictions and preemptions (DisruptionTarget) and data errors (exit 2) fail
     # the Job at once with a reason the operator classifies (observe.classify).
     job["spec"]["podFailurePolicy"] = {"rules": [
@@ -364,19 +360,18 @@ def attempt_objects(run: Run, attempt: int, config: OperatorConfig,
             job["metadata"]["labels"][PRIORITY_CLASS_LABEL] = spec.priorityClassName
         job["spec"]["suspend"] = True
     if nodes == 1:
-        return [config_map, job]
+        return [job]
     netpol = isolation.network_policy(_meta(run, name, labels), selector, config)
-    return [config_map, service, *([netpol] if netpol else []), job]
+    return [service, *([netpol] if netpol else []), job]
 
 
 def preflight_objects(run: Run, config: OperatorConfig) -> list[dict]:
-    """ConfigMap and single-pod CPU Job that run the trainer's preflight mode."""
+    """The single-pod CPU Job that runs the trainer's preflight mode (in a list, as
+    attempt_objects)."""
     spec = run.spec
     pool = config.pool(config.preflightPool)
     name = preflight_name(run.name)
-    cm_name = f"{name}-config"
     labels = preflight_labels(run.name)
-    config_map = _config_map(run, cm_name, labels, trainer_config(run, None))
     env = [_env(Env.RUN_NAME, run.name), _env(Env.SUMMARY_PATH, TERMINATION_LOG)]
     world_size = spec.resources.nodes * spec.resources.gpusPerNode
     memory = config.pool(spec.resources.nodePool).gpuMemoryGB
@@ -395,8 +390,8 @@ def preflight_objects(run: Run, config: OperatorConfig) -> list[dict]:
         "terminationMessagePolicy": "File",
         "securityContext": _container_security()}
     # Preflight runs on the CPU pool: only the pool's own scheduling, not the run's GPU extras.
-    pod_spec = _pod_spec(container, cm_name, pool, None, storage_wiring(spec, config), config,
+    pod_spec = _pod_spec(container, pool, None, storage_wiring(spec, config), config,
                          pool.cacheSize or isolation.PREFLIGHT_CACHE_SIZE)
-    job = _job(run, name, labels, pod_spec, 1, indexed=False)
+    job = _job(run, name, labels, pod_spec, 1, indexed=False, cfg=trainer_config(run, None))
     job["spec"]["activeDeadlineSeconds"] = config.preflightTimeoutSeconds
-    return [config_map, job]
+    return [job]

@@ -134,7 +134,6 @@ NAMESPACED_GRANTS = {
     ("flywheel.dev", "finetuneschedules/status"): {"patch"},
     ("flywheel.dev", "models/status"): {"patch"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "configmaps"): {"get", "create", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "delete"},
     ("", "services"): {"get", "create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
@@ -166,7 +165,7 @@ def test_clusterrole_is_least_privilege(default):
     assert not any(resource == "secrets" or "*" in (group, resource)
                    or "*" in verbs for (group, resource), verbs in granted.items())
     # Every kind the operator reaches through kube.py is covered (Workloads: with Kueue on).
-    groups = {"ConfigMap": "", "Service": "", "Job": "batch", "Pod": "", "Deployment": "apps",
+    groups = {"Service": "", "Job": "batch", "Pod": "", "Deployment": "apps",
               "NetworkPolicy": "networking.k8s.io", "InferenceService": "serving.kserve.io"}
     for kind, plural in kube.PLURALS.items():
         if kind != "Workload":

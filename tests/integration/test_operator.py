@@ -142,7 +142,7 @@ def test_happy_path_runs_on_h200_and_succeeds(cluster, operator, namespace):
     cluster.kubectl("delete", "ftr", "happy", "-n", namespace, "--timeout=30s")
     selector = "flywheel.dev/run=happy"
     wait_until(lambda: not any(cluster.get(kind, "-n", namespace, "-l", selector)["items"]
-                               for kind in ("jobs", "services", "configmaps", "pods")),
+                               for kind in ("jobs", "services", "networkpolicies", "pods")),
                message="children garbage-collected")
 
 
@@ -157,9 +157,10 @@ def test_failed_pod_restarts_as_attempt_two_then_succeeds(cluster, operator, nam
     assert status["attempt"] == 2
     wait_until(lambda: [j["metadata"]["name"] for j in jobs_of(cluster, namespace, "flaky")]
                == ["flaky-a2"], message="attempt 1 torn down")
-    config = json.loads(cluster.get("configmap", "flaky-a2-config", "-n", namespace)
-                        ["data"]["config.json"])
-    assert config["baseModel"] == "hf://Qwen/Qwen3-32B"
+    # each pod of the attempt carries the trainer's config (written as a file by the kubelet)
+    for pod in pods2:
+        config = json.loads(pod["metadata"]["annotations"]["flywheel.dev/trainer-config"])
+        assert config["baseModel"] == "hf://Qwen/Qwen3-32B" and config["attempt"] == 2
 
     finish_pods(cluster, namespace, pods2, 0)
     status = wait_phase(cluster, namespace, "flaky", "Succeeded")
@@ -248,9 +249,6 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, operator, namespac
                     if not j["metadata"].get("deletionTimestamp")]
         assert len(attempts) == len(set(attempts)) == 1, (name, attempts)
         # One attempt's objects, the earlier attempt's deleted (a one-node run has no Service).
-        configs = cluster.get("configmaps", "-n", namespace, "-l",
-                              f"flywheel.dev/run={name}")["items"]
-        assert len(configs) == 1, (name, [c["metadata"]["name"] for c in configs])
         assert not cluster.get("services", "-n", namespace, "-l",
                                f"flywheel.dev/run={name}")["items"]
         expected = 2 if name in names[:3] else 1

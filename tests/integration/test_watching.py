@@ -112,7 +112,6 @@ def test_the_runs_pods_are_watched_deleted_by_force_and_listed_again(cluster, na
     pods with a run's label, every change and a `delete --force` seen; a list after the watch
     lost its place forgets a pod deleted meanwhile and wakes its run."""
     from flywheel_operator import children, kube, objects
-
     from kubernetes.config import kube_config
 
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", cluster.kubeconfig)

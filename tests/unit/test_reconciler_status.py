@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import threading
 
 import kopf
 import pytest
-from flywheel_operator import kube, reconciler
+from flywheel_operator import kube, reconciler, render
 from flywheel_operator.config import OperatorConfig
 
 from .conftest_data import make_body
@@ -107,10 +109,10 @@ def test_a_new_attempt_takes_its_cards_baseline_from_the_model_index(monkeypatch
     rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={},
                      models={("ns", "agent"): [model]})
     rec.reconcile_run(KEY)
-    (config_map,) = [o for o in created if o["kind"] == "ConfigMap"]
-    assert '"tool_call_accuracy": 0.9' in next(iter(config_map["data"].values()))
+    (job_,) = [o for o in created if o["kind"] == "Job"]
+    config = job_["spec"]["template"]["metadata"]["annotations"][render.CONFIG_ANNOTATION]
+    assert json.loads(config)["baseline"]["metrics"] == {"tool_call_accuracy": 0.9}
     assert gets == ["ModelVersion"]
-    assert [o["kind"] for o in created][-1] == "Job"
 
 
 def test_our_own_earlier_write_arriving_late_is_not_news(monkeypatch):
@@ -151,7 +153,7 @@ def test_a_namespaces_first_attempt_puts_its_fence_in_place_before_the_job(calls
     for key in runs:
         rec.reconcile_run(key)
     creates = [c[1] for c in calls if c[0] == "create"]
-    assert creates == ["flywheel-trainers", "ConfigMap", "Job", "ConfigMap", "Job"] * 2
+    assert creates == ["flywheel-trainers", "Job", "Job"] * 2
     # A run deleted (its namespace may be going): the next attempt there checks again; a
     # fence found in place is brought to this operator's config.
     rec.run_deleted(("a", "r1"), "m")
@@ -161,7 +163,7 @@ def test_a_namespaces_first_attempt_puts_its_fence_in_place_before_the_job(calls
                                        "status": {}}]
     rec.reconcile_run(("a", "r3"))
     assert [c for c in calls if c[0] != "status"][:3] == [
-        ("exists", "a"), ("patch", "NetworkPolicy"), ("create", "ConfigMap")]
+        ("exists", "a"), ("patch", "NetworkPolicy"), ("create", "Job")]
 
 
 def test_policies_turned_off_remove_a_fence_left_from_before(calls, monkeypatch):
@@ -174,7 +176,7 @@ def test_policies_turned_off_remove_a_fence_left_from_before(calls, monkeypatch)
     rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
     rec.reconcile_run(KEY)
     assert deleted == [("NetworkPolicy", "flywheel-trainers")]
-    assert [c[1] for c in calls if c[0] == "create"] == ["ConfigMap", "Service", "Job"]
+    assert [c[1] for c in calls if c[0] == "create"] == ["Service", "Job"]
 
 
 def test_a_later_attempt_records_its_status_before_its_job(calls):
@@ -191,3 +193,46 @@ def test_a_later_attempt_records_its_status_before_its_job(calls):
     (status,) = [c[1] for c in calls if c[0] == "status"]
     assert status["attempt"] == 2
     assert calls.index(("status", status)) < calls.index(("create", "Job"))
+
+
+def test_a_first_attempts_lone_job_is_created_while_its_status_is_written(monkeypatch):
+    # One round trip from apply to Job: the Job's create does not wait for the status write
+    # (the status write here waits until the Job has been created, or would hang).
+    created = threading.Event()
+    statuses = []
+    monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: created.set())
+    monkeypatch.setattr(kube, "create", lambda obj, ns: True)
+    monkeypatch.setattr(kube, "patch_status", lambda kind, ns, name, st: statuses.append(
+        created.wait(timeout=10)))
+    monkeypatch.setattr(kopf, "event", lambda obj, **k: None)
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False}), "status": {}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
+    rec.reconcile_run(KEY)
+    assert statuses == [True] and rec.expected[KEY][1] == "r-a1"
+
+
+def test_a_job_whose_status_write_was_lost_is_adopted(calls):
+    # A crash (or a failed write) between the first attempt's Job and its status: the next
+    # reconcile finds a Job its run records no attempt for, and records the start.
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False}), "status": {}}
+    uid = body["metadata"]["uid"]
+    rec.index.update(runs={KEY: [body]}, models={},
+                     run_jobs={KEY: [dataclasses.replace(job(1), owner=uid, uid="j1")]},
+                     run_pods={KEY: [dataclasses.replace(pod(1, 0), job="j1")]})
+    rec.reconcile_run(KEY)
+    assert not [c for c in calls if c[0] == "create"]  # nothing created twice
+    (status,) = [c[1] for c in calls if c[0] == "status"]
+    assert status["attempt"] == 1 and status["phase"] == "Running"
+    assert status["startTime"] and status["experimentKey"] and status["outputUri"]
+
+
+def test_a_later_or_multi_node_attempt_still_writes_its_status_before_its_job(calls):
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
+                        resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
+    rec.reconcile_run(KEY)
+    (status,) = [c for c in calls if c[0] == "status"]
+    assert calls.index(status) < calls.index(("create", "Job"))

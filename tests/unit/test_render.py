@@ -23,9 +23,21 @@ COMET = {
 
 
 def _objects(run=None, attempt=1, config=CONFIG):
-    """ConfigMap, Service (None for one node) and Job of an attempt."""
+    """The trainer's config (as the pod reads it), Service (None for one node) and Job of an
+    attempt."""
     objs = {o["kind"]: o for o in render.attempt_objects(run or _run(), attempt, config)}
-    return objs["ConfigMap"], objs.get("Service"), objs["Job"]
+    return _trainer_config(objs["Job"]), objs.get("Service"), objs["Job"]
+
+
+def _trainer_config(job):
+    """The TrainerConfig JSON a Job's pods get: their template's annotation, parsed."""
+    return json.loads(job["spec"]["template"]["metadata"]["annotations"][render.CONFIG_ANNOTATION])
+
+
+#: The pod's "config" volume: the kubelet writes the pod's own config annotation as the file
+#: config.json, mounted at /etc/flywheel (the trainer's --config).
+CONFIG_VOLUME = {"name": "config", "downwardAPI": {"items": [{"path": "config.json", "fieldRef": {
+    "fieldPath": "metadata.annotations['flywheel.dev/trainer-config']"}}]}}
 
 
 def _run(**spec):
@@ -48,14 +60,12 @@ def _env(job):
 
 
 def test_kinds_names_and_order():
-    cm, svc, job = _objects(attempt=2)
-    assert [o["kind"] for o in (cm, svc, job)] == ["ConfigMap", "Service", "Job"]
-    assert job["metadata"]["name"] == svc["metadata"]["name"] == "qwen-w48-a2"
-    assert cm["metadata"]["name"] == "qwen-w48-a2-config"
+    objs = render.attempt_objects(_run(), 2, CONFIG)
+    assert [o["kind"] for o in objs] == ["Service", "NetworkPolicy", "Job"]  # the Job last
+    assert [o["metadata"]["name"] for o in objs] == ["qwen-w48-a2"] * 3
     assert [(c.kind, c.name) for c in render.attempt_children("qwen-w48", 2)] == [
-        ("Service", "qwen-w48-a2"), ("ConfigMap", "qwen-w48-a2-config"),
-        ("NetworkPolicy", "qwen-w48-a2"), ("Job", "qwen-w48-a2")]
-    assert all(o["metadata"]["namespace"] == "ml" for o in (cm, svc, job))
+        ("Service", "qwen-w48-a2"), ("NetworkPolicy", "qwen-w48-a2"), ("Job", "qwen-w48-a2")]
+    assert all(o["metadata"]["namespace"] == "ml" for o in objs)
 
 
 def test_rendering_is_deterministic():
@@ -64,7 +74,7 @@ def test_rendering_is_deterministic():
 
 def test_owner_references_and_labels_everywhere():
     run = _run()
-    for obj in _objects(run, attempt=3):
+    for obj in render.attempt_objects(run, 3, CONFIG):
         (ref,) = obj["metadata"]["ownerReferences"]
         assert ref == {
             "apiVersion": "flywheel.dev/v1alpha1",
@@ -97,7 +107,7 @@ def test_one_node_rendezvous_on_its_own_loopback_without_a_service():
     # run are objects and API requests per run for nothing: torchrun's store is on the pod
     # itself, and the namespace's fence covers it.
     objs = render.attempt_objects(_run(resources={"nodes": 1, "gpusPerNode": 8}), 1, CONFIG)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]
+    assert [o["kind"] for o in objs] == ["Job"]
     job = objs[-1]
     assert "subdomain" not in _pod(job)
     assert "--master-addr=127.0.0.1" in _container(job)["args"]
@@ -209,7 +219,7 @@ def test_volumes_shm_config_and_termination_message():
     pod, c = _pod(job), _container(job)
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}  # the pool's
-    assert vols["config"]["configMap"]["name"] == "qwen-w48-a1-config"
+    assert vols["config"] == CONFIG_VOLUME
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts == {"/dev/shm": "dshm", "/etc/flywheel": "config",
                       "/var/cache/flywheel": "cache"}  # test_render_isolation.py
@@ -266,7 +276,7 @@ def test_image_from_spec_or_config():
     assert _container(_objects(_run(image="example.com/t:1"))[2])["image"] == "example.com/t:1"
 
 
-def test_config_map_holds_trainer_config():
+def test_the_jobs_pod_template_holds_the_trainer_config():
     run = _run(
         dataset={
             "train": "s3://d/t.jsonl",
@@ -274,8 +284,13 @@ def test_config_map_holds_trainer_config():
             "minExamplesPerCategory": 5,
         }
     )
-    cm = _objects(run, attempt=2)[0]
-    cfg = TrainerConfig.model_validate(json.loads(cm["data"]["config.json"]))
+    objs = render.attempt_objects(run, 2, CONFIG)
+    (job,) = [o for o in objs if o["kind"] == "Job"]
+    # On the pod template, so every pod of the gang gets the file; no object of its own.
+    assert render.CONFIG_ANNOTATION in job["spec"]["template"]["metadata"]["annotations"]
+    assert "ConfigMap" not in [o["kind"] for o in objs]
+    assert {v["name"]: v for v in _pod(job)["volumes"]}["config"] == CONFIG_VOLUME
+    cfg = TrainerConfig.model_validate(_trainer_config(job))
     assert cfg.baseModel == "hf://Qwen/Qwen3-32B"
     assert cfg.runName == "qwen-w48"
     uid8 = run.uid[:8]
@@ -308,9 +323,10 @@ def test_attempt_must_be_positive():
 
 def test_preflight_job():
     run = _run()
-    cm, job = render.preflight_objects(run, CONFIG)
+    (job,) = render.preflight_objects(run, CONFIG)
     assert job["metadata"]["name"] == "qwen-w48-preflight"
-    assert cm["metadata"]["name"] == "qwen-w48-preflight-config"
+    assert [(c.kind, c.name) for c in render.preflight_children("qwen-w48")] == [
+        ("Job", "qwen-w48-preflight")]
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
     assert job["spec"]["backoffLimit"] == 0 and "completionMode" not in job["spec"]
     assert job["spec"]["activeDeadlineSeconds"] == CONFIG.preflightTimeoutSeconds
@@ -331,18 +347,18 @@ def test_preflight_job():
     assert c["image"] == _container(_objects(run)[2])["image"]
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
     assert _pod(job)["nodeSelector"] == {"flywheel.dev/pool": "cpu"}
-    for obj in (cm, job):
-        assert obj["metadata"]["labels"]["flywheel.dev/run"] == "qwen-w48"
-        assert obj["metadata"]["labels"]["flywheel.dev/component"] == "preflight"
-        assert obj["metadata"]["ownerReferences"][0]["controller"] is True
-    TrainerConfig.model_validate(json.loads(cm["data"]["config.json"]))
+    assert job["metadata"]["labels"]["flywheel.dev/run"] == "qwen-w48"
+    assert job["metadata"]["labels"]["flywheel.dev/component"] == "preflight"
+    assert job["metadata"]["ownerReferences"][0]["controller"] is True
+    assert {v["name"]: v for v in _pod(job)["volumes"]}["config"] == CONFIG_VOLUME
+    assert TrainerConfig.model_validate(_trainer_config(job)).runName == "qwen-w48"
     local = OperatorConfig(preflightPool="local")
-    assert _pod(render.preflight_objects(run, local)[1])["nodeSelector"] == {
+    assert _pod(render.preflight_objects(run, local)[-1])["nodeSelector"] == {
         "flywheel.dev/executor": "local"
     }
     # A pool without a GPU memory figure: the plan is made but not checked.
     run.spec.resources.nodePool = "local"
-    assert "--device-memory-gb" not in _container(render.preflight_objects(run, CONFIG)[1])["args"]
+    assert "--device-memory-gb" not in _container(render.preflight_objects(run, CONFIG)[-1])["args"]
 
 
 def test_estimates():

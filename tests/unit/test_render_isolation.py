@@ -62,7 +62,7 @@ def test_a_gangs_network_policy_admits_only_the_attempts_own_pods():
     config = OperatorConfig.model_validate({"networkPolicy": {"operatorPeers": PEERS}})
     objs = _attempt(make_run(resources={"nodes": 2, "gpusPerNode": 8}), config)
     netpol, job = objs["NetworkPolicy"], objs["Job"]
-    assert list(objs) == ["ConfigMap", "Service", "NetworkPolicy", "Job"]  # the Job last
+    assert list(objs) == ["Service", "NetworkPolicy", "Job"]  # the Job last
     assert netpol["apiVersion"] == "networking.k8s.io/v1"
     assert netpol["metadata"]["name"] == job["metadata"]["name"] == "qwen-w48-a1"
     # Owned by the run: deleted with it (and with its attempt: render.attempt_children).
@@ -82,8 +82,7 @@ def test_a_gangs_network_policy_admits_only_the_attempts_own_pods():
     assert second["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"][
         "flywheel.dev/attempt"] == "2"
     # A one-node attempt has none of its own; policies turned off, no attempt has one.
-    assert list(_attempt(make_run(resources={"nodes": 1, "gpusPerNode": 8}), config)) == [
-        "ConfigMap", "Job"]
+    assert list(_attempt(make_run(resources={"nodes": 1, "gpusPerNode": 8}), config)) == ["Job"]
     off = OperatorConfig.model_validate({"networkPolicy": {"enabled": False}})
     assert "NetworkPolicy" not in _attempt(make_run(resources={"nodes": 2, "gpusPerNode": 8}),
                                            off)
@@ -115,7 +114,7 @@ def test_the_cache_is_sized_from_the_model_preflight_measured():
 
 
 def test_preflight_pod_is_bounded_too():
-    job = render.preflight_objects(make_run(), CONFIG)[1]
+    (job,) = render.preflight_objects(make_run(), CONFIG)
     pod = _pod(job)
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["cache"]["emptyDir"] == {"sizeLimit": "10Gi"}  # config and tokenizer only
@@ -143,7 +142,7 @@ def test_hub_token_by_reference_from_the_run_or_the_config():
     config = OperatorConfig.model_validate({"storage": {"hf": {"tokenSecretRef": ref}}})
     expected = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}
     for pod in (_pod(_attempt(make_run(), config)["Job"]),
-                _pod(render.preflight_objects(make_run(), config)[1])):
+                _pod(render.preflight_objects(make_run(), config)[-1])):
         assert _env(pod)["HF_TOKEN"] == expected
     own = {"name": "team-hub", "key": "hf"}
     run = make_run(storage={"hf": {"tokenSecretRef": own}})

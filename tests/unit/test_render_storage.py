@@ -19,7 +19,7 @@ S3_DEFAULTS = {"s3": {"endpoint": "https://minio.storage.svc:9000", "region": "e
 def _pods(run: dict, config: OperatorConfig) -> list[dict]:
     """The trainer pod template and the preflight pod template."""
     job = render.attempt_objects(run, 1, config)[-1]
-    preflight = render.preflight_objects(run, config)[1]
+    (preflight,) = render.preflight_objects(run, config)
     return [job["spec"]["template"]["spec"], preflight["spec"]["template"]["spec"]]
 
 

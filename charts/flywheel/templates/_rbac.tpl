@@ -28,10 +28,11 @@ by secretKeyRef, which the kubelet resolves, never the operator.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
-# Per attempt: the trainer ConfigMap and the headless rendezvous Service (deterministic
-# names; read only to check the owner of one that exists already).
+# Per attempt of more than one node: the headless rendezvous Service (a deterministic name;
+# read only to check the owner of one that exists already). The trainer's config travels in
+# its Job's pod template: no ConfigMap.
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
+  resources: ["services"]
   verbs: ["get", "create", "delete"]
 # Per namespace, the fence that admits only the operator to trainer pods; per attempt of more
 # than one node, the NetworkPolicy that admits its pods to each other.
