@@ -220,6 +220,10 @@ class ModelUpdate:
     blocked_gates: list[str] = field(default_factory=list)         # metrics that blocked it
 
 
+#: How many of the newest versions a Model's status lists (every one is a ModelVersion).
+VERSIONS_RECORDED = 100
+
+
 def record_version(model: dict, mv: dict, base: dict | None, now: str) -> ModelUpdate:
     """Record `mv` in the Model's status, move `latest`, and decide the promoted alias (once
     per version, newest version only), `base` being the version the alias points at now
@@ -230,7 +234,10 @@ def record_version(model: dict, mv: dict, base: dict | None, now: str) -> ModelU
     refs = {r["version"]: r for r in status.get("versions", [])}
     refs.setdefault(version, {"version": version, "name": mv["metadata"]["name"],
                               "digest": mv["spec"]["artifact"]["digest"], "created": now})
-    status["versions"] = [refs[v] for v in sorted(refs)]
+    # The newest only: the status is read and written whole at each registration, and a
+    # Model of an hourly schedule would otherwise reach etcd's object size limit in months.
+    # The next number comes from the newest recorded; the aliases carry their own targets.
+    status["versions"] = [refs[v] for v in sorted(refs)[-VERSIONS_RECORDED:]]
     aliases = status.setdefault("aliases", {})
     if aliases.get("latest", {}).get("version", 0) < version:
         aliases["latest"] = alias_target(mv, now)

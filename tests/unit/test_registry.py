@@ -168,3 +168,18 @@ def test_pinned_aliases_move_to_their_versions_and_unknown_pins_are_reported():
     assert [e[1] for e in update.events] == ["PinUnknownVersion", "AliasPinned"]
     assert "canary is pinned to version 7" in update.events[0][2]
     assert update.events[1][2] == "production -> version 1 (pinned)"
+
+
+def test_a_long_history_lists_only_the_newest_versions_and_numbers_go_on():
+    # An hourly schedule registers thousands of versions into one Model: its status (read and
+    # written whole at every registration) lists the newest, never growing toward etcd's
+    # object size limit; the next number still follows the newest, and the aliases their own.
+    m = promoted(model(PROMOTE), 3)
+    for n in range(1, 251):
+        m = model(PROMOTE, registry.record_version(m, version(n), version(n - 1) if n > 1
+                                                   else None, NOW).status)
+    listed = [r["version"] for r in m["status"]["versions"]]
+    assert listed == list(range(151, 251)) == sorted(listed)
+    assert m["status"]["aliases"]["latest"]["version"] == 250
+    assert m["status"]["aliases"]["production"]["version"] == 250
+    assert registry.next_version([], set(registry.recorded_numbers(m))) == 251

@@ -231,7 +231,10 @@ class ModelStatus(BaseModel):
 
     aliases: dict[str, AliasTarget] = Field(
         default_factory=dict, description="Alias -> version, e.g. latest, production.")
-    versions: list[VersionRef] = Field(default_factory=list, description="Versions, oldest first.")
+    versions: list[VersionRef] = Field(
+        default_factory=list,
+        description="The newest versions (at most 100), oldest first; every version: "
+        "kubectl get modelversions -l flywheel.dev/model=NAME.")
     conditions: list[Condition] = conditions_field()
 
 
