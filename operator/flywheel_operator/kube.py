@@ -162,8 +162,10 @@ def watch(path: str, selector: str, version: str, seconds: int) -> Iterator[dict
                     raise ApiException(status=(event["object"] or {}).get("code", 500),
                                        reason=(event["object"] or {}).get("message", ""))
                 yield event
-    finally:
-        response.release_conn()
+    except BaseException:  # an error, Gone, or the caller done early (GeneratorExit)
+        response.close()  # a half-read watch never goes back to the pool
+        raise
+    response.release_conn()  # read to its end: the connection can be kept
 
 
 PLURALS = {"Service": "services", "Job": "jobs", "Pod": "pods",
