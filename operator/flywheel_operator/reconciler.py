@@ -37,7 +37,6 @@ from .api import FineTuneRunStatus, ResolvedModel, Run, set_condition, status_do
 from .config import OperatorConfig
 from .vocab import API_VERSION as API
 from .vocab import (
-    ATTEMPT_LABEL,
     KSERVE_API_VERSION,
     KUEUE_API_VERSION,
     MODEL_LABEL,
@@ -249,12 +248,12 @@ class Reconciler:
         job, parts = self.start_attempt(key, run_for_render, plan.create_attempt) \
             if plan.create_attempt else (None, [])
         beside = None
-        if job is not None and not parts and self.beside_its_status(run, job):
+        if job is not None and not parts and self.beside_its_status(run, plan, job):
             # A first attempt's lone Job is created while its status is written: one API
             # round trip less from apply to Job. A crash in between leaves the status without
             # the Job (created again by the next reconcile) or the Job without the status
             # (adopted: lifecycle.adopt_attempt); its config is in the Job itself.
-            beside, job = self.creators.submit(kube.create_owned, job, namespace, uid), None
+            beside = self.creators.submit(kube.create_owned, job, namespace, uid)
         # Status first: a crash after this line resumes at the recorded attempt.
         if self.write_status(key, run, plan.status):
             metrics.count_spend(namespace, run.spec.modelName, run.status, plan.status)
@@ -271,15 +270,15 @@ class Reconciler:
             workload, active = plan.activate
             kube.patch(KUEUE_API_VERSION, "Workload", namespace, workload,
                        {"spec": {"active": active}})
-        if beside is not None:
-            beside.result()
-            self.expected[key] = (time.monotonic(), render.attempt_name(name, 1))
         if job is not None:
             # The Job last, after its status and parts: its existence says the attempt was
             # created, so a crash before it makes the next reconcile create the attempt again.
-            for part in parts:
-                part.result()
-            kube.create_owned(job, namespace, uid)
+            if beside is not None:
+                beside.result()
+            else:
+                for part in parts:
+                    part.result()
+                kube.create_owned(job, namespace, uid)
             self.expected[key] = (time.monotonic(), job["metadata"]["name"])
         for event_type, reason, message in plan.events:
             kopf.event(run.ref, type=event_type, reason=reason, message=message)
@@ -302,13 +301,12 @@ class Reconciler:
                      for obj in parts]
 
     @staticmethod
-    def beside_its_status(run: Run, job: dict) -> bool:
+    def beside_its_status(run: Run, plan: lifecycle.Plan, job: dict) -> bool:
         """Whether the attempt's Job may be created while its status is written: a run's
         first attempt, started at once (not suspended, not queued), whose status holds
         nothing a lost write could not rebuild from the run and its Job (a registry base
         model is resolved once, and then recorded first)."""
-        return (job["metadata"]["labels"].get(ATTEMPT_LABEL) == "1"
-                and not job["spec"].get("suspend")
+        return (plan.create_attempt == 1 and not job["spec"].get("suspend")
                 and (run.status.baseModel is not None
                      or registry.parse_ref(run.spec.baseModel) is None))
 
