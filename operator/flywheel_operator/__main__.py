@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.all_namespaces or args.namespace):
         parser.error("choose --all-namespaces or --namespace NS")
-    for ns in args.namespace:  # each is listed and watched by name (children.py)
+    for ns in args.namespace:  # each is listed and watched by name (watches.py)
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns):
             parser.error(f"--namespace {ns!r}: not a namespace's name (name each namespace; "
                          "patterns are not supported)")
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             args.priority if args.priority is not None else random.randint(1, 2**31 - 1)),
         liveness_endpoint=args.liveness or None,
         memo=kopf.Memo(config=config, metrics_port=args.metrics_port,
+                       peering=not args.standalone,
                        namespaces=[] if args.all_namespaces else args.namespace))
 
 

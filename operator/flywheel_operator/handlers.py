@@ -1,10 +1,9 @@
-"""kopf registrations, and nothing else: indexes of slim summaries, and events that wake the
-reconciler (reconciler.py), which start-up builds into kopf's memo (`memo.reconciler`), with
-the watches of the runs' Jobs and Pods (children.py, off kopf: their events are most of a
-burst's).
+"""kopf registrations, and nothing else: start-up (the config, the reconciler and the
+operator's own watches of the runs, their Jobs and Pods, and the Models: watches.py), peering,
+and the schedules and Kueue's Workloads, whose few events wake the reconciler (reconciler.py,
+in kopf's memo as `memo.reconciler`).
 Handlers that only update an index or queue a wake-up are `async`: kopf runs them on its
-event loop, without a hop to its thread pool per event (a burst's CPU); one that calls the
-API (model_event) is not.
+event loop, without a hop to its thread pool per event.
 
 Level-triggered: any event on a run, its Jobs or its Pods reconciles the run. kopf writes
 nothing to the runs (no annotations, no finalizers). The operator config arrives in the memo
@@ -13,13 +12,11 @@ nothing to the runs (no annotations, no finalizers). The operator config arrives
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import kopf
 
 from . import kube, metrics, objects
-from .children import Children
 from .config import OperatorConfig
 from .reconciler import Reconciler
 from .vocab import (
@@ -29,14 +26,15 @@ from .vocab import (
     SCHEDULE_LABEL,
     VERSION,
 )
+from .watches import Watches, slim
 
 log = logging.getLogger("flywheel")
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
-    # Post only our own Events (kopf.event) and warnings: kopf would otherwise post an Event
-    # for every "Handler succeeded" line, an API write per watch event.
+    # kopf posts only warnings as Events (the operator's own go through kube.post_event):
+    # it would otherwise post one for every "Handler succeeded" line, a write per event.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     # Handlers only update indexes and queue reconciles (the reconciler has its own workers).
@@ -49,6 +47,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.setdefault("config", OperatorConfig())
     kube.configure(memo.config.apiConnectTimeoutSeconds, memo.config.apiReadTimeoutSeconds)
     memo.reconciler = Reconciler(memo.config)
+    if memo.get("peering"):  # kopf starts paused until its peering finds no replica above
+        memo.reconciler.pause("until peering finds no replica of a higher priority")
     # A dead active replica is replaced within this many seconds (kopf's default is 60).
     settings.peering.lifetime = memo.config.peeringLifetimeSeconds
     follow_peering(memo.reconciler)
@@ -57,14 +57,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 
 
 @kopf.on.startup()
-def watch_children(memo: kopf.Memo, **_) -> None:
-    """The runs' Jobs and Pods (only those: the apiserver filters by the runs' label), listed
-    before kopf hands over the first run, then watched (children.py)."""
-    memo.children = Children()
-    memo.reconciler.index.update(run_jobs=memo.children.jobs, run_pods=memo.children.pods)
-    wake = memo.reconciler.runs.wake
-    memo.children.start(memo.get("namespaces") or None,
-                        lambda key: wake(key, CHILD_EVENT_BATCH_SECONDS))
+def watch(memo: kopf.Memo, **indexes) -> None:
+    """The runs' Jobs and Pods (only those: the apiserver filters by the runs' label), the
+    Models and the runs, listed before the first run is reconciled, then watched
+    (watches.py); the reconciler reads them with kopf's indexes of schedules and Workloads
+    (filled by kopf from here on)."""
+    rec: Reconciler = memo.reconciler
+    watches = memo.watches = Watches(
+        wake_run=lambda key: rec.runs.wake(key, CHILD_EVENT_BATCH_SECONDS),
+        run_changed=rec.run_event, model_changed=rec.model_event,
+        schedule_label=SCHEDULE_LABEL)
+    watches.start(memo.get("namespaces") or None)
+    metrics.track_runs(watches.runs)
+    rec.start(runs=watches.runs, run_jobs=watches.jobs, run_pods=watches.pods,
+              models=watches.models, schedule_runs=watches.runs.group,
+              schedule_index=indexes["schedule_index"],
+              run_workloads=indexes.get("run_workloads"))
 
 
 class _PeeringState(logging.Filter):
@@ -108,48 +116,10 @@ class NoDiffBase(kopf.DiffBaseStorage):
         pass
 
 
-def slim(body: kopf.Body) -> dict:
-    """An object without managedFields (most of its bytes). It shares the rest with the watch
-    event's own decoded dict, which nothing changes: readers of an index never write to it."""
-    raw = dict(body)  # the decoded event's own values (kopf's Body only views them)
-    metadata = {k: v for k, v in raw["metadata"].items() if k != "managedFields"}
-    return {"apiVersion": raw["apiVersion"], "kind": raw["kind"], "metadata": metadata,
-            "spec": raw.get("spec") or {}, "status": raw.get("status") or {}}
-
-
 #: A child's events (a pod created, scheduled, running...) come in bursts: the run is
 #: reconciled once, this many seconds after the first, as the Job controller batches its
 #: pods' updates. The run's own events are reconciled at once.
 CHILD_EVENT_BATCH_SECONDS = 1.0
-
-
-def _wake_run(key: tuple[str, str], memo: kopf.Memo, runs: kopf.Index, models: kopf.Index,
-              run_workloads: kopf.Index | None = None, child: bool = True, **_) -> None:
-    """Queue the run's reconcile (on the reconciler's own workers, from the indexes): kopf's
-    handler returns at once, so no event waits, decoded, behind a reconcile's API calls."""
-    memo.reconciler.bind(runs=runs, models=models, run_workloads=run_workloads)
-    memo.reconciler.runs.wake(key, CHILD_EVENT_BATCH_SECONDS if child else 0.0)
-
-
-# --- runs (their Jobs and Pods: children.py) ----------------------------------------------
-
-
-@kopf.index(GROUP, VERSION, PLURALS["FineTuneRun"])
-async def runs(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): slim(body)}
-
-
-@kopf.on.event(GROUP, VERSION, PLURALS["FineTuneRun"])
-async def run_event(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
-              **kwargs) -> None:
-    metrics.track_runs(kwargs["runs"])
-    schedule = (body.get("metadata", {}).get("labels") or {}).get(SCHEDULE_LABEL)
-    if schedule:
-        memo.reconciler.schedules.wake((namespace, schedule))
-    if type == "DELETED":
-        memo.reconciler.run_deleted((namespace, name), body.get("spec", {}).get("modelName", ""))
-        return
-    _wake_run((namespace, name), memo, child=False, **kwargs)
 
 
 def watch_kueue() -> None:
@@ -167,27 +137,8 @@ def watch_kueue() -> None:
     async def workload_event(namespace: str, body: kopf.Body, memo: kopf.Memo,
                              **kwargs) -> None:
         job = objects.workload_summary(body).job
-        if job and (run := memo.children.jobs.run_of(namespace, job)) is not None:
-            _wake_run(run, memo, **kwargs)
-
-
-# --- the registry -------------------------------------------------------------------------
-
-
-@kopf.index(GROUP, VERSION, PLURALS["Model"])
-async def models(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    """Each Model's promotion alias and aliases (not its list of versions), which a new
-    attempt reads for its card's baseline without a GET per attempt; registration and
-    serving read the Model afresh, under its lock."""
-    return {(namespace, name): {"metadata": {"name": name, "namespace": namespace},
-                                "spec": {"promotion": copy.deepcopy(body.spec.get("promotion"))},
-                                "status": {"aliases": copy.deepcopy(body.status.get("aliases"))}}}
-
-
-@kopf.on.event(GROUP, VERSION, PLURALS["Model"])
-def model_event(type: str, namespace: str, name: str, memo: kopf.Memo, **_) -> None:
-    if type != "DELETED":
-        memo.reconciler.model_changed(namespace, name)
+        if job and (run := memo.watches.jobs.run_of(namespace, job)) is not None:
+            memo.reconciler.runs.wake(run, CHILD_EVENT_BATCH_SECONDS)
 
 
 # --- schedules ----------------------------------------------------------------------------
@@ -198,15 +149,9 @@ async def schedule_index(namespace: str, name: str, body: kopf.Body, **_) -> dic
     return {(namespace, name): slim(body)}
 
 
-@kopf.index(GROUP, VERSION, PLURALS["FineTuneRun"], labels={SCHEDULE_LABEL: kopf.PRESENT})
-async def schedule_runs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {(namespace, labels[SCHEDULE_LABEL]): slim(body)}
-
-
 @kopf.on.event(GROUP, VERSION, PLURALS["FineTuneSchedule"])
-async def schedule_event(type: str, namespace: str, name: str, schedule_index: kopf.Index,
-                   schedule_runs: kopf.Index, memo: kopf.Memo, **_) -> None:
-    memo.reconciler.bind(schedule_index=schedule_index, schedule_runs=schedule_runs)
+async def schedule_event(type: str, namespace: str, name: str, memo: kopf.Memo,
+                         **_) -> None:
     if type == "DELETED":
         memo.reconciler.schedule_deleted((namespace, name))
         return

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import kubernetes
 import urllib3
@@ -26,6 +29,7 @@ from kubernetes.client.exceptions import ApiException
 from . import vocab
 from .metrics import API_REQUESTS
 
+log = logging.getLogger("flywheel")
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -281,3 +285,43 @@ def queue_positions(namespace: str, queue: str) -> dict[str, int] | None:
     except (NotFound, ApiException):
         return None
     return {w["metadata"]["name"]: w.get("positionInLocalQueue", 0) for w in items}
+
+
+# --- Events ---------------------------------------------------------------------------------
+
+#: Events are posted in the background, by this many threads: no reconcile waits for one.
+_poster = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flywheel-event")
+EVENT_MESSAGE_LENGTH = 1024
+REPORTER = "flywheel"
+
+
+def post_event(obj: dict, type: str, reason: str, message: str) -> None:
+    """Post a core/v1 Event about `obj` (a run, Model or schedule: its apiVersion, kind and
+    metadata), as `kubectl describe` shows them; in the background, and one that cannot be
+    posted is logged, never raised (an Event is a note, not state)."""
+    meta = obj["metadata"]
+    if len(message) > EVENT_MESSAGE_LENGTH:
+        half = EVENT_MESSAGE_LENGTH // 2 - 2
+        message = f"{message[:half]}...{message[-half:]}"
+    now = vocab.format_time()
+    body = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"namespace": meta["namespace"], "generateName": f"{meta['name']}."},
+        "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+                           "name": meta["name"], "namespace": meta["namespace"],
+                           **({"uid": meta["uid"]} if meta.get("uid") else {})},
+        "type": type, "reason": reason, "message": message,
+        "source": {"component": REPORTER}, "reportingComponent": REPORTER,
+        "reportingInstance": socket.gethostname(),  # in a pod, the pod's name
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }
+    _poster.submit(_post_event, body)
+
+
+def _post_event(body: dict) -> None:
+    try:
+        request("POST", collection_path("v1", "events", body["metadata"]["namespace"]), body)
+    except Exception as err:  # noqa: BLE001 - a lost Event must not fail anything
+        log.warning("could not post the Event %s for %s %s/%s: %s", body["reason"],
+                    body["involvedObject"]["kind"], body["metadata"]["namespace"],
+                    body["involvedObject"]["name"], err)

@@ -28,7 +28,7 @@ COST = Counter("flywheel_estimated_cost", "Estimated cost of finished attempts (
 PROMOTIONS = Counter("flywheel_promotions", "Aliases moved by a promotion decision.",
                      ["namespace", "model", "alias"])
 API_REQUESTS = Counter("flywheel_api_requests", "Kubernetes API requests made by the operator "
-                       "(kopf's own watch streams and event posts excluded).", ["verb"])
+                       "(kopf's own watch streams excluded).", ["verb"])
 STALLS = Counter("flywheel_run_stalls", "Attempts torn down as Stalled (no heartbeat or no "
                  "step advance).", ["namespace", "run", "model"])
 GATE_FAILURES = Counter("flywheel_gate_failures", "Promotion gates that blocked a candidate.",

@@ -1,11 +1,12 @@
 """The reconciler: one object, built at start-up, that carries out the pure decisions.
 
-It owns what the operator keeps between events: the kopf indexes it reads (bound on the first
-event), the waker that reconciles runs and schedules when due (`waker.Waker`), the progress
-poller (`poller.Poller`), the statuses it wrote last, and the pool that creates an attempt's
-objects. A reconcile reads a run's summaries from the indexes, asks `lifecycle.decide` for a
-plan and executes it through `kube`; registration applies `registry`'s decisions, schedules
-`schedules.plan`'s. Every choice is made in those pure modules; this file only does I/O.
+It owns what the operator keeps between events: the indexes it reads (its own watches'
+and kopf's, `index`), the wakers that reconcile runs, schedules and Models when due
+(`waker.Waker`), the progress poller (`poller.Poller`), the statuses it wrote last, and the
+pool that creates an attempt's objects. A reconcile reads a run's summaries from the
+indexes, asks `lifecycle.decide` for a plan and executes it through `kube`; registration
+applies `registry`'s decisions, schedules `schedules.plan`'s. Every choice is made in those
+pure modules; this file only does I/O.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
-import kopf
 from flywheel_trainer.contract import Summary
 
 from . import (
@@ -41,6 +43,7 @@ from .vocab import (
     KUEUE_API_VERSION,
     MODEL_LABEL,
     RUN_UID_LABEL,
+    SCHEDULE_LABEL,
     Key,
     Written,
     format_time,
@@ -59,6 +62,7 @@ class Reconciler:
         self.config = config
         self.runs = waker.Waker("run", workers=48)
         self.schedules = waker.Waker("schedule")
+        self.models = waker.Waker("model", workers=4)
         #: Rank 0's progress of every training run, fetched by one shared thread.
         self.poller = poller.Poller(config.progressIntervalSeconds, on_update=self.runs.wake)
         #: The status last written per run or schedule, and the resourceVersions older than
@@ -71,7 +75,9 @@ class Reconciler:
         #: Namespaces whose fence (isolation.namespace_fence) this process has put in place.
         self.fenced: set[str] = set()
         self.visibility = queueing.Visibility()
-        self.index: dict[str, kopf.Index] = {}
+        #: runs, run_jobs, run_pods, models, schedule_runs (watches.py); schedule_index and
+        #: run_workloads (kopf's)
+        self.index: dict[str, Mapping[Any, Any]] = {}
         for table, size in {
                 "locks": waker.lock_count, "written": lambda: len(self.written),
                 "expected_jobs": lambda: len(self.expected),
@@ -79,37 +85,57 @@ class Reconciler:
                 "run_failures": lambda: len(self.runs.failures),
                 "poll_targets": lambda: len(self.poller.targets),
                 "poll_queue": lambda: len(self.poller.heap),
-                # kopf's indexes, by run: a run gone must leave none of its entries behind
+                # the indexes, by run: a run gone must leave none of its entries behind
                 **{f"index_{name}": (lambda name=name: len(self.index.get(name, ())))
                    for name in ("runs", "run_jobs", "run_pods")}}.items():
             metrics.track_table(table, size)
 
     # --- high availability: a standby replica does nothing ------------------------------
 
-    def pause(self) -> None:
+    def pause(self, why: str = "another replica is active") -> None:
         """kopf paused this replica (a peer of higher priority is active): stop every timer
         and the poller too, not only kopf's watches."""
-        log.warning("flywheel operator: paused (another replica is active)")
-        self.runs.pause()
-        self.schedules.pause()
+        log.warning("flywheel operator: paused (%s)", why)
+        for w in (self.runs, self.schedules, self.models):
+            w.pause()
         self.poller.pause()
 
     def resume(self) -> None:
         """This replica is active again: reconcile every run and schedule from the indexes."""
         log.warning("flywheel operator: active")
-        self.runs.resume()
-        self.schedules.resume()
+        for w in (self.runs, self.schedules, self.models):
+            w.resume()
         self.poller.resume()
-        for key in list(self.index.get("runs", {})):
-            self.runs.wake(key)
-        for key in list(self.index.get("schedule_index", {})):
-            self.schedules.wake(key)
+        for w, name in ((self.runs, "runs"), (self.schedules, "schedule_index"),
+                        (self.models, "models")):
+            for key in list(self.index.get(name, {})):
+                w.wake(key)
 
-    def bind(self, **indexes: kopf.Index | None) -> None:
-        """kopf's indexes (they never change once created); starts the wakers."""
+    def start(self, **indexes: Mapping[Any, Any] | None) -> None:
+        """Read these indexes (each is kept by its watch, and never replaced) and start
+        reconciling what was woken meanwhile."""
         self.index.update({k: v for k, v in indexes.items() if v is not None})
-        self.runs.bind(self.reconcile_run)
-        self.schedules.bind(self.reconcile_schedule)
+        self.runs.start_with(self.reconcile_run)
+        self.schedules.start_with(self.reconcile_schedule)
+        self.models.start_with(lambda key: self.model_changed(*key))
+
+    # --- what the watches report ----------------------------------------------------------
+
+    def run_event(self, type: str, key: Key, run: dict) -> None:
+        """A run was added, changed or deleted (watches.py): reconcile it at once, and its
+        schedule."""
+        schedule = (run["metadata"].get("labels") or {}).get(SCHEDULE_LABEL)
+        if schedule:
+            self.schedules.wake((key[0], schedule))
+        if type == "DELETED":
+            self.run_deleted(key, run["spec"].get("modelName", ""))
+        else:
+            self.runs.wake(key)
+
+    def model_event(self, type: str, key: Key, model: dict) -> None:
+        """A Model changed: keep its pinned aliases and serving targets in step."""
+        if type != "DELETED":
+            self.models.wake(key)
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -227,7 +253,7 @@ class Reconciler:
         set_condition(status, "Conflict", True, "NameTaken", str(err),
                       format_time(), run.generation)
         if self.write_status(key, run, status):
-            kopf.event(run.ref, type="Warning", reason="Conflict", message=str(err))
+            kube.post_event(run.ref, "Warning", "Conflict", str(err))
         self.runs.wake(key, CONFLICT_RECHECK_SECONDS)
 
     def clear_conflict(self, key: Key, run: Run, plan: lifecycle.Plan) -> None:
@@ -281,7 +307,7 @@ class Reconciler:
                 kube.create_owned(job, namespace, uid)
             self.expected[key] = (time.monotonic(), job["metadata"]["name"])
         for event_type, reason, message in plan.events:
-            kopf.event(run.ref, type=event_type, reason=reason, message=message)
+            kube.post_event(run.ref, event_type, reason, message)
             log.info("%s/%s: %s: %s", namespace, name, reason, message)
             if reason == "Stalled":
                 metrics.STALLS.labels(namespace, name, run.spec.modelName).inc()
@@ -317,15 +343,18 @@ class Reconciler:
         from each other with no attempt's policy to let them through."""
         if namespace in self.fenced:
             return
-        fence = isolation.namespace_fence(self.config)
-        if fence is None:
-            kube.delete(isolation.NETWORK_POLICY_API, "NetworkPolicy", namespace,
-                        isolation.FENCE_NAME)
-        elif not kube.create(fence, namespace):
-            kube.patch(fence["apiVersion"], fence["kind"], namespace, isolation.FENCE_NAME,
-                       {"metadata": {"labels": fence["metadata"]["labels"]},
-                        "spec": fence["spec"]})
-        self.fenced.add(namespace)
+        with waker.lock(("fence", namespace)):  # the first of a burst's runs puts it there
+            if namespace in self.fenced:
+                return
+            fence = isolation.namespace_fence(self.config)
+            if fence is None:
+                kube.delete(isolation.NETWORK_POLICY_API, "NetworkPolicy", namespace,
+                            isolation.FENCE_NAME)
+            elif not kube.create(fence, namespace):
+                kube.patch(fence["apiVersion"], fence["kind"], namespace, isolation.FENCE_NAME,
+                           {"metadata": {"labels": fence["metadata"]["labels"]},
+                            "spec": fence["spec"]})
+            self.fenced.add(namespace)
 
     # --- registration and serving -------------------------------------------------------
 
@@ -362,7 +391,7 @@ class Reconciler:
             if update.promoted:
                 metrics.PROMOTIONS.labels(namespace, name, update.promoted).inc()
             for event_type, reason, message in update.events:
-                kopf.event(model, type=event_type, reason=reason, message=message)
+                kube.post_event(model, event_type, reason, message)
             kube.patch_status("Model", namespace, name, update.status)
             return mv
 
@@ -379,7 +408,7 @@ class Reconciler:
             if update.status != (model.get("status") or {}):
                 kube.patch_status("Model", namespace, name, update.status)
             for event_type, reason, message in update.events:
-                kopf.event(model, type=event_type, reason=reason, message=message)
+                kube.post_event(model, event_type, reason, message)
             target = (update.status.get("aliases") or {}).get(registry.promoted_alias(model))
             for serving in ((model.get("spec") or {}).get("servingTargets") or []
                             if target else []):
@@ -401,15 +430,14 @@ class Reconciler:
             patch = registry.serving_patch(serving["container"], *wanted)
             content_type = kube.STRATEGIC_MERGE_PATCH
         if obj is None:
-            kopf.event(model, type="Warning", reason="ServingTargetMissing",
-                       message=f"{kind} {name} not found")
+            kube.post_event(model, "Warning", "ServingTargetMissing", f"{kind} {name} not found")
             return
         if current == wanted:
             return
         kube.patch(api, kind, namespace, name, patch, content_type=content_type)
-        kopf.event(model, type="Normal", reason="ServingUpdated",
-                   message=f"{kind} {name} now serves version {target['version']} "
-                   f"({target['digest'][:19]}...)")
+        kube.post_event(model, "Normal", "ServingUpdated",
+                        f"{kind} {name} now serves version {target['version']} "
+                        f"({target['digest'][:19]}...)")
 
     # --- schedules ------------------------------------------------------------------------
 
@@ -438,7 +466,7 @@ class Reconciler:
             except kube.Terminating:
                 return
             except kube.Conflict as err:
-                kopf.event(schedule, type="Warning", reason="Conflict", message=str(err))
+                kube.post_event(schedule, "Warning", "Conflict", str(err))
             # None values are removals in a merge patch; compare without them.
             if {k: v for k, v in plan.status.items() if v is not None} != (
                     schedule.get("status") or {}):
@@ -449,7 +477,7 @@ class Reconciler:
                     schedule["metadata"]["resourceVersion"],
                     written.get("metadata", {}).get("resourceVersion"), plan.status)
             for event_type, reason, message in plan.events:
-                kopf.event(schedule, type=event_type, reason=reason, message=message)
+                kube.post_event(schedule, event_type, reason, message)
                 log.info("schedule %s/%s: %s: %s", namespace, name, reason, message)
         if plan.requeue_after is not None:
             self.schedules.wake(key, min(plan.requeue_after, 3600.0))

@@ -5,7 +5,6 @@ the same model never interleave)."""
 
 from __future__ import annotations
 
-import contextvars
 import heapq
 import logging
 import threading
@@ -68,13 +67,10 @@ class Waker(threading.Thread):
         self.due: dict[Key, float] = {}  # key -> when its earliest pending wake-up is due
         self.paused = False
 
-    def bind(self, reconcile: Callable[[Key], None]) -> None:
-        """The reconcile to call (the first binding wins: kopf's indexes never change)."""
-        if self.reconcile is None:
-            self.reconcile = reconcile
-            # kopf's context (its settings, which kopf.event needs) for this thread's reconciles
-            self.context = contextvars.copy_context()
-            self.start()
+    def start_with(self, reconcile: Callable[[Key], None]) -> None:
+        """Reconcile what is due, and what was woken before, with `reconcile`."""
+        self.reconcile = reconcile
+        self.start()
 
     def wake(self, key: Key, after: float = 0.0) -> None:
         """Reconcile `key` in `after` seconds: a wake-up already due by then covers this one
@@ -127,8 +123,7 @@ class Waker(threading.Thread):
                 if state is not None:  # a waiting reconcile will see it anyway
                     continue
                 self.busy[key] = "waiting"
-            # kopf's context, a copy per call: one Context cannot be entered by two threads
-            self.pool.submit(self.context.copy().run, self.work, key)
+            self.pool.submit(self.work, key)
 
     def work(self, key: Key) -> None:
         """Reconcile `key` until no wake-up arrived meanwhile (one worker per key at a time)."""

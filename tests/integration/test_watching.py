@@ -108,24 +108,26 @@ def test_a_missing_secret_fails_the_run_with_the_kubelets_words(cluster, operato
 
 def test_the_runs_pods_are_watched_deleted_by_force_and_listed_again(cluster, namespace,
                                                                      monkeypatch):
-    """The operator's own watch of the runs' Pods (children.py) against the apiserver: only
+    """The operator's own watch of the runs' Pods (watches.py) against the apiserver: only
     pods with a run's label, every change and a `delete --force` seen; a list after the watch
     lost its place forgets a pod deleted meanwhile and wakes its run."""
-    from flywheel_operator import children, kube, objects
+    from flywheel_operator import kube, objects, watches
+    from flywheel_operator.vocab import RUN_LABEL
     from kubernetes.config import kube_config
 
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", cluster.kubeconfig)
     kube.client.cache_clear()
-    monkeypatch.setattr(children, "WATCH_SECONDS", 5)  # the apiserver ends watches often
+    monkeypatch.setattr(watches, "WATCH_SECONDS", 5)  # the apiserver ends watches often
 
     def pod(name: str, labels: dict) -> dict:
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
                 "spec": {"containers": [{"name": "c", "image": "busybox"}],
                          "nodeSelector": {"flywheel.dev/no-such-node": "x"}}}
 
-    index, woken = children.Index(), []
+    woken: list = []
+    index = watches.ByRun(objects.pod_summary, woken.append)
     cluster.apply(pod("before", {"flywheel.dev/run": "r"}), namespace)
-    watch = children.Watch(index, "v1", "Pod", namespace, objects.pod_summary, woken.append)
+    watch = watches.Watch(index, "v1", "Pod", namespace, RUN_LABEL)
     watch.list()
     watch.start()
     try:
@@ -151,7 +153,8 @@ def test_the_runs_pods_are_watched_deleted_by_force_and_listed_again(cluster, na
         watch.stopped.set()
         kube.client.cache_clear()  # this test's: nothing else in this process uses it
     # a list (as after 410 Gone) forgets what went while no watch was open, and wakes its run
-    stale, woken = children.Index(), []
+    woken = []
+    stale = watches.ByRun(objects.pod_summary, woken.append)
     stale.put(key, "a-pod-deleted-meanwhile", "gone", objects.pod_summary(pod("gone", {})))
-    children.Watch(stale, "v1", "Pod", namespace, objects.pod_summary, woken.append).list()
+    watches.Watch(stale, "v1", "Pod", namespace, RUN_LABEL).list()
     assert sorted(p.name for p in stale.get(key)) == ["after", "later"] and key in woken

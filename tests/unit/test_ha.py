@@ -49,3 +49,18 @@ def test_a_paused_waker_reconciles_nothing_and_a_paused_poller_polls_nothing():
     poller.pause()
     poller.want(("ns", "run"), 1, "http://127.0.0.1:9/progress")
     assert not poller.targets and not poller.started
+
+
+def test_a_replica_with_peering_starts_paused_as_kopf_does():
+    """kopf starts a peering replica paused and resumes it once its peering object shows no
+    replica of a higher priority (the "Resuming operations" record above): the runs its own
+    watches list at start-up are not reconciled before that. A standalone one starts at once."""
+    import kopf
+    from flywheel_operator import handlers
+
+    for peering, paused in ((True, True), (False, False)):
+        memo = kopf.Memo(metrics_port=0, peering=peering)
+        handlers.configure(settings=kopf.OperatorSettings(), memo=memo)
+        rec = memo.reconciler
+        assert (rec.runs.paused, rec.schedules.paused, rec.models.paused) == (paused,) * 3
+        assert rec.poller.paused is paused

@@ -1,29 +1,21 @@
-"""What the operator's watches cost per event: only the runs' own Jobs and Pods are sent by the
-apiserver, kopf keeps no diff base, and an index entry shares the event's values, without
-managedFields (pure parts, no cluster)."""
+"""What the operator's watches cost per event: kopf watches neither the runs nor their Jobs
+and Pods (watches.py does, the children by the runs' label), kopf keeps no diff base, and an
+index entry shares the event's values, without managedFields (pure parts, no cluster)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import kopf
-from flywheel_operator import children, handlers, objects
-from flywheel_operator.vocab import RUN_LABEL
-from kopf._cogs.structs.references import Resource
+from flywheel_operator import handlers, objects, watches
+from flywheel_operator.vocab import RUN_LABEL, SCHEDULE_LABEL
 
 
-def resource(group: str, plural: str, kind: str) -> Resource:
-    return Resource(group=group, version="v1", plural=plural, kind=kind,
-                    singular=kind.lower(), namespaced=True)
-
-
-def test_kopf_watches_no_job_or_pod_and_keeps_no_diff_base():
-    """The runs' Jobs and Pods are watched off kopf (children.py): kopf's per-event machinery
-    runs for the runs, Models and schedules only, and builds no diff base for them."""
+def test_kopf_watches_no_run_job_pod_or_model_and_keeps_no_diff_base():
+    """The runs, their Jobs and Pods and the Models are watched off kopf (watches.py): kopf's
+    per-event machinery runs for the schedules (and Kueue's Workloads) only."""
     registry = kopf.get_default_registry()
     watched = {h.selector.any_name for reg in (registry._indexing, registry._watching)
                for h in reg.get_all_handlers()}
-    assert "pods" not in watched and "jobs" not in watched and "finetuneruns" in watched
+    assert "finetuneschedules" in watched and watched <= {"finetuneschedules", "workloads"}
     settings, memo = kopf.OperatorSettings(), kopf.Memo(metrics_port=0)
     handlers.configure(settings=settings, memo=memo)
     body = kopf.Body({"metadata": {"name": "r", "annotations": {"a": "b"}}, "spec": {"x": 1}})
@@ -38,8 +30,9 @@ def pod(name: str, uid: str, run: str | None, ns: str = "team", phase: str = "Ru
 
 
 def test_a_childs_events_keep_its_runs_index_and_wake_the_run():
-    index, woken = children.Index(), []
-    watch = children.Watch(index, "v1", "Pod", None, objects.pod_summary, woken.append)
+    woken: list = []
+    index = watches.ByRun(objects.pod_summary, woken.append)
+    watch = watches.Watch(index, "v1", "Pod", None, RUN_LABEL)
     watch.apply("ADDED", pod("a-0", "u0", "a"))
     watch.apply("ADDED", pod("a-1", "u1", "a", phase="Pending"))
     watch.apply("MODIFIED", pod("a-1", "u1", "a"))
@@ -55,15 +48,47 @@ def test_a_childs_events_keep_its_runs_index_and_wake_the_run():
     assert set(woken) == {("team", "a"), ("team", "b")}
     watch.apply("MODIFIED", pod("a-1", "u1", None))  # no label: no run's any more
     assert len(index) == 0 and index.run_of("team", "a-1") is None
+def run_body(name: str, uid: str, schedule: str | None = None, ns: str = "team") -> dict:
+    labels = {SCHEDULE_LABEL: schedule} if schedule else {}
+    return {"apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
+            "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels,
+                         "resourceVersion": "7", "managedFields": [{"manager": "kubectl"}] * 50},
+            "spec": {"modelName": "agent"}, "status": {"phase": "Running"}}
+
+
 def test_a_runs_index_entry_drops_managed_fields_and_copies_nothing_else():
-    raw = {"apiVersion": "flywheel.dev/v1alpha1", "kind": "FineTuneRun",
-           "metadata": {"name": "r", "namespace": "ns", "resourceVersion": "7",
-                        "managedFields": [{"manager": "kubectl"}] * 50},
-           "spec": {"modelName": "agent"}, "status": {"phase": "Running"}}
-    (entry,) = asyncio.run(handlers.runs(namespace="ns", name="r", body=kopf.Body(raw))).values()
+    raw = run_body("r", "u1")
+    entry = watches.slim(raw)
     assert "managedFields" not in entry["metadata"] and entry["metadata"]["name"] == "r"
     assert entry["spec"] is raw["spec"] and entry["status"] is raw["status"]
     assert "managedFields" in raw["metadata"]  # the event itself is left as it came
+
+
+def test_the_runs_index_reports_each_change_and_groups_a_schedules_runs():
+    seen: list = []
+    runs = watches.ByName(watches.slim, lambda *event: seen.append(event), SCHEDULE_LABEL)
+    watch = watches.Watch(runs, "flywheel.dev/v1alpha1", "FineTuneRun", None)
+    watch.apply("ADDED", run_body("a", "u1", schedule="weekly"))
+    watch.apply("ADDED", run_body("b", "u2", schedule="weekly"))
+    watch.apply("ADDED", run_body("c", "u3"))
+    assert [e[:2] for e in seen] == [("ADDED", ("team", n)) for n in "abc"]
+    assert [r["metadata"]["name"] for r in runs.get(("team", "a"))] == ["a"]
+    assert sorted(r["metadata"]["name"] for r in runs.group.get(("team", "weekly"))) == [
+        "a", "b"]
+    # a run deleted: reported with what it was (its model and schedule), gone from its group
+    watch.apply("DELETED", run_body("a", "u1", schedule="weekly"))
+    assert seen[-1][0] == "DELETED" and seen[-1][2]["spec"]["modelName"] == "agent"
+    assert ("team", "a") not in runs and len(runs) == 2
+    assert [r["metadata"]["name"] for r in runs.group.get(("team", "weekly"))] == ["b"]
+    # applied again under the same name (a new uid) while the delete went by unseen
+    watch.apply("ADDED", run_body("b", "u9"))
+    assert runs.get(("team", "b"))[0]["metadata"]["uid"] == "u9"
+    assert runs.group.get(("team", "weekly"), None) is None
+    # a fresh list that no longer has a run: it is reported deleted
+    seen.clear()
+    runs.forget(None, {"u9"})
+    assert [e[:2] for e in seen] == [("DELETED", ("team", "c"))] and list(runs) == [
+        ("team", "b")]
 
 
 def test_a_metrics_scrape_reads_the_runs_while_the_event_loop_changes_the_index():

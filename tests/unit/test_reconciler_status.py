@@ -8,7 +8,6 @@ import dataclasses
 import json
 import threading
 
-import kopf
 import pytest
 from flywheel_operator import kube, reconciler, render
 from flywheel_operator.config import OperatorConfig
@@ -30,7 +29,8 @@ def calls(monkeypatch) -> list[tuple]:
         ("create", obj["metadata"]["name"])) or True)  # the namespace's fence
     monkeypatch.setattr(kube, "patch", lambda *a, **k: done.append(("patch", a[1])))
     monkeypatch.setattr(kube, "get", lambda *a: None)
-    monkeypatch.setattr(kopf, "event", lambda obj, **k: done.append(("event", k["reason"])))
+    monkeypatch.setattr(kube, "post_event", lambda obj, type, reason, message: done.append(
+        ("event", reason)))
     return done
 
 
@@ -97,7 +97,7 @@ def test_a_new_attempt_takes_its_cards_baseline_from_the_model_index(monkeypatch
     monkeypatch.setattr(kube, "patch_status", lambda *a: None)
     monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: created.append(obj))
     monkeypatch.setattr(kube, "create", lambda obj, ns: True)
-    monkeypatch.setattr(kopf, "event", lambda obj, **k: None)
+    monkeypatch.setattr(kube, "post_event", lambda *a: None)
     mv = {"metadata": {"name": "agent-v3"}, "spec": {"metrics": {"tool_call_accuracy": 0.9}}}
     monkeypatch.setattr(kube, "get", lambda api, kind, ns, name: gets.append(kind) or (
         mv if (kind, name) == ("ModelVersion", "agent-v3") else None))
@@ -124,7 +124,8 @@ def test_our_own_earlier_write_arriving_late_is_not_news(monkeypatch):
         copy.deepcopy(st)) or {"metadata": {"resourceVersion": next(versions)}})
     monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: True)
     monkeypatch.setattr(kube, "create", lambda obj, ns: True)
-    monkeypatch.setattr(kopf, "event", lambda obj, **k: events.append(k["reason"]))
+    monkeypatch.setattr(kube, "post_event", lambda obj, type, reason, message: events.append(
+        reason))
     rec = reconciler.Reconciler(OperatorConfig())
     body = {**make_body("r", "ns", "u1", preflight={"enabled": False},
                         resources={"nodes": 2, "gpusPerNode": 8}), "status": {}}
@@ -166,6 +167,28 @@ def test_a_namespaces_first_attempt_puts_its_fence_in_place_before_the_job(calls
         ("exists", "a"), ("patch", "NetworkPolicy"), ("create", "Job")]
 
 
+def test_a_burst_of_runs_in_a_new_namespace_puts_its_fence_there_once(calls, monkeypatch):
+    # The reconcile workers start a burst's runs at once: one of them creates the fence, the
+    # others wait for it rather than each create it and patch the one they find.
+    import time
+
+    fences = []
+
+    def slow_create(obj, ns):
+        fences.append(ns)
+        time.sleep(0.05)
+        return True
+
+    monkeypatch.setattr(kube, "create", slow_create)
+    rec = reconciler.Reconciler(OperatorConfig())
+    threads = [threading.Thread(target=rec.fence, args=("team",)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fences == ["team"] and not [c for c in calls if c[0] == "patch"]
+
+
 def test_policies_turned_off_remove_a_fence_left_from_before(calls, monkeypatch):
     deleted = []
     monkeypatch.setattr(kube, "delete", lambda api, kind, ns, name: deleted.append((kind, name)))
@@ -204,7 +227,7 @@ def test_a_first_attempts_lone_job_is_created_while_its_status_is_written(monkey
     monkeypatch.setattr(kube, "create", lambda obj, ns: True)
     monkeypatch.setattr(kube, "patch_status", lambda kind, ns, name, st: statuses.append(
         created.wait(timeout=10)))
-    monkeypatch.setattr(kopf, "event", lambda obj, **k: None)
+    monkeypatch.setattr(kube, "post_event", lambda *a: None)
     rec = reconciler.Reconciler(OperatorConfig())
     body = {**make_body("r", "ns", "u1", preflight={"enabled": False}), "status": {}}
     rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})

@@ -31,7 +31,6 @@ def test_a_failing_reconcile_comes_back_with_growing_backoff_until_it_succeeds()
 
 
 def test_one_slow_reconcile_holds_up_no_other_run_and_waiting_wakeups_collapse():
-    import contextvars
     import threading
 
     release, started = threading.Event(), threading.Event()
@@ -46,8 +45,7 @@ def test_one_slow_reconcile_holds_up_no_other_run_and_waiting_wakeups_collapse()
         done.release()
 
     waker = Waker("test", workers=4)
-    waker.reconcile, waker.context = reconcile, contextvars.copy_context()
-    waker.start()
+    waker.start_with(reconcile)
     waker.wake(("ns", "slow"))
     assert started.wait(10)
     # While "slow" is in its reconcile, three wake-ups of it queue one more reconcile (they
@@ -97,17 +95,13 @@ def test_a_keys_lock_serialises_while_held_and_leaves_no_entry_behind():
 
 def test_a_burst_of_wakeups_within_the_batch_is_one_reconcile():
     # A pod created, scheduled and running within a second: one reconcile, one status write.
-    import contextvars
-
     calls = []
     waker = Waker("test")
-    waker.context = contextvars.copy_context()
-    waker.reconcile = calls.append
     for _ in range(5):
         waker.wake(("ns", "r"), 0.3)
     waker.wake(("ns", "r"), 5.0)  # later than one already due: covered by it
     assert len(waker.heap) == 1
-    waker.start()
+    waker.start_with(calls.append)
     time.sleep(1.0)
     assert calls == [("ns", "r")] and not waker.due
     waker.wake(("ns", "r"), 0.0)  # a new wake-up after the reconcile is news again

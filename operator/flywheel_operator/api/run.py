@@ -328,7 +328,7 @@ class Run:
 
     @property
     def ref(self) -> dict[str, Any]:
-        """The run as kopf.event and ownerReferences name it."""
+        """The run as Events (kube.post_event) and ownerReferences name it."""
         return {"apiVersion": API_VERSION, "kind": "FineTuneRun",
                 "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
 
