@@ -132,7 +132,7 @@ def decide(run: Run, jobs: list[JobSummary], pods: list[PodSummary],
     heard = polled if polled and polled.attempt == attempt else None  # this attempt's rank 0
 
     if job is not None and not old.attempt and plan.was not in TERMINAL:
-        adopt_attempt(plan, run)
+        adopt_attempt(plan, run, job)
     if plan.was in TERMINAL:
         pass
     elif job is None and (why := refusal(run, config)):
@@ -231,13 +231,15 @@ def record_start(plan: Plan, run: Run) -> None:
             comet.workspace, comet.project, status.experimentKey)
 
 
-def adopt_attempt(plan: Plan, run: Run) -> None:
-    """A first attempt's Job is created while its status is written (reconciler.execute): a
-    Job whose run records no attempt was left by a crash in between, or its status write
-    failed. The start is recorded now; what follows is decided from the Job and its pods as
-    for any attempt."""
+def adopt_attempt(plan: Plan, run: Run, job: JobSummary) -> None:
+    """A run's first lone Job is created before its status is written (reconciler.execute),
+    which then follows with the Job's own event, as a crash in between leaves it: the start
+    is recorded now, at the Job's creation; what follows is decided from the Job and its pods
+    as for any attempt. Its start was announced with the Job (the AttemptCreated event)."""
     plan.status.outputUri, plan.status.checkpointUri = run_paths(run)
+    plan.status.startTime = plan.status.startTime or job.created
     record_start(plan, run)
+    plan.was = plan.was or "Pending"
 
 
 def start_attempt(plan: Plan, run: Run, queue: str | None) -> None:

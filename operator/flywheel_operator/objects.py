@@ -44,6 +44,7 @@ class JobSummary:
     failed: str | None = None           # the Failed condition's message, when failed
     failed_reason: str | None = None
     deleting: bool = False
+    created: str | None = None          # metadata.creationTimestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ def job_summary(body: dict) -> JobSummary:
         queue=labels.get(QUEUE_NAME_LABEL), complete="Complete" in conditions,
         failed=failed.get("message") if failed else None,
         failed_reason=failed.get("reason") if failed else None,
-        deleting=bool(meta.get("deletionTimestamp")))
+        deleting=bool(meta.get("deletionTimestamp")), created=meta.get("creationTimestamp"))
 
 
 def pod_summary(body: dict) -> PodSummary:

@@ -273,15 +273,20 @@ class Reconciler:
         # names: a crash leaves nothing the next reconcile would not create again).
         job, parts = self.start_attempt(key, run_for_render, plan.create_attempt) \
             if plan.create_attempt else (None, [])
-        beside = None
-        if job is not None and not parts and self.beside_its_status(run, plan, job):
-            # A first attempt's lone Job is created while its status is written: one API
-            # round trip less from apply to Job. A crash in between leaves the status without
-            # the Job (created again by the next reconcile) or the Job without the status
-            # (adopted: lifecycle.adopt_attempt); its config is in the Job itself.
-            beside = self.creators.submit(kube.create_owned, job, namespace, uid)
-        # Status first: a crash after this line resumes at the recorded attempt.
-        if self.write_status(key, run, plan.status):
+        job_first = job is not None and not parts and self.job_first(run, plan, job)
+        if job_first:
+            # A run's first lone Job goes first; its status follows with the Job's own event
+            # and its pods' first news (lifecycle.adopt_attempt, as after a crash in between):
+            # nothing between apply and Job but the Job, and one status write less per run.
+            # One that cannot be created leaves the status saying it is being created.
+            try:
+                kube.create_owned(job, namespace, uid)
+            except Exception as err:
+                if not isinstance(err, kube.Conflict | kube.Terminating):
+                    self.write_status(key, run, plan.status)
+                raise
+        # Else the status first: a crash after this line resumes at the recorded attempt.
+        elif self.write_status(key, run, plan.status):
             metrics.count_spend(namespace, run.spec.modelName, run.status, plan.status)
         for attempt in plan.delete_attempts:
             for child in render.attempt_children(name, attempt):  # only the run's own
@@ -299,12 +304,12 @@ class Reconciler:
         if job is not None:
             # The Job last, after its status and parts: its existence says the attempt was
             # created, so a crash before it makes the next reconcile create the attempt again.
-            if beside is not None:
-                beside.result()
-            else:
+            if not job_first:
                 for part in parts:
                     part.result()
                 kube.create_owned(job, namespace, uid)
+            # Until the watch shows it; for a Job that went first, the reconcile its event
+            # brings writes the status.
             self.expected[key] = (time.monotonic(), job["metadata"]["name"])
         for event_type, reason, message in plan.events:
             kube.post_event(run.ref, event_type, reason, message)
@@ -327,11 +332,11 @@ class Reconciler:
                      for obj in parts]
 
     @staticmethod
-    def beside_its_status(run: Run, plan: lifecycle.Plan, job: dict) -> bool:
-        """Whether the attempt's Job may be created while its status is written: a run's
+    def job_first(run: Run, plan: lifecycle.Plan, job: dict) -> bool:
+        """Whether the attempt's Job may be created before its status is written: a run's
         first attempt, started at once (not suspended, not queued), whose status holds
-        nothing a lost write could not rebuild from the run and its Job (a registry base
-        model is resolved once, and then recorded first)."""
+        nothing the next reconcile could not rebuild from the run and its Job (a registry
+        base model is resolved once, and then recorded first)."""
         return (plan.create_attempt == 1 and not job["spec"].get("suspend")
                 and (run.status.baseModel is not None
                      or registry.parse_ref(run.spec.baseModel) is None))

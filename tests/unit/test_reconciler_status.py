@@ -68,24 +68,35 @@ def test_the_status_is_written_once_and_a_dropped_field_is_removed(calls):
     assert rest == [("patch", "Job"), ("event", "Suspended")]
 
 
-def test_the_new_jobs_arrival_writes_no_status(calls):
-    # The attempt's first status already says its pods are pending, so the Job's own event
-    # (and its pods' creation) costs no write: at a fleet's scale, a PATCH per run less.
+def test_a_first_lone_job_goes_first_and_its_status_follows_once_with_its_event(calls):
+    # Nothing between apply and Job but the Job; the Job's own event (with its pods' first
+    # news) writes the status, once: at a fleet's scale, a PATCH per run less.
     rec = reconciler.Reconciler(OperatorConfig())
     body = {**make_body("r", "ns", "u1", preflight={"enabled": False}), "status": {}}
     rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
     rec.reconcile_run(KEY)
-    (first,) = [c[1] for c in calls if c[0] == "status"]
-    assert first["message"] == "attempt 1: 0/1 pod(s) running"
+    assert calls == [("create", "flywheel-trainers"), ("create", "Job"),
+                     ("event", "AttemptCreated")]
+    calls.clear()
+    rec.reconcile_run(KEY)  # the watch has not shown the Job yet: nothing again
+    assert calls == []
+    uid = body["metadata"]["uid"]
+    created = dataclasses.replace(job(1), owner=uid, uid="j1", created="2026-12-08T01:00:00Z")
+    rec.index["run_jobs"] = {KEY: [created]}
+    rec.index["run_pods"] = {KEY: [dataclasses.replace(pod(1, 0, phase="Pending"), job="j1",
+                                                      node=None)]}
+    rec.reconcile_run(KEY)
+    (status,) = [c[1] for c in calls if c[0] == "status"]
+    assert status["attempt"] == 1 and status["phase"] == "Pending"
+    assert status["message"] == "attempt 1: 0/1 pod(s) running"
+    assert status["startTime"] == "2026-12-08T01:00:00Z"  # when its Job was created
+    assert status["experimentKey"] and status["outputUri"]
+    assert not [c for c in calls if c[0] == "event"]  # announced once, with the Job
     calls.clear()
     delivered = copy.deepcopy(body)
     delivered["metadata"]["resourceVersion"] = "2"
     delivered["status"] = rec.written[KEY].status
-    uid = body["metadata"]["uid"]
     rec.index["runs"] = {KEY: [delivered]}
-    rec.index["run_jobs"] = {KEY: [dataclasses.replace(job(1), owner=uid, uid="j1")]}
-    rec.index["run_pods"] = {KEY: [dataclasses.replace(pod(1, 0, phase="Pending"), job="j1",
-                                                      node=None)]}
     rec.reconcile_run(KEY)
     assert calls == []
 
@@ -218,21 +229,24 @@ def test_a_later_attempt_records_its_status_before_its_job(calls):
     assert calls.index(("status", status)) < calls.index(("create", "Job"))
 
 
-def test_a_first_attempts_lone_job_is_created_while_its_status_is_written(monkeypatch):
-    # One round trip from apply to Job: the Job's create does not wait for the status write
-    # (the status write here waits until the Job has been created, or would hang).
-    created = threading.Event()
-    statuses = []
-    monkeypatch.setattr(kube, "create_owned", lambda obj, ns, uid: created.set())
-    monkeypatch.setattr(kube, "create", lambda obj, ns: True)
-    monkeypatch.setattr(kube, "patch_status", lambda kind, ns, name, st: statuses.append(
-        created.wait(timeout=10)))
-    monkeypatch.setattr(kube, "post_event", lambda *a: None)
+def test_a_first_lone_job_that_cannot_be_created_leaves_its_status_saying_so(calls,
+                                                                             monkeypatch):
+    # Refused (admission, quota...): the status records the attempt being created, and the
+    # reconcile fails, to be retried with backoff (waker.Waker).
+    from kubernetes.client.exceptions import ApiException
+
+    def refused(obj, ns, uid):
+        raise ApiException(status=403, reason="Forbidden")
+
+    monkeypatch.setattr(kube, "create_owned", refused)
     rec = reconciler.Reconciler(OperatorConfig())
     body = {**make_body("r", "ns", "u1", preflight={"enabled": False}), "status": {}}
     rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
-    rec.reconcile_run(KEY)
-    assert statuses == [True] and rec.expected[KEY][1] == "r-a1"
+    with pytest.raises(ApiException):
+        rec.reconcile_run(KEY)
+    (status,) = [c[1] for c in calls if c[0] == "status"]
+    assert status["phase"] == "Pending" and status["attempt"] == 1
+    assert KEY not in rec.expected
 
 
 def test_a_job_whose_status_write_was_lost_is_adopted(calls):
