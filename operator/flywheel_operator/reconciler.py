@@ -334,12 +334,13 @@ class Reconciler:
     @staticmethod
     def job_first(run: Run, plan: lifecycle.Plan, job: dict) -> bool:
         """Whether the attempt's Job may be created before its status is written: a run's
-        first attempt, started at once (not suspended, not queued), whose status holds
-        nothing the next reconcile could not rebuild from the run and its Job (a registry
-        base model is resolved once, and then recorded first)."""
-        return (plan.create_attempt == 1 and not job["spec"].get("suspend")
-                and (run.status.baseModel is not None
-                     or registry.parse_ref(run.spec.baseModel) is None))
+        first attempt, started at once (not suspended, not queued), of a run whose status
+        records nothing yet, so that the Job's own event adopts it (lifecycle.adopt_attempt):
+        not after a preflight, nor for a registry base model (resolved once, and recorded
+        first)."""
+        return (plan.create_attempt == 1 and not run.status.attempt
+                and not job["spec"].get("suspend")
+                and registry.parse_ref(run.spec.baseModel) is None)
 
     def fence(self, namespace: str) -> None:
         """The namespace's fence over its trainer pods, in place before its first Job (once

@@ -158,3 +158,36 @@ def test_the_runs_pods_are_watched_deleted_by_force_and_listed_again(cluster, na
     stale.put(key, "a-pod-deleted-meanwhile", "gone", objects.pod_summary(pod("gone", {})))
     watches.Watch(stale, "v1", "Pod", namespace, RUN_LABEL).list()
     assert sorted(p.name for p in stale.get(key)) == ["after", "later"] and key in woken
+
+
+def test_a_watch_from_a_version_the_apiserver_no_longer_has_lists_again(cluster, namespace,
+                                                                        monkeypatch):
+    """410 Gone from the real apiserver (a watch from a resourceVersion older than its watch
+    cache, as after a long disconnection): the watch lists the collection afresh, forgets a
+    run deleted meanwhile and reports it, then follows from the new list's version."""
+    from flywheel_operator import kube, watches
+    from flywheel_operator.vocab import API_VERSION
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", cluster.kubeconfig)
+    kube.client.cache_clear()
+    seen: list = []
+    runs = watches.ByName(watches.slim, lambda *event: seen.append(event[:2]))
+    cluster.apply(manifest("kept"), namespace)
+    # what the index holds from before: a run deleted while no watch was open
+    gone = {"apiVersion": API_VERSION, "kind": "FineTuneRun", "spec": {},
+            "metadata": {"name": "gone", "namespace": namespace, "uid": "deleted-meanwhile"}}
+    runs.apply("ADDED", gone)
+    watch = watches.Watch(runs, API_VERSION, "FineTuneRun", namespace)
+    watch.version = "1"  # long compacted: the apiserver answers 410 Gone
+    watch.start()
+    try:
+        wait_until(lambda: ("DELETED", (namespace, "gone")) in seen, timeout=30,
+                   message="the run deleted meanwhile reported after a fresh list")
+        assert (namespace, "kept") in runs and watch.version != "1"
+        cluster.apply(manifest("later"), namespace)
+        wait_until(lambda: (namespace, "later") in runs, timeout=30,
+                   message="a run created after the fresh list")
+    finally:
+        watch.stopped.set()
+        kube.client.cache_clear()

@@ -273,3 +273,17 @@ def test_a_later_or_multi_node_attempt_still_writes_its_status_before_its_job(ca
     rec.reconcile_run(KEY)
     (status,) = [c for c in calls if c[0] == "status"]
     assert calls.index(status) < calls.index(("create", "Job"))
+
+
+def test_a_first_job_after_its_preflight_follows_its_status(calls):
+    # A preflight wrote the run's status already (attempt 1): no later event would adopt the
+    # Job, so the attempt's start (its Comet experiment) is recorded before the Job.
+    rec = reconciler.Reconciler(OperatorConfig())
+    body = {**make_body("r", "ns", "u1"),
+            "status": {"phase": "Pending", "attempt": 1, "startTime": "2026-12-08T01:00:00Z",
+                       "preflight": {"phase": "Succeeded"}}}
+    rec.index.update(runs={KEY: [body]}, run_jobs={}, run_pods={}, models={})
+    rec.reconcile_run(KEY)
+    (status,) = [c for c in calls if c[0] == "status"]
+    assert calls.index(status) < calls.index(("create", "Job"))
+    assert status[1]["experimentKey"]
