@@ -6,6 +6,8 @@ kwok writes it from the `flywheel.dev/simulate-message` annotation.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import Cluster, wait_until
@@ -130,6 +132,67 @@ def test_restarted_operator_never_registers_twice(cluster, operator, namespace):
     versions = cluster.get("mv", "-n", namespace)["items"]
     assert [v["spec"]["sourceRun"]["name"] for v in versions] == ["once"]
     assert run_status(cluster, namespace, "once")["modelVersion"] == "flow-agent-v1"
+
+
+def refuse_model_status(namespace: str) -> list[dict]:
+    """A ValidatingAdmissionPolicy (and binding, for `namespace` only) that refuses every write
+    of a Model's status there: a registration stops right after its ModelVersion exists."""
+    name = f"fwt-no-model-status-{namespace}"
+    return [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": name},
+         "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
+             {"apiGroups": ["flywheel.dev"], "apiVersions": ["*"], "operations": ["UPDATE"],
+              "resources": ["models/status"]}]},
+             "validations": [{"expression": "false",
+                              "message": "refused: no Model status writes in this test"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1",
+         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
+         "spec": {"policyName": name, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels": {
+                      "kubernetes.io/metadata.name": namespace}}}}}]
+
+
+def test_an_operator_killed_between_a_version_and_its_models_status_records_it_once(
+        cluster, operator, namespace):
+    """A crash between a ModelVersion's create and its Model's status write, caused for real:
+    admission refuses the Model's status writes, so the registration stops (and is retried)
+    right after its ModelVersion exists; the operator is SIGKILLed there, the refusal lifted
+    and the operator started again: the same ModelVersion is recorded in the Model, none is
+    created twice, and the run succeeds with it."""
+    refusal = refuse_model_status(namespace)
+    cluster.apply({"apiVersion": "flywheel.dev/v1alpha1", "kind": "Model",
+                   "metadata": {"name": "probe"}, "spec": {}}, namespace)
+
+    def status_write_refused() -> bool:
+        return "refused" in cluster.kubectl(
+            "patch", "model", "probe", "-n", namespace, "--subresource=status",
+            "--type=merge", "-p", json.dumps({"status": {"conditions": []}}),
+            "--dry-run=server", check=False).stderr
+
+    try:
+        cluster.apply(refusal)
+        wait_until(status_write_refused, timeout=30, message="the refusal in force")
+        cluster.apply(manifest("lost", nodes=2, gpus=1), namespace)
+        pods = running_pods(cluster, namespace, "lost", 1, 2)
+        finish_pods(cluster, namespace, pods, 0, summary("lost", 1.0, 0.9))
+        wait_until(lambda: cluster.get("mv", "-n", namespace)["items"], timeout=60,
+                   message="the ModelVersion created, its Model's status refused")
+        assert run_status(cluster, namespace, "lost")["phase"] != "Succeeded"
+        operator.kill()
+    finally:
+        for obj in reversed(refusal):
+            cluster.kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"],
+                            "--ignore-not-found")
+    wait_until(lambda: not status_write_refused(), timeout=30, message="the refusal lifted")
+    operator.start()
+    status = wait_phase(cluster, namespace, "lost", "Succeeded")
+    versions = cluster.get("mv", "-n", namespace)["items"]
+    assert [v["metadata"]["name"] for v in versions] == ["flow-agent-v1"]
+    assert status["modelVersion"] == "flow-agent-v1"
+    recorded = model(cluster, namespace)["status"]
+    assert [v["version"] for v in recorded["versions"]] == [1]
+    assert recorded["aliases"]["latest"]["version"] == 1
 
 
 @pytest.mark.parametrize("message, reason", [
