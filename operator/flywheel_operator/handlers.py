@@ -5,9 +5,9 @@ in kopf's memo as `memo.reconciler`).
 Handlers that only update an index or queue a wake-up are `async`: kopf runs them on its
 event loop, without a hop to its thread pool per event.
 
-Level-triggered: any event on a run, its Jobs or its Pods reconciles the run. kopf writes
-nothing to the runs (no annotations, no finalizers). The operator config arrives in the memo
-(`memo.config`, see __main__).
+Level-triggered: any event on a run, its Jobs or its Pods reconciles the run. Nothing but
+their status is written to the runs (no annotations, no finalizers). The operator config
+arrives in the memo (`memo.config`, see __main__).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .vocab import (
     GROUP,
     KUEUE_API_VERSION,
     PLURALS,
-    SCHEDULE_LABEL,
     VERSION,
 )
 from .watches import Watches, slim
@@ -65,8 +64,7 @@ def watch(memo: kopf.Memo, **indexes) -> None:
     rec: Reconciler = memo.reconciler
     watches = memo.watches = Watches(
         wake_run=lambda key: rec.runs.wake(key, CHILD_EVENT_BATCH_SECONDS),
-        run_changed=rec.run_event, model_changed=rec.model_event,
-        schedule_label=SCHEDULE_LABEL)
+        run_changed=rec.run_event, model_changed=rec.model_event)
     watches.start(memo.get("namespaces") or None)
     metrics.track_runs(watches.runs)
     rec.start(runs=watches.runs, run_jobs=watches.jobs, run_pods=watches.pods,

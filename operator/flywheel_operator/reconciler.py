@@ -281,9 +281,10 @@ class Reconciler:
             # One that cannot be created leaves the status saying it is being created.
             try:
                 kube.create_owned(job, namespace, uid)
-            except Exception as err:
-                if not isinstance(err, kube.Conflict | kube.Terminating):
-                    self.write_status(key, run, plan.status)
+            except (kube.Conflict, kube.Terminating):
+                raise  # reported on the run, or its namespace is going (reconcile_run)
+            except Exception:
+                self.write_status(key, run, plan.status)
                 raise
         # Else the status first: a crash after this line resumes at the recorded attempt.
         elif self.write_status(key, run, plan.status):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from . import kube, objects
-from .vocab import API_VERSION, RUN_LABEL, Key
+from .vocab import API_VERSION, RUN_LABEL, SCHEDULE_LABEL, Key
 
 log = logging.getLogger("flywheel")
 
@@ -154,8 +154,7 @@ class ByName:
         self.summarise, self.changed, self.group_label = summarise, changed, group_label
         self._lock = threading.Lock()
         self._items: dict[Key, Any] = {}
-        self._uids: dict[str, Key] = {}
-        self._keys: dict[Key, str] = {}  # key -> uid
+        self._uids: dict[str, Key] = {}  # uid -> key (a summary's metadata has its uid)
         self._groups: dict[Key, dict[str, Any]] = {}  # (namespace, label value) -> {name: obj}
         self._group_of: dict[Key, Key] = {}
         self.group = _Group(self)
@@ -183,10 +182,9 @@ class ByName:
             return
         summary = self.summarise(obj)
         with self._lock:
-            if (old := self._keys.get(key)) is not None and old != meta["uid"]:
-                self._drop(old)  # a namesake's delete went by unseen
-            self._items[key], self._uids[meta["uid"]], self._keys[key] = summary, key, meta[
-                "uid"]
+            if (old := self._items.get(key)) and old["metadata"]["uid"] != meta["uid"]:
+                self._drop(old["metadata"]["uid"])  # a namesake's delete went by unseen
+            self._items[key], self._uids[meta["uid"]] = summary, key
             self._regroup(key, summary)
         self.changed(type, key, summary)
 
@@ -207,7 +205,6 @@ class ByName:
         key = self._uids.pop(uid, None)
         if key is None:
             return None
-        del self._keys[key]
         self._regroup(key, None)
         return self._items.pop(key)
 
@@ -291,12 +288,11 @@ class Watches:
 
     def __init__(self, wake_run: Callable[[Key], None],
                  run_changed: Callable[[str, Key, dict], None],
-                 model_changed: Callable[[str, Key, dict], None],
-                 schedule_label: str) -> None:
+                 model_changed: Callable[[str, Key, dict], None]) -> None:
         self.jobs = ByRun(objects.job_summary, wake_run)
         self.pods = ByRun(objects.pod_summary, wake_run)
         self.models = ByName(model_summary, model_changed)
-        self.runs = ByName(slim, run_changed, group_label=schedule_label)
+        self.runs = ByName(slim, run_changed, group_label=SCHEDULE_LABEL)
 
     def start(self, namespaces: list[str] | None) -> list[Watch]:
         """List every collection (children first: a run's first reconcile sees them), then
