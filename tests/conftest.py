@@ -59,6 +59,22 @@ class Cluster:
         return kubernetes.config.new_client_from_config(config_file=self.kubeconfig)
 
 
+def admission_refusal(name: str, namespace: str, rules: list[dict], expression: str,
+                      message: str) -> list[dict]:
+    """A ValidatingAdmissionPolicy and its binding, for `namespace` only: requests matching
+    `rules` are refused with `message` unless `expression` (CEL) holds."""
+    return [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": name},
+         "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": rules},
+                  "validations": [{"expression": expression, "message": message}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1",
+         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
+         "spec": {"policyName": name, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels": {
+                      "kubernetes.io/metadata.name": namespace}}}}}]
+
+
 def wait_until(predicate, timeout: float = 60, interval: float = 0.25, message: str = ""):
     """Poll `predicate` until it returns something truthy; return that value."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, admission_refusal, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -253,3 +253,36 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, operator, namespac
                                f"flywheel.dev/run={name}")["items"]
         expected = 2 if name in names[:3] else 1
         assert run_status(cluster, namespace, name)["attempt"] == expected
+
+
+def test_a_first_job_the_cluster_refuses_leaves_the_runs_status_and_starts_once_allowed(
+        cluster, operator, namespace):
+    """A one-node run's first Job goes before its status; when admission refuses that Job
+    (here a ValidatingAdmissionPolicy on this namespace, as an admin's rule would), the run
+    still shows its attempt being created, and the Job starts once the refusal is lifted."""
+    refusal = admission_refusal(
+        f"fwt-no-jobs-{namespace}", namespace,
+        [{"apiGroups": ["batch"], "apiVersions": ["*"], "operations": ["CREATE"],
+          "resources": ["jobs"]}], "false", "refused: no Jobs in this test")
+    probe = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "probe"},
+             "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
+                 {"name": "c", "image": "busybox"}]}}}}
+
+    def refused() -> bool:
+        return "refused" in cluster.kubectl("create", "--dry-run=server", "-n", namespace,
+                                            "-f", "-", input=json.dumps(probe),
+                                            check=False).stderr
+
+    try:
+        cluster.apply(refusal)
+        wait_until(refused, timeout=30, message="the refusal in force")
+        cluster.apply(manifest("refused", nodes=1, gpus=1), namespace)
+        status = wait_until(lambda: (s := run_status(cluster, namespace, "refused"))
+                            .get("attempt") == 1 and s, message="the attempt in the status")
+        assert status["phase"] == "Pending" and not jobs_of(cluster, namespace, "refused")
+    finally:
+        for obj in reversed(refusal):
+            cluster.kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"],
+                            "--ignore-not-found")
+    running_pods(cluster, namespace, "refused", 1, 1)  # retried with backoff, then started
+    assert len(jobs_of(cluster, namespace, "refused")) == 1

@@ -19,7 +19,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Cluster, Operator, wait_until
+from tests.conftest import ROOT, Cluster, Operator, admission_refusal, wait_until
 from tests.helm.test_install import token_kubeconfig
 from tests.integration.test_operator import (
     attempt_pods,
@@ -38,22 +38,14 @@ POLICY = {"allowedImages": ["registry.acme.dev/ml/"], "maxNodes": 4}
 def fence(cluster: Cluster, namespace: str, user: str) -> list[dict]:
     """A ValidatingAdmissionPolicy (and binding, for `namespace` only) that lets only `user`
     create Jobs and write run status there."""
-    name = f"fwt-fence-{namespace}"
-    return [
-        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-         "metadata": {"name": name},
-         "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
-             {"apiGroups": ["batch"], "apiVersions": ["*"], "operations": ["CREATE"],
-              "resources": ["jobs"]},
-             {"apiGroups": ["flywheel.dev"], "apiVersions": ["*"], "operations": ["UPDATE"],
-              "resources": ["finetuneruns/status"]}]},
-             "validations": [{"expression": f"request.userInfo.username == '{user}'",
-                              "message": "fenced: another test's operator owns this namespace"}]}},
-        {"apiVersion": "admissionregistration.k8s.io/v1",
-         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
-         "spec": {"policyName": name, "validationActions": ["Deny"],
-                  "matchResources": {"namespaceSelector": {"matchLabels": {
-                      "kubernetes.io/metadata.name": namespace}}}}}]
+    return admission_refusal(
+        f"fwt-fence-{namespace}", namespace,
+        [{"apiGroups": ["batch"], "apiVersions": ["*"], "operations": ["CREATE"],
+          "resources": ["jobs"]},
+         {"apiGroups": ["flywheel.dev"], "apiVersions": ["*"], "operations": ["UPDATE"],
+          "resources": ["finetuneruns/status"]}],
+        f"request.userInfo.username == '{user}'",
+        "fenced: another test's operator owns this namespace")
 
 
 @pytest.fixture

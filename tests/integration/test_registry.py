@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, admission_refusal, wait_until
 from tests.integration.test_operator import (
     finish_pods,
     manifest,
@@ -137,20 +137,11 @@ def test_restarted_operator_never_registers_twice(cluster, operator, namespace):
 def refuse_model_status(namespace: str) -> list[dict]:
     """A ValidatingAdmissionPolicy (and binding, for `namespace` only) that refuses every write
     of a Model's status there: a registration stops right after its ModelVersion exists."""
-    name = f"fwt-no-model-status-{namespace}"
-    return [
-        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-         "metadata": {"name": name},
-         "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
-             {"apiGroups": ["flywheel.dev"], "apiVersions": ["*"], "operations": ["UPDATE"],
-              "resources": ["models/status"]}]},
-             "validations": [{"expression": "false",
-                              "message": "refused: no Model status writes in this test"}]}},
-        {"apiVersion": "admissionregistration.k8s.io/v1",
-         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
-         "spec": {"policyName": name, "validationActions": ["Deny"],
-                  "matchResources": {"namespaceSelector": {"matchLabels": {
-                      "kubernetes.io/metadata.name": namespace}}}}}]
+    return admission_refusal(
+        f"fwt-no-model-status-{namespace}", namespace,
+        [{"apiGroups": ["flywheel.dev"], "apiVersions": ["*"], "operations": ["UPDATE"],
+          "resources": ["models/status"]}],
+        "false", "refused: no Model status writes in this test")
 
 
 def test_an_operator_killed_between_a_version_and_its_models_status_records_it_once(
